@@ -1,0 +1,150 @@
+"""
+Reading one TOML table with exact error messages.
+
+`Table` hands out typed values and records, instead of raising, every problem as
+`file: key.path: reason`, so a configuration with five mistakes reports five lines.
+Whatever a caller did not read is an unknown key when `finish()` is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_MISSING: Any = object()
+
+
+class ConfigError(Exception):
+    """A configuration is invalid; `errors` holds one `file: key: reason` line each."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class Errors:
+    """The error lines collected while reading one configuration source."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.lines: list[str] = []
+
+    def add(self, path: str, reason: str) -> None:
+        self.lines.append(f"{self.source}: {path}: {reason}" if path else f"{self.source}: {reason}")
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise ConfigError(self.lines)
+
+
+def _type_name(value: object) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+class Table:
+    """One TOML table being read; `path` is its dotted key path for messages."""
+
+    def __init__(self, data: dict[str, Any], path: str, errors: Errors) -> None:
+        self.data = data
+        self.path = path
+        self.errors = errors
+        self._read: set[str] = set()
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str | None, reason: str) -> None:
+        self.errors.add(self.key_path(key) if key else self.path, reason)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def _get(self, key: str, default: Any, accept: tuple[type, ...], kind: str) -> Any:
+        self._read.add(key)
+        if key not in self.data:
+            if default is _MISSING:
+                self.error(key, "is required")
+                return None
+            return default
+        value = self.data[key]
+        # bool is an int subclass; TOML `true` is never a valid port or timeout.
+        if isinstance(value, bool) and bool not in accept:
+            value_ok = False
+        else:
+            value_ok = isinstance(value, accept)
+        if not value_ok:
+            self.error(key, f"must be {kind}, not {_type_name(value)} ({value!r})")
+            return None if default is _MISSING else default
+        return value
+
+    def string(self, key: str, default: Any = _MISSING, choices: tuple[str, ...] | None = None) -> Any:
+        value = self._get(key, default, (str,), "a string")
+        if choices is not None and isinstance(value, str) and value not in choices:
+            names = ", ".join(f'"{c}"' for c in choices)
+            self.error(key, f'must be one of {names}, not "{value}"')
+            return None
+        return value
+
+    def integer(self, key: str, default: Any = _MISSING, minimum: int | None = None, maximum: int | None = None) -> Any:
+        value = self._get(key, default, (int,), "an integer")
+        if isinstance(value, int) and value is not default:
+            if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+                self.error(key, f"must be from {minimum} to {maximum}, not {value}")
+                return None
+        return value
+
+    def seconds(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._get(key, default, (int, float), "a number of seconds")
+        if isinstance(value, (int, float)) and value is not default and not value > 0:
+            self.error(key, f"must be a positive number of seconds, not {value}")
+            return None
+        return float(value) if isinstance(value, (int, float)) else value
+
+    def boolean(self, key: str, default: Any = _MISSING) -> Any:
+        return self._get(key, default, (bool,), "true or false")
+
+    def table(self, key: str, default: Any = _MISSING) -> Table | None:
+        value = self._get(key, default, (dict,), "a table")
+        if not isinstance(value, dict):
+            return None
+        return Table(value, self.key_path(key), self.errors)
+
+    def tables(self, key: str) -> Iterator[Table]:
+        """The tables of an array of tables (`[[key]]`), each with its index in its path."""
+        value = self._get(key, [], (list,), "an array of tables")
+        for index, item in enumerate(value or ()):
+            path = f"{self.key_path(key)}[{index}]"
+            if isinstance(item, dict):
+                yield Table(item, path, self.errors)
+            else:
+                self.errors.add(path, f"must be a table, not {_type_name(item)} ({item!r})")
+
+    def rest(self) -> dict[str, Any]:
+        """Every key not read yet, marked as read (options handed on to someone else)."""
+        rest = {k: v for k, v in self.data.items() if k not in self._read}
+        self._read.update(rest)
+        return rest
+
+    def check(self, key: str, parse: Callable[[Any], T]) -> T | None:
+        """Run `parse` on an already-read value, turning its ValueError into a message."""
+        try:
+            return parse(self.data[key])
+        except (ValueError, TypeError) as e:
+            self.error(key, str(e))
+            return None
+
+    def finish(self) -> None:
+        """Report every key present but never read (once)."""
+        for key in self.data:
+            if key not in self._read:
+                self.error(key, "unknown key")
+                self._read.add(key)

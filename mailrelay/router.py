@@ -1,0 +1,207 @@
+"""
+The routing contract: what a session asks (`RouteRequest`), what a Router answers
+(`Route`, a list of them, or `Reject`), and the one place that calls a Router.
+
+Every listener mode and every router backend meets here, so nothing in this module
+knows about sockets or protocols.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Sequence
+from typing import Any, Literal, Union
+
+import attrs
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import Interface, implementer
+
+Address = tuple[str, int]
+"""A (host, port) pair; for a UNIX socket the host is the path and the port 0."""
+
+Protocol = Literal["smtp", "imap", "pop3", "none"]
+Mode = Literal["splice", "tls", "starttls"]
+AuthMethod = Literal["plain", "login", "cram-md5", "xoauth2", "oauthbearer", "external", "none"]
+UpstreamTLS = Literal["none", "tls", "starttls"]
+Login = Literal["passthrough", "xclient", "none"]
+
+PROTOCOLS: tuple[str, ...] = ("smtp", "imap", "pop3", "none")
+MODES: tuple[str, ...] = ("splice", "tls", "starttls")
+UPSTREAM_TLS: tuple[str, ...] = ("none", "tls", "starttls")
+LOGINS: tuple[str, ...] = ("passthrough", "xclient", "none")
+
+
+def format_address(address: Address) -> str:
+    """`host:port`, with an IPv6 host in brackets; a UNIX socket path as it is."""
+    host, port = address
+    if host.startswith("/") or not port:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _one_of(choices: tuple[Any, ...]) -> Any:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value not in choices:
+            names = ", ".join(repr(c) for c in choices)
+            raise ValueError(f"{attribute.name} must be one of {names}, not {value!r}")
+
+    return check
+
+
+def _port(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
+        raise ValueError(f"{attribute.name} must be an integer from 1 to 65535, not {value!r}")
+
+
+def _nonempty_str(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{attribute.name} must be a non-empty string, not {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class RouteRequest:
+    """
+    Everything known about a session when its Router is asked where it goes.
+
+    Read-only. Fields that a listener mode cannot know are None (a `splice` listener
+    knows no user). `password` is left out of `repr()` so that logging a request never
+    writes a credential.
+    """
+
+    listener: str
+    protocol: Protocol
+    mode: Mode
+    client: Address
+    local: Address
+    tls: bool = False
+    sni: str | None = None
+    user: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    auth_method: AuthMethod = "none"
+    salt: str | None = None
+    helo: str | None = None
+    mail_from: str | None = None
+    rcpt_to: str | None = None
+    attempt: int = 1
+
+
+@attrs.frozen(kw_only=True)
+class Route:
+    """
+    Where a session goes and how to reach the upstream.
+
+    `tls` is the upstream transport security, `server_name` the name its certificate
+    must carry (default: `host`), `user`/`password` replace the client's credentials
+    for the upstream login, `login` picks how that login happens, `proxy_protocol`
+    sends a PROXY header of that version first. Invalid values raise ValueError at
+    construction, so a Route that exists is a Route the connector can read.
+    """
+
+    host: str = attrs.field(validator=_nonempty_str)
+    port: int = attrs.field(validator=_port)
+    tls: UpstreamTLS = attrs.field(default="none", validator=_one_of(UPSTREAM_TLS))
+    tls_verify: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    server_name: str | None = None
+    user: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    login: Login = attrs.field(default="passthrough", validator=_one_of(LOGINS))
+    proxy_protocol: int | None = attrs.field(default=None, validator=_one_of((None, 1, 2)))
+
+    @property
+    def address(self) -> str:
+        """`host:port` as an administrator writes it."""
+        return format_address((self.host, self.port))
+
+
+class Reject(Exception):
+    """
+    Raised by a Router to refuse a session.
+
+    The client gets its protocol's failure reply after `wait` seconds (a tarpit for
+    guessers); `code` optionally carries a protocol-specific reply code. `message` is
+    for the log and, for protocols that show it, the client: it must not hold secrets.
+    """
+
+    def __init__(self, message: str, wait: float = 0, code: str | int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.wait = float(wait)
+        self.code = code
+
+    def __repr__(self) -> str:
+        return f"Reject({self.message!r}, wait={self.wait!r}, code={self.code!r})"
+
+
+RouteAnswer = Union[Route, Sequence[Route]]
+
+
+class IRouter(Interface):
+    """Decides where a session goes."""
+
+    def route(request: RouteRequest) -> RouteAnswer | Awaitable[RouteAnswer] | Deferred[RouteAnswer]:
+        """
+        Answer with a Route or a non-empty sequence of Routes (tried in order while
+        connecting fails), synchronously, as an awaitable or as a Deferred; raise (or
+        fail with) `Reject` to refuse the session.
+
+        A router that also provides `twisted.application.service.IService` is started
+        before the listeners that use it and stopped after they have drained.
+        """
+
+
+@implementer(IRouter)
+class Router:
+    """Base class for routers written in Python; override `route`."""
+
+    def route(self, request: RouteRequest) -> RouteAnswer | Awaitable[RouteAnswer] | Deferred[RouteAnswer]:
+        raise NotImplementedError(f"{type(self).__qualname__} must implement route()")
+
+
+class RouterError(Exception):
+    """The Router failed to answer: it raised, timed out or answered nonsense."""
+
+
+def _as_routes(answer: object) -> list[Route]:
+    if isinstance(answer, Route):
+        return [answer]
+    if isinstance(answer, (list, tuple)) and answer and all(isinstance(r, Route) for r in answer):
+        return list(answer)
+    raise RouterError(f"router answered {answer!r}; expected a Route or a non-empty list of Routes")
+
+
+def ask_router(
+    router: IRouter, request: RouteRequest, clock: IReactorTime, timeout: float
+) -> Deferred[list[Route]]:
+    """
+    Ask `router` about `request`, whatever style it answers in.
+
+    Fires with a non-empty list of Routes, or fails with `Reject` (the Router's
+    decision) or `RouterError` (anything else: an exception, an answer of the wrong
+    type, no answer within `timeout` seconds). Cancelling the result cancels the
+    Router's pending Deferred or coroutine.
+    """
+
+    def call() -> Any:
+        answer = router.route(request)
+        if isinstance(answer, Deferred):
+            return answer
+        if inspect.isawaitable(answer):
+            return Deferred.fromCoroutine(_await(answer))
+        return answer
+
+    def failed(failure: Any) -> Any:
+        if failure.check(Reject, RouterError):
+            return failure
+        if failure.check(TimeoutError):
+            raise RouterError(f"router did not answer within {timeout:g}s")
+        raise RouterError(f"router raised {failure.value!r}") from failure.value
+
+    d: Deferred[Any] = maybeDeferred(call)
+    d.addTimeout(timeout, clock)
+    d.addCallbacks(_as_routes, failed)
+    return d
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable

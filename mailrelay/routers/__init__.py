@@ -1,0 +1,40 @@
+"""
+The built-in routers, by the `type` an administrator writes in a `[router]` table.
+
+Each router module offers `parse(table) -> RouterSpec | None`: it reads and validates
+its own keys (reporting problems on the table) and returns how to build the router.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+
+from ..configtable import Table
+from ..router import IRouter
+from . import python, static
+
+
+@attrs.frozen
+class RouterSpec:
+    """A validated router table: its type, a one-line description and a builder."""
+
+    type: str
+    description: str
+    build: Callable[[], IRouter]
+
+
+ROUTER_TYPES: dict[str, Callable[[Table], RouterSpec | None]] = {
+    "static": static.parse,
+    "python": python.parse,
+}
+
+
+def parse_router(table: Table) -> RouterSpec | None:
+    """Read a `[router]` table of any type; None (with errors recorded) when invalid."""
+    kind = table.string("type", choices=tuple(ROUTER_TYPES))
+    if kind is None:
+        table.rest()
+        return None
+    return ROUTER_TYPES[kind](table)

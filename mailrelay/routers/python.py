@@ -1,0 +1,57 @@
+"""`type = "python"`: a Router class named as `package.module:Class`, built with the
+table's other keys as keyword arguments."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ..configtable import ConfigError, Table
+from ..router import IRouter
+
+if TYPE_CHECKING:
+    from . import RouterSpec
+
+
+def load_class(spec: str) -> type:
+    """Import `package.module:Class`; ValueError says what is wrong with `spec`."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f'must look like "package.module:Class", not "{spec}"')
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # an import runs arbitrary code: report whatever it raised
+        raise ValueError(f'cannot import module "{module_name}": {e!r}') from e
+    target: Any = module
+    for part in attribute.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise ValueError(f'module "{module_name}" has no "{attribute}"')
+    if not isinstance(target, type):
+        raise ValueError(f'"{spec}" is not a class')
+    if not (IRouter.implementedBy(target) or callable(getattr(target, "route", None))):
+        raise ValueError(f'"{spec}" is not a Router: it has no route() method')
+    return target
+
+
+def parse(table: Table) -> RouterSpec | None:
+    from . import RouterSpec
+
+    spec = table.string("class")
+    options = table.rest()
+    if spec is None:
+        return None
+    try:
+        cls = load_class(spec)
+    except ValueError as e:
+        table.error("class", str(e))
+        return None
+
+    def build() -> IRouter:
+        try:
+            router = cls(**options)
+        except Exception as e:
+            raise ConfigError([f"{table.errors.source}: {table.path}: {spec}(**{sorted(options)}) failed: {e!r}"]) from e
+        return IRouter(router, router)  # type: ignore[no-any-return]
+
+    return RouterSpec("python", f"python: {spec}" + (f" with {', '.join(sorted(options))}" if options else ""), build)

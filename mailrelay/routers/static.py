@@ -1,0 +1,72 @@
+"""`type = "static"`: every session goes to the same route, or list of fallbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import attrs
+from zope.interface import implementer
+
+from ..configtable import Table
+from ..router import LOGINS, UPSTREAM_TLS, IRouter, Route, RouteRequest
+
+if TYPE_CHECKING:
+    from . import RouterSpec
+
+
+@implementer(IRouter)
+@attrs.frozen
+class StaticRouter:
+    """Answers every request with the same routes, in order."""
+
+    routes: Sequence[Route]
+
+    def route(self, request: RouteRequest) -> list[Route]:
+        return list(self.routes)
+
+
+def route_from_table(table: Table) -> Route | None:
+    """A Route from a table whose keys are Route's fields; None if invalid."""
+    fields = dict(
+        host=table.string("host"),
+        port=table.integer("port", minimum=1, maximum=65535),
+        tls=table.string("tls", "none", choices=UPSTREAM_TLS),
+        tls_verify=table.boolean("tls_verify", True),
+        server_name=table.string("server_name", None),
+        user=table.string("user", None),
+        password=table.string("password", None),
+        login=table.string("login", "passthrough", choices=LOGINS),
+        proxy_protocol=table.integer("proxy_protocol", None, minimum=1, maximum=2),
+    )
+    table.finish()
+    if fields["host"] == "":
+        table.error("host", "must not be empty")
+        return None
+    if any(fields[k] is None for k in ("host", "port", "tls", "tls_verify", "login")):
+        return None
+    return Route(**fields)
+
+
+def parse(table: Table) -> RouterSpec | None:
+    from . import RouterSpec
+
+    if table.has("routes"):
+        routes = [route_from_table(t) for t in table.tables("routes")]
+        if not table.data["routes"]:
+            table.error("routes", "must list at least one route")
+        table.finish()
+    else:
+        routes = [route_from_table(table)]
+    if not routes or None in routes:
+        return None
+    valid = [r for r in routes if r is not None]
+    description = "static: " + ", then ".join(_describe(r) for r in valid)
+    return RouterSpec("static", description, lambda: StaticRouter(tuple(valid)))
+
+
+def _describe(route: Route) -> str:
+    extras = [f"tls={route.tls}"] if route.tls != "none" else []
+    if route.proxy_protocol:
+        extras.append(f"proxy_protocol={route.proxy_protocol}")
+    return route.address + (f" ({', '.join(extras)})" if extras else "")

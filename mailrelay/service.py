@@ -1,0 +1,155 @@
+"""
+Configuration -> running service: listeners, routers, the shared connector, drain.
+
+Start order: routers that are services, then listeners. Stop order: listeners stop
+accepting, running sessions get `drain_timeout` seconds to finish (then are aborted),
+then routers stop.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .config import Config, ConfigError, ListenerConfig, load_config, parse_config
+from .connector import UpstreamConnector
+from .listener import ListenerFactory
+from .router import IRouter
+from .session import Sessions
+
+
+class ListenerService(Service):
+    """Listens on one endpoint while running; `port` fires with the listening port."""
+
+    log = Logger()
+
+    def __init__(self, listener: ListenerConfig, endpoint: IStreamServerEndpoint, factory: Factory) -> None:
+        self.name = listener.name
+        self.listener = listener
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: Deferred[IListeningPort] | None = None
+        self._listening: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        # Bind here so that ports below 1024 are taken before twistd drops privileges.
+        super().privilegedStartService()
+        self.port = self.endpoint.listen(self.factory)
+        failed: list[Failure] = []
+        self.port.addCallbacks(self._listened, failed.append)
+        if failed:
+            # Raised synchronously, so that a port already in use stops the start-up
+            # instead of leaving a service that listens nowhere.
+            failed[0].raiseException()
+
+    def _listened(self, port: IListeningPort) -> IListeningPort:
+        self._listening = port
+        host = port.getHost()
+        self.log.info(
+            "listener {listener} on {address} (mode={mode}, protocol={protocol})",
+            listener=self.name,
+            address=f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}",
+            mode=self.listener.mode,
+            protocol=self.listener.protocol,
+        )
+        return port
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        port, self.port, self._listening = self._listening, None, None
+        if port is not None:
+            return maybeDeferred(port.stopListening)
+        return None
+
+
+class MailrelayService(MultiService):
+    """All of mailrelay for one configuration."""
+
+    log = Logger()
+
+    def __init__(self, config: Config, router: IRouter | None = None, reactor: Any = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.config = config
+        self.reactor = reactor
+        self.sessions = Sessions(reactor)
+        self.connector = UpstreamConnector(reactor, config.upstream.connect_timeout)
+        self.routers: list[IRouter] = []
+        self.listeners: dict[str, ListenerService] = {}
+
+        default = router if router is not None else (config.router.build() if config.router else None)
+        missing = [l.name for l in config.listeners if l.router is None and default is None]
+        if missing:
+            raise ConfigError(
+                [f'{config.source}: listener "{name}" has no router: add a [router] table, a router to the listener, or pass router= to makeService()' for name in missing]
+            )
+        for listener in config.listeners:
+            own = listener.router.build() if listener.router is not None else default
+            assert own is not None
+            self._add_router(own)
+            factory = ListenerFactory(listener, own, self.connector, self.sessions, reactor)
+            service = ListenerService(listener, serverFromString(reactor, listener.listen), factory)
+            self.listeners[listener.name] = service
+        for service in self.listeners.values():
+            service.setServiceParent(self)
+
+    def _add_router(self, router: IRouter) -> None:
+        if any(r is router for r in self.routers):
+            return
+        self.routers.append(router)
+        if IService.providedBy(router):
+            IService(router).setServiceParent(self)
+
+    def stopService(self) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        Service.stopService(self)
+        await DeferredList([maybeDeferred(s.stopService) for s in self.listeners.values()])
+        if len(self.sessions):
+            self.log.info(
+                "draining {count} session(s) for up to {timeout:g}s",
+                count=len(self.sessions),
+                timeout=self.config.drain_timeout,
+            )
+        await self.sessions.drain(self.config.drain_timeout)
+        routers = [IService(r) for r in self.routers if IService.providedBy(r)]
+        await DeferredList([maybeDeferred(r.stopService) for r in reversed(routers)])
+
+
+def makeService(
+    config_or_path: Config | Mapping[str, Any] | str | os.PathLike[str],
+    router: IRouter | None = None,
+    reactor: Any = None,
+) -> MailrelayService:
+    """
+    Build mailrelay's service from a Config, a TOML file path, or parsed TOML data.
+
+    `router`, when given, is the router of every listener that does not name its own
+    (it replaces the configuration's `[router]`). Raises `ConfigError` for an invalid
+    configuration; nothing listens until the returned service is started.
+    """
+    if isinstance(config_or_path, Config):
+        config = config_or_path
+    elif isinstance(config_or_path, Mapping):
+        config = parse_config(config_or_path)
+    else:
+        config = load_config(config_or_path)
+    return MailrelayService(config, router, reactor)

@@ -1,0 +1,109 @@
+"""
+Sessions in flight: their one summary log line, and draining them on shutdown.
+
+Each session logs exactly one line when it ends:
+
+    session 3f9a1c07 listener=imap client=192.0.2.7:51514 user=- upstream=10.0.0.5:143
+    up=5120 down=88211 duration=12.041s outcome=closed
+
+`up` counts bytes from the client to the upstream, `down` the other way. `outcome` is
+`closed` (spliced, then ended by a peer), `rejected`, `router-error`,
+`upstream-unavailable`, `client-gone` (the client left before the splice),
+`idle-timeout`, `drain-timeout` or `error`. A `reason` field follows when one is
+known. No credential is ever a field of this line.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .router import Address, format_address
+
+SESSION_LINE = (
+    "session {session_id} listener={listener} client={client} user={user} upstream={upstream}"
+    " up={bytes_up} down={bytes_down} duration={duration:.3f}s outcome={outcome}{reason_text}"
+)
+
+
+class Session:
+    """One client connection, from accept to close."""
+
+    log = Logger()
+
+    def __init__(self, registry: Sessions, listener: str, client: Address, abort: Callable[[str], None]) -> None:
+        self.id = secrets.token_hex(4)
+        self.listener = listener
+        self.client = client
+        self.user: str | None = None
+        self.upstream: str | None = None
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self._registry = registry
+        self._abort = abort
+        self._started = registry.clock.seconds()
+        self.ended: Deferred[None] = Deferred()
+
+    def abort(self, outcome: str) -> None:
+        """End the session now; `outcome` is what its log line will say."""
+        self._abort(outcome)
+
+    def finish(self, outcome: str, reason: str | None = None) -> None:
+        """Log the session's line and forget it; later calls are ignored."""
+        if self.ended.called:
+            return
+        duration = self._registry.clock.seconds() - self._started
+        log = self.log.info if outcome == "closed" else self.log.warn
+        log(
+            SESSION_LINE,
+            session_id=self.id,
+            listener=self.listener,
+            client=format_address(self.client),
+            user=self.user or "-",
+            upstream=self.upstream or "-",
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            duration=duration,
+            outcome=outcome,
+            reason=reason,
+            reason_text=f" reason={reason!r}" if reason else "",
+        )
+        self._registry.remove(self)
+        self.ended.callback(None)
+
+
+class Sessions:
+    """The sessions of one service, so that stopping it can wait for them."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._open: set[Session] = set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def open(self, listener: str, client: Address, abort: Callable[[str], None]) -> Session:
+        session = Session(self, listener, client, abort)
+        self._open.add(session)
+        return session
+
+    def remove(self, session: Session) -> None:
+        self._open.discard(session)
+
+    def drain(self, timeout: float) -> Deferred[Any]:
+        """Fire when every open session has ended, aborting those left after `timeout`."""
+        if not self._open:
+            return succeed(None)
+        waiting = DeferredList([s.ended for s in self._open])
+        call = self.clock.callLater(timeout, self._abort_all)
+        waiting.addBoth(lambda result: call.cancel() if call.active() else None)
+        return waiting
+
+    def _abort_all(self) -> None:
+        for session in list(self._open):
+            session.abort("drain-timeout")

@@ -1,0 +1,251 @@
+"""
+The two-way byte pump between a client and its upstream.
+
+Invariants:
+- bytes leave in the order and the exact form they arrived, nothing added or dropped;
+- each transport is the streaming producer of the other, so a side that cannot keep
+  up pauses reading on the other side: memory per session stays bounded by the
+  transports' buffer size, not by the payload;
+- an end of stream (half-close) travels across: when one peer stops writing, the other
+  peer's write side is shut down once everything before it is delivered, and the
+  opposite direction keeps flowing until it ends too;
+- a connection that is lost outright closes the other one after its buffered bytes
+  have been written.
+
+`SpliceableProtocol` is the protocol of either leg before and during the splice: until
+a `Splice` adopts it, it keeps what it receives (and notes an end of stream), so no byte
+that arrives while the route is decided or the upstream is logged into is lost.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime, ITCPTransport, ITransport
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+
+def set_nodelay(transport: ITransport) -> None:
+    """Turn Nagle's algorithm off: with delayed ACKs it costs ~40 ms per exchange when
+    a peer writes a command or message in several pieces."""
+    if ITCPTransport.providedBy(transport):
+        transport.setTcpNoDelay(True)
+
+
+@implementer(IHalfCloseableProtocol)
+class SpliceableProtocol(Protocol):
+    """
+    A connection that keeps what it receives until a Splice adopts it.
+
+    Keeping is bounded: past `pending_limit` bytes the transport is paused, and the
+    splice resumes it. Subclasses that speak a protocol before the splice (front-ends,
+    upstream login steps) read and consume `pending` themselves.
+    """
+
+    pending_limit = 64 * 1024
+
+    def __init__(self) -> None:
+        self.pending = bytearray()
+        self.read_closed = False
+        self.lost_reason: Failure | None = None
+        self._paused_for_pending = False
+        self._side: _Side | None = None
+
+    def connectionMade(self) -> None:
+        set_nodelay(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._side is not None:
+            self._side.received(data)
+            return
+        self.pending += data
+        self.pendingReceived()
+        if len(self.pending) >= self.pending_limit and not self._paused_for_pending:
+            self._paused_for_pending = True
+            self.transport.pauseProducing()
+
+    def pendingReceived(self) -> None:
+        """Called when bytes were added to `pending` before the splice; override to parse them."""
+
+    def readConnectionLost(self) -> None:
+        if self._side is not None:
+            self._side.read_closed()
+        else:
+            self.read_closed = True
+            self.pendingReceived()
+
+    def writeConnectionLost(self) -> None:
+        if self._side is not None:
+            self._side.write_closed()
+
+    def connectionLost(self, reason: Failure = Failure(Exception("connection lost"))) -> None:
+        if self._side is not None:
+            self._side.lost(reason)
+        else:
+            self.lost_reason = reason
+            self.lostBeforeSplice(reason)
+
+    def lostBeforeSplice(self, reason: Failure) -> None:
+        """The connection ended before any splice adopted it."""
+
+
+@attrs.define
+class SpliceResult:
+    """How a splice ended."""
+
+    bytes_up: int
+    """Bytes from the client delivered towards the upstream."""
+    bytes_down: int
+    """Bytes from the upstream delivered towards the client."""
+    outcome: str
+    """`closed` (both sides ended), `idle-timeout`, or the reason given to `abort()`."""
+    ended_by: str | None
+    """`client` or `upstream`: which side closed or reset first (None for timeouts, aborts)."""
+
+
+class _Side:
+    """One leg of a splice: what happens when its peer reads, ends or vanishes."""
+
+    def __init__(self, splice: Splice, name: str, protocol: SpliceableProtocol) -> None:
+        self.splice = splice
+        self.name = name
+        self.protocol = protocol
+        self.transport: Any = protocol.transport
+        self.peer: _Side = self  # set by Splice
+        self.bytes = 0
+        self.reading_done = False
+        self.writing_done = False
+        self.gone = False
+
+    def received(self, data: bytes) -> None:
+        self.bytes += len(data)
+        self.splice.last_activity = self.splice.clock.seconds()
+        self.peer.transport.write(data)
+
+    def read_closed(self) -> None:
+        """Our peer will send nothing more: pass the end of stream on."""
+        self.reading_done = True
+        self.splice.note_first_end(self.name)
+        self.peer.finish_writing()
+        self._close_if_done()
+
+    def finish_writing(self) -> None:
+        """Shut down our write side once what is buffered has been sent."""
+        if self.gone or self.writing_done:
+            return
+        # A registered producer that is paused keeps a transport from finishing its
+        # write-side close; the other side has stopped reading anyway.
+        self.transport.unregisterProducer()
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()
+        else:
+            self.writing_done = True
+            self.transport.loseConnection()
+
+    def write_closed(self) -> None:
+        self.writing_done = True
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if self.reading_done and self.writing_done and not self.gone:
+            self.transport.loseConnection()
+
+    def lost(self, reason: Failure) -> None:
+        self.gone = True
+        self.splice.note_first_end(self.name)
+        peer = self.peer
+        if not peer.gone:
+            peer.transport.unregisterProducer()
+            peer.transport.loseConnection()
+        self.splice.side_gone()
+
+
+class Splice:
+    """
+    Pumps bytes between two adopted connections until both have ended.
+
+    `start()` returns a Deferred that fires with a `SpliceResult` once both
+    connections are closed; it never fails.
+    """
+
+    def __init__(
+        self,
+        client: SpliceableProtocol,
+        upstream: SpliceableProtocol,
+        clock: IReactorTime,
+        idle_timeout: float,
+    ) -> None:
+        self._client = _Side(self, "client", client)
+        self._upstream = _Side(self, "upstream", upstream)
+        self._client.peer, self._upstream.peer = self._upstream, self._client
+        self.clock = clock
+        self._idle_timeout = idle_timeout
+        self._idle_call: Any = None
+        self._outcome = "closed"
+        self._ended_by: str | None = None
+        self._done: Deferred[SpliceResult] = Deferred()
+        self.last_activity = clock.seconds()
+
+    @property
+    def bytes_up(self) -> int:
+        return self._client.bytes
+
+    @property
+    def bytes_down(self) -> int:
+        return self._upstream.bytes
+
+    def start(self) -> Deferred[SpliceResult]:
+        for side in (self._client, self._upstream):
+            side.peer.transport.registerProducer(side.transport, True)
+        for side in (self._client, self._upstream):
+            self._adopt(side)
+        if not self._done.called:
+            self._idle_call = self.clock.callLater(self._idle_timeout, self._check_idle)
+        return self._done
+
+    def _adopt(self, side: _Side) -> None:
+        protocol = side.protocol
+        protocol._side = side
+        if protocol._paused_for_pending:
+            protocol._paused_for_pending = False
+            side.transport.resumeProducing()
+        early, protocol.pending = bytes(protocol.pending), bytearray()
+        if early:
+            side.received(early)
+        if protocol.lost_reason is not None:
+            side.lost(protocol.lost_reason)
+        elif protocol.read_closed:
+            side.read_closed()
+
+    def abort(self, outcome: str) -> None:
+        """Drop both connections now (shutdown past its drain timeout, idle timeout)."""
+        if self._outcome == "closed":
+            self._outcome = outcome
+        for side in (self._client, self._upstream):
+            if not side.gone:
+                side.transport.abortConnection()
+
+    def _check_idle(self) -> None:
+        self._idle_call = None
+        remaining = self.last_activity + self._idle_timeout - self.clock.seconds()
+        if remaining > 0:
+            self._idle_call = self.clock.callLater(remaining, self._check_idle)
+        else:
+            self.abort("idle-timeout")
+
+    def note_first_end(self, name: str) -> None:
+        if self._ended_by is None:
+            self._ended_by = name
+
+    def side_gone(self) -> None:
+        if self._client.gone and self._upstream.gone and not self._done.called:
+            if self._idle_call is not None and self._idle_call.active():
+                self._idle_call.cancel()
+            self._idle_call = None
+            ended_by = self._ended_by if self._outcome == "closed" else None
+            self._done.callback(SpliceResult(self.bytes_up, self.bytes_down, self._outcome, ended_by))
