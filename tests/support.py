@@ -1,0 +1,179 @@
+"""
+Real peers for tests: blocking TCP servers and clients on loopback, run in threads so
+that the proxy under test has the reactor to itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import reactor, threads
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.trial import unittest
+
+from mailrelay.service import MailrelayService, makeService
+
+WAIT = 60.0
+"""Upper bound for any blocking wait in a test: a hang guard, never a timing assertion."""
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    """`size` pseudo-random bytes, the same for the same seed."""
+    if seed == 0:
+        return os.urandom(size)
+    block = hashlib.sha512(str(seed).encode()).digest() * 1024
+    return (block * (size // len(block) + 1))[:size]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def recv_all(conn: socket.socket, chunk: int = 1 << 20) -> bytes:
+    parts = []
+    while True:
+        data = conn.recv(chunk)
+        if not data:
+            return b"".join(parts)
+        parts.append(data)
+
+
+def closed_port() -> int:
+    """A loopback port on which nothing listens (connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ThreadedServer:
+    """
+    A blocking TCP server on 127.0.0.1: each accepted connection is handled by
+    `handle(conn)` in its own thread; what it returns (or raises) is put on `results`.
+    """
+
+    def __init__(self, handle: Callable[[socket.socket], Any]) -> None:
+        self.handle = handle
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.results: queue.Queue[Any] = queue.Queue()
+        self.connections = 0
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        try:
+            with conn:
+                self.results.put(self.handle(conn))
+        except BaseException as e:
+            self.results.put(e)
+
+    def result(self, timeout: float = WAIT) -> Any:
+        """The next handler result (blocking); an exception it raised is raised here."""
+        value = self.results.get(timeout=timeout)
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def close(self) -> None:
+        self._closed = True
+        self.sock.close()
+
+
+def connect(port: int) -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    return conn
+
+
+def exchange(port: int, send: bytes, chunk: int = 1 << 20) -> bytes:
+    """
+    Connect, send `send` while receiving concurrently, shut down writing, and return
+    everything received until the peer closes.
+    """
+    with connect(port) as conn:
+        errors: list[BaseException] = []
+
+        def sender() -> None:
+            try:
+                view = memoryview(send)
+                for start in range(0, len(view), chunk):
+                    conn.sendall(view[start : start + chunk])
+                conn.shutdown(socket.SHUT_WR)
+            except BaseException as e:
+                errors.append(e)
+
+        thread = threading.Thread(target=sender, daemon=True)
+        thread.start()
+        received = recv_all(conn)
+        thread.join(WAIT)
+        if errors:
+            raise errors[0]
+        return received
+
+
+class LogCapture:
+    """Collects every log event published while it is attached."""
+
+    def __init__(self) -> None:
+        self.events: list[LogEvent] = []
+
+    def __call__(self, event: LogEvent) -> None:
+        self.events.append(event)
+
+    def lines(self) -> list[str]:
+        return [formatEvent(e) for e in self.events]
+
+    def sessions(self) -> list[LogEvent]:
+        """The one-line-per-session summary events."""
+        return [e for e in self.events if "session_id" in e and "outcome" in e]
+
+
+class ProxyTestCase(unittest.TestCase):
+    """Starts mailrelay in this process's reactor on a loopback port."""
+
+    def setUp(self) -> None:
+        self.logs = LogCapture()
+        globalLogPublisher.addObserver(self.logs)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logs)
+
+    async def start_proxy(self, config: dict[str, Any], router: Any = None) -> tuple[MailrelayService, int]:
+        """Start a service whose first listener binds a free loopback port; return it and the port."""
+        service = makeService(config, router=router, reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        listener = next(iter(service.listeners.values()))
+        assert listener.port is not None
+        port = await listener.port
+        return service, port.getHost().port
+
+    def server(self, handle: Callable[[socket.socket], Any]) -> ThreadedServer:
+        server = ThreadedServer(handle)
+        self.addCleanup(server.close)
+        return server
+
+    def in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run blocking client code off the reactor thread; a Deferred of its result."""
+        return threads.deferToThread(f, *args, **kwargs)
+
+
+def splice_config(*routes: tuple[str, int], **listener: Any) -> dict[str, Any]:
+    """A one-listener splice config on a free loopback port, routed statically."""
+    return {
+        "router": {"type": "static", "routes": [{"host": h, "port": p} for h, p in routes]},
+        "listener": [{"name": "test", "listen": "tcp:0:interface=127.0.0.1", "mode": "splice", **listener}],
+    }
