@@ -72,6 +72,12 @@ class UpstreamProtocol(SpliceableProtocol):
             await self._waiting
 
 
+def _timed_out(result: object, timeout: float) -> Failure:
+    # Cancelling an endpoint's connect fails with ConnectingCancelledError, which
+    # addTimeout would not recognise as its own doing.
+    return Failure(defer.TimeoutError(f"no connection within {timeout:g}s"))
+
+
 class _UpstreamFactory(Factory):
     noisy = False  # one "Starting factory" line per session drowns the session lines
     protocol = UpstreamProtocol
@@ -162,7 +168,7 @@ class UpstreamConnector:
         connecting = self.endpoint_for(route).connect(_UpstreamFactory())
         # The endpoint's own timeout covers each TCP attempt; this one also bounds
         # name resolution and the happy-eyeballs races.
-        connecting.addTimeout(self.connect_timeout, self.reactor)
+        connecting.addTimeout(self.connect_timeout, self.reactor, onTimeoutCancel=_timed_out)
         protocol: UpstreamProtocol = await connecting
         if login is not None:
             try:

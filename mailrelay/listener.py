@@ -102,9 +102,8 @@ class SpliceModeProtocol(SpliceableProtocol):
             self._close("rejected", reject.message)
             return
         except RouterError as e:
-            self.log.failure(
-                "session {session_id}: router failed", Failure(e), session_id=session.id
-            )
+            if e.__cause__ is not None:  # the router raised: its author needs the traceback
+                self.log.failure("session {session_id}: router failed", Failure(e.__cause__), session_id=session.id)
             self._close("router-error", str(e))
             return
         try:

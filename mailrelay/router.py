@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, Literal, Union
 
 import attrs
-from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import Interface, implementer
 
@@ -191,7 +191,7 @@ def ask_router(
         return answer
 
     def failed(failure: Any) -> Any:
-        if failure.check(Reject, RouterError):
+        if failure.check(Reject, RouterError, CancelledError):
             return failure
         if failure.check(TimeoutError):
             raise RouterError(f"router did not answer within {timeout:g}s")

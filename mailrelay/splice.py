@@ -120,6 +120,15 @@ class _Side:
         self.reading_done = False
         self.writing_done = False
         self.gone = False
+        self.paced = False
+        """Whether our transport has the peer's transport registered as its producer."""
+
+    def stop_pacing(self) -> None:
+        """Unregister the peer as our producer: a paused producer keeps a transport
+        from finishing a close or a half-close, and the peer is done anyway."""
+        if self.paced:
+            self.paced = False
+            self.transport.unregisterProducer()
 
     def received(self, data: bytes) -> None:
         self.bytes += len(data)
@@ -137,9 +146,7 @@ class _Side:
         """Shut down our write side once what is buffered has been sent."""
         if self.gone or self.writing_done:
             return
-        # A registered producer that is paused keeps a transport from finishing its
-        # write-side close; the other side has stopped reading anyway.
-        self.transport.unregisterProducer()
+        self.stop_pacing()
         half_close = getattr(self.transport, "loseWriteConnection", None)
         if half_close is not None:
             half_close()
@@ -160,7 +167,7 @@ class _Side:
         self.splice.note_first_end(self.name)
         peer = self.peer
         if not peer.gone:
-            peer.transport.unregisterProducer()
+            peer.stop_pacing()
             peer.transport.loseConnection()
         self.splice.side_gone()
 
@@ -168,6 +175,8 @@ class _Side:
 class Splice:
     """
     Pumps bytes between two adopted connections until both have ended.
+
+    A session with no byte in either direction for `idle_timeout` seconds is closed.
 
     `start()` returns a Deferred that fires with a `SpliceResult` once both
     connections are closed; it never fails.
@@ -179,12 +188,14 @@ class Splice:
         upstream: SpliceableProtocol,
         clock: IReactorTime,
         idle_timeout: float,
+        close_grace: float = 10.0,
     ) -> None:
         self._client = _Side(self, "client", client)
         self._upstream = _Side(self, "upstream", upstream)
         self._client.peer, self._upstream.peer = self._upstream, self._client
         self.clock = clock
         self._idle_timeout = idle_timeout
+        self.close_grace = close_grace
         self._idle_call: Any = None
         self._outcome = "closed"
         self._ended_by: str | None = None
@@ -201,7 +212,8 @@ class Splice:
 
     def start(self) -> Deferred[SpliceResult]:
         for side in (self._client, self._upstream):
-            side.peer.transport.registerProducer(side.transport, True)
+            side.transport.registerProducer(side.peer.transport, True)
+            side.paced = True
         for side in (self._client, self._upstream):
             self._adopt(side)
         if not self._done.called:
@@ -223,12 +235,23 @@ class Splice:
             side.read_closed()
 
     def abort(self, outcome: str) -> None:
-        """Drop both connections now (shutdown past its drain timeout, idle timeout)."""
+        """Drop both connections now, discarding what is buffered (drain timeout)."""
         if self._outcome == "closed":
             self._outcome = outcome
         for side in (self._client, self._upstream):
             if not side.gone:
                 side.transport.abortConnection()
+
+    def close(self, outcome: str, grace: float) -> None:
+        """Close both connections after their buffered bytes are written; abort
+        whatever is still open `grace` seconds later (a peer that reads nothing)."""
+        if self._outcome == "closed":
+            self._outcome = outcome
+        for side in (self._client, self._upstream):
+            if not side.gone:
+                side.stop_pacing()
+                side.transport.loseConnection()
+        self._idle_call = self.clock.callLater(grace, self.abort, outcome)
 
     def _check_idle(self) -> None:
         self._idle_call = None
@@ -236,7 +259,7 @@ class Splice:
         if remaining > 0:
             self._idle_call = self.clock.callLater(remaining, self._check_idle)
         else:
-            self.abort("idle-timeout")
+            self.close("idle-timeout", grace=self.close_grace)
 
     def note_first_end(self, name: str) -> None:
         if self._ended_by is None:

@@ -1,0 +1,508 @@
+"""
+The `splice` listener end to end: real sockets on loopback, a real upstream server in
+threads, mailrelay in the reactor.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from typing import Any
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from mailrelay.connector import UpstreamProtocol
+from mailrelay.listener import SpliceModeProtocol
+from mailrelay.router import Route, Router
+from mailrelay.splice import Splice, SpliceableProtocol
+
+from tests.support import (
+    WAIT,
+    ProxyTestCase,
+    closed_port,
+    connect,
+    exchange,
+    payload,
+    recv_all,
+    sha,
+    splice_config,
+)
+
+MiB = 1 << 20
+
+
+def hash_and_answer(answer: bytes) -> Any:
+    """Upstream handler: read to EOF (hashing) while sending `answer`, then close."""
+
+    def handle(conn: socket.socket) -> tuple[str, int]:
+        sender = threading.Thread(target=lambda: (conn.sendall(answer), conn.shutdown(socket.SHUT_WR)), daemon=True)
+        sender.start()
+        received = recv_all(conn)
+        sender.join(WAIT)
+        return sha(received), len(received)
+
+    return handle
+
+
+def echo(conn: socket.socket) -> int:
+    total = 0
+    while data := conn.recv(1 << 16):
+        conn.sendall(data)
+        total += len(data)
+    return total
+
+
+def protocol_of(selectable: Any) -> Any:
+    protocol = getattr(selectable, "protocol", None)
+    # Client endpoints wrap the protocol they connect.
+    return getattr(protocol, "_wrappedProtocol", protocol)
+
+
+def proxy_buffered(kind: type) -> list[int]:
+    """Bytes waiting in mailrelay's own write buffers, per transport whose protocol is `kind`."""
+    sizes = []
+    for selectable in set(reactor.getReaders()) | set(reactor.getWriters()):
+        if isinstance(protocol_of(selectable), kind):
+            sizes.append(len(selectable.dataBuffer) - selectable.offset + selectable._tempDataLen)
+    return sizes
+
+
+class SettableRouter(Router):
+    """Answers with whatever `answer` holds (a Route, a list, an exception or a Deferred)."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.requests: list[Any] = []
+
+    def route(self, request: Any) -> Any:
+        self.requests.append(request)
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        if callable(self.answer):
+            return self.answer(request)
+        return self.answer
+
+
+class BulkTransferTests(ProxyTestCase):
+    @pytest.mark.slow
+    async def test_64_mib_each_way_arrive_byte_identical(self) -> None:
+        down = payload(64 * MiB)
+        up = payload(64 * MiB)
+        upstream = self.server(hash_and_answer(down))
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port)))
+
+        received = await self.in_thread(exchange, port, up)
+        at_upstream = await self.in_thread(upstream.result)
+
+        self.assertEqual(at_upstream, (sha(up), len(up)))
+        self.assertEqual((sha(received), len(received)), (sha(down), len(down)))
+        await deferLater(reactor, 0.1)
+        [line] = self.logs.sessions()
+        self.assertEqual((line["bytes_up"], line["bytes_down"], line["outcome"]), (len(up), len(down), "closed"))
+
+    async def test_many_small_writes_arrive_in_order(self) -> None:
+        upstream = self.server(echo)
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port)))
+        pieces = [payload(n % 97 + 1, seed=n + 1) for n in range(5000)]
+
+        def client() -> bytes:
+            with connect(port) as conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                reader = threading.Thread(target=lambda: result.append(recv_all(conn)), daemon=True)
+                reader.start()
+                for piece in pieces:
+                    conn.send(piece)
+                conn.shutdown(socket.SHUT_WR)
+                reader.join(WAIT)
+                return result[0]
+
+        result: list[bytes] = []
+        received = await self.in_thread(client)
+        self.assertEqual(received, b"".join(pieces))
+        self.assertEqual(await self.in_thread(upstream.result), len(received))
+
+
+class BackPressureTests(ProxyTestCase):
+    """A reader that stops reading makes mailrelay stop reading from the writer."""
+
+    async def _stalled_transfer(self, client_writes: bool) -> None:
+        data = payload(64 * MiB)
+        release = threading.Event()
+        stalled = threading.Event()
+        progress = {"sent": 0}
+
+        def send_until_stalled(conn: socket.socket) -> None:
+            """Send until no byte is accepted for a second, then wait for release."""
+            view = memoryview(data)
+            conn.settimeout(1.0)
+            while progress["sent"] < len(data):
+                try:
+                    progress["sent"] += conn.send(view[progress["sent"] : progress["sent"] + MiB])
+                except socket.timeout:
+                    break
+            stalled.set()
+            release.wait(WAIT)
+            conn.settimeout(WAIT)
+            conn.sendall(view[progress["sent"] :])
+            conn.shutdown(socket.SHUT_WR)
+
+        def slow_reader(conn: socket.socket) -> str:
+            release.wait(WAIT)
+            return sha(recv_all(conn))
+
+        def upstream_handler(conn: socket.socket) -> Any:
+            if client_writes:
+                return slow_reader(conn)
+            send_until_stalled(conn)
+            return recv_all(conn)
+
+        upstream = self.server(upstream_handler)
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port)))
+
+        conn = await self.in_thread(connect, port)
+        self.addCleanup(conn.close)
+        if client_writes:
+            writer = self.in_thread(send_until_stalled, conn)
+        await self.in_thread(stalled.wait, WAIT)
+
+        # The writer got stuck long before the payload was through: mailrelay stopped
+        # reading from it instead of buffering what the reader did not take.
+        self.assertLess(progress["sent"], len(data) // 2)
+        slow_side = UpstreamProtocol if client_writes else SpliceModeProtocol
+        buffered = proxy_buffered(slow_side)
+        self.assertEqual(len(buffered), 1)
+        self.assertLessEqual(buffered[0], 512 * 1024)
+
+        release.set()
+        if client_writes:
+            await writer
+            self.assertEqual(await self.in_thread(upstream.result), sha(data))
+        else:
+            conn.shutdown(socket.SHUT_WR)
+            received = await self.in_thread(recv_all, conn)
+            self.assertEqual(sha(received), sha(data))
+            self.assertEqual(await self.in_thread(upstream.result), b"")
+
+    @pytest.mark.slow
+    async def test_slow_upstream_pauses_the_client(self) -> None:
+        await self._stalled_transfer(client_writes=True)
+
+    @pytest.mark.slow
+    async def test_slow_client_pauses_the_upstream(self) -> None:
+        await self._stalled_transfer(client_writes=False)
+
+
+class HalfCloseTests(ProxyTestCase):
+    async def test_client_end_of_stream_reaches_upstream_which_still_answers(self) -> None:
+        def digest_after_eof(conn: socket.socket) -> int:
+            data = recv_all(conn)
+            conn.sendall(sha(data).encode())
+            return len(data)
+
+        upstream = self.server(digest_after_eof)
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port)))
+        question = payload(300_000)
+
+        answer = await self.in_thread(exchange, port, question)
+
+        self.assertEqual(answer, sha(question).encode())
+        self.assertEqual(await self.in_thread(upstream.result), len(question))
+
+    async def test_upstream_end_of_stream_reaches_client_which_still_sends(self) -> None:
+        def greet_then_listen(conn: socket.socket) -> bytes:
+            conn.sendall(b"220 hello\r\n")
+            conn.shutdown(socket.SHUT_WR)
+            return recv_all(conn)
+
+        upstream = self.server(greet_then_listen)
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port)))
+
+        def client() -> bytes:
+            with connect(port) as conn:
+                greeting = recv_all(conn)  # returns at the upstream's EOF
+                conn.sendall(b"still talking after your EOF\r\n")
+                conn.shutdown(socket.SHUT_WR)
+                self.assertEqual(conn.recv(10), b"")
+                return greeting
+
+        self.assertEqual(await self.in_thread(client), b"220 hello\r\n")
+        self.assertEqual(await self.in_thread(upstream.result), b"still talking after your EOF\r\n")
+        await deferLater(reactor, 0.1)
+        [line] = self.logs.sessions()
+        self.assertEqual(line["outcome"], "closed")
+        self.assertEqual(line["reason"], "upstream closed first")
+
+
+class EarlyBytesTests(ProxyTestCase):
+    async def test_bytes_sent_before_the_upstream_is_connected_are_delivered_first(self) -> None:
+        upstream = self.server(echo)
+        slow = Deferred()
+        router = SettableRouter(lambda request: slow)
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", 1)), router=router)
+        early = payload(200_000, seed=7)  # more than the pending limit: reading pauses
+
+        def client() -> bytes:
+            with connect(port) as conn:
+                conn.sendall(early)
+                reactor.callFromThread(slow.callback, Route(host="127.0.0.1", port=upstream.port))
+                conn.sendall(b"late")
+                conn.shutdown(socket.SHUT_WR)
+                return recv_all(conn)
+
+        self.assertEqual(await self.in_thread(client), early + b"late")
+
+
+class RoutingFailureTests(ProxyTestCase):
+    async def _client_sees_close(self, port: int) -> bytes:
+        def client() -> bytes:
+            with connect(port) as conn:
+                return recv_all(conn)
+
+        return await self.in_thread(client)
+
+    async def _session_line(self) -> Any:
+        for _ in range(50):
+            if self.logs.sessions():
+                break
+            await deferLater(reactor, 0.02)
+        return self.logs.sessions()[-1]
+
+    async def test_refused_upstream_closes_client_and_logs_why_and_next_session_works(self) -> None:
+        upstream = self.server(echo)
+        router = SettableRouter(Route(host="127.0.0.1", port=closed_port()))
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", 1)), router=router)
+
+        self.assertEqual(await self._client_sees_close(port), b"")
+        line = await self._session_line()
+        self.assertEqual(line["outcome"], "upstream-unavailable")
+        self.assertIn("connection refused", line["reason"])
+        self.assertTrue(any("failed: connection refused" in text for text in self.logs.lines()))
+
+        router.answer = Route(host="127.0.0.1", port=upstream.port)
+        self.assertEqual(await self.in_thread(exchange, port, b"next"), b"next")
+
+    async def test_fallback_route_is_used_when_the_first_refuses(self) -> None:
+        upstream = self.server(echo)
+        dead = closed_port()
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", dead), ("127.0.0.1", upstream.port)))
+
+        self.assertEqual(await self.in_thread(exchange, port, b"via fallback"), b"via fallback")
+        line = await self._session_line()
+        self.assertEqual((line["outcome"], line["upstream"]), ("closed", f"127.0.0.1:{upstream.port}"))
+        self.assertTrue(any(f"upstream 127.0.0.1:{dead} failed: connection refused" in t for t in self.logs.lines()))
+
+    async def test_unreachable_upstream_times_out(self) -> None:
+        # A listener whose accept queue is full leaves new connections unanswered,
+        # the loopback equivalent of an unreachable host.
+        black_hole = socket.socket()
+        self.addCleanup(black_hole.close)
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen(0)
+        filler = socket.create_connection(black_hole.getsockname())
+        self.addCleanup(filler.close)
+        config = splice_config(("127.0.0.1", black_hole.getsockname()[1]))
+        config["upstream"] = {"connect_timeout": 0.5}
+        _, port = await self.start_proxy(config)
+
+        self.assertEqual(await self._client_sees_close(port), b"")
+        line = await self._session_line()
+        self.assertEqual(line["outcome"], "upstream-unavailable")
+        self.assertIn("no connection within 0.5s", line["reason"])
+
+    async def test_reject_closes_after_its_wait(self) -> None:
+        from mailrelay.router import Reject
+
+        router = SettableRouter(Reject("not from here", wait=0.2))
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", 1)), router=router)
+
+        self.assertEqual(await self._client_sees_close(port), b"")
+        line = await self._session_line()
+        self.assertEqual((line["outcome"], line["reason"]), ("rejected", "not from here"))
+        self.assertGreaterEqual(line["duration"], 0.2)
+
+    async def test_router_exception_is_logged_and_the_client_closed(self) -> None:
+        router = SettableRouter(ZeroDivisionError("bug in a router"))
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", 1)), router=router)
+
+        self.assertEqual(await self._client_sees_close(port), b"")
+        line = await self._session_line()
+        self.assertEqual(line["outcome"], "router-error")
+        self.assertIn("bug in a router", line["reason"])
+        self.assertTrue(any("bug in a router" in text for text in self.logs.lines()))
+        self.flushLoggedErrors(ZeroDivisionError)
+
+    async def test_router_answering_nonsense_is_a_router_error(self) -> None:
+        router = SettableRouter("127.0.0.1:25")
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", 1)), router=router)
+
+        self.assertEqual(await self._client_sees_close(port), b"")
+        line = await self._session_line()
+        self.assertEqual(line["outcome"], "router-error")
+        self.assertIn("expected a Route", line["reason"])
+
+    async def test_router_that_never_answers_times_out(self) -> None:
+        router = SettableRouter(lambda request: Deferred())
+        config = splice_config(("127.0.0.1", 1), router_timeout=0.3)
+        _, port = await self.start_proxy(config, router=router)
+
+        self.assertEqual(await self._client_sees_close(port), b"")
+        line = await self._session_line()
+        self.assertEqual((line["outcome"], line["reason"]), ("router-error", "router did not answer within 0.3s"))
+
+    async def test_client_leaving_while_routing_cancels_the_router(self) -> None:
+        cancelled: list[bool] = []
+        pending: Deferred[Route] = Deferred(lambda d: cancelled.append(True))
+        router = SettableRouter(lambda request: pending)
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", 1)), router=router)
+
+        conn = await self.in_thread(connect, port)
+        while not router.requests:
+            await deferLater(reactor, 0.01)
+        # A reset, not an end of stream: a half-closed client is still routed and
+        # its bytes delivered, a vanished one is not.
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+        line = await self._session_line()
+        self.assertEqual(line["outcome"], "client-gone")
+        self.assertEqual(cancelled, [True])
+
+    async def test_router_sees_connection_facts(self) -> None:
+        upstream = self.server(echo)
+        router = SettableRouter(Route(host="127.0.0.1", port=upstream.port))
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", 1)), router=router)
+
+        def client() -> tuple[str, int]:
+            with connect(port) as conn:
+                conn.shutdown(socket.SHUT_WR)
+                recv_all(conn)
+                return conn.getsockname()
+
+        client_address = await self.in_thread(client)
+        [request] = router.requests
+        self.assertEqual(
+            (request.listener, request.protocol, request.mode, request.client, request.local, request.user),
+            ("test", "none", "splice", client_address, ("127.0.0.1", port), None),
+        )
+
+
+class SocketOptionTests(ProxyTestCase):
+    async def test_nagle_is_off_on_both_legs(self) -> None:
+        release = threading.Event()
+        upstream = self.server(lambda conn: release.wait(WAIT))
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port)))
+        self.addCleanup(release.set)
+        conn = await self.in_thread(connect, port)
+        self.addCleanup(conn.close)
+        while not proxy_buffered(UpstreamProtocol):
+            await deferLater(reactor, 0.01)
+
+        options = {}
+        for selectable in reactor.getReaders():
+            protocol = protocol_of(selectable)
+            if isinstance(protocol, (UpstreamProtocol, SpliceModeProtocol)):
+                options[type(protocol)] = selectable.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        self.assertEqual(options, {UpstreamProtocol: 1, SpliceModeProtocol: 1})
+
+
+class IdleAndDrainTests(ProxyTestCase):
+    async def test_idle_session_is_closed(self) -> None:
+        release = threading.Event()
+        upstream = self.server(lambda conn: (release.wait(WAIT), recv_all(conn)))
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port), idle_timeout=0.3))
+        self.addCleanup(release.set)
+
+        def client() -> bytes:
+            with connect(port) as conn:
+                return recv_all(conn)
+
+        self.assertEqual(await self.in_thread(client), b"")
+        line = self.logs.sessions()[-1]
+        self.assertEqual(line["outcome"], "idle-timeout")
+
+    async def test_stopping_waits_for_running_sessions_and_refuses_new_ones(self) -> None:
+        upstream = self.server(echo)
+        service, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port)))
+        conn = await self.in_thread(connect, port)
+        self.addCleanup(conn.close)
+        await self.in_thread(conn.sendall, b"before stop ")
+        self.assertEqual(await self.in_thread(conn.recv, 100), b"before stop ")
+
+        stopped = service.stopService()
+        await deferLater(reactor, 0.05)
+        self.assertFalse(stopped.called)
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        await self.in_thread(conn.sendall, b"during drain")
+        self.assertEqual(await self.in_thread(conn.recv, 100), b"during drain")
+        conn.shutdown(socket.SHUT_WR)
+        self.assertEqual(await self.in_thread(recv_all, conn), b"")
+        await stopped
+        self.assertEqual(self.logs.sessions()[-1]["outcome"], "closed")
+
+    async def test_sessions_still_open_after_the_drain_timeout_are_aborted(self) -> None:
+        upstream = self.server(echo)
+        config = splice_config(("127.0.0.1", upstream.port))
+        config["drain_timeout"] = 0.2
+        service, port = await self.start_proxy(config)
+        conn = await self.in_thread(connect, port)
+        self.addCleanup(conn.close)
+        await self.in_thread(conn.sendall, b"x")
+        self.assertEqual(await self.in_thread(conn.recv, 1), b"x")
+
+        await service.stopService()
+
+        self.assertEqual(self.logs.sessions()[-1]["outcome"], "drain-timeout")
+        with self.assertRaises(ConnectionResetError):
+            conn.recv(1)
+
+
+class _Peer(SpliceableProtocol):
+    pass
+
+
+def _spliced(idle_timeout: float) -> tuple[Splice, Clock, _Peer, _Peer, Deferred[Any]]:
+    clock = Clock()
+    client, upstream = _Peer(), _Peer()
+    client.makeConnection(StringTransport())
+    upstream.makeConnection(StringTransport())
+    splice = Splice(client, upstream, clock, idle_timeout)
+    return splice, clock, client, upstream, splice.start()
+
+
+def test_idle_timer_counts_from_the_last_byte_in_either_direction() -> None:
+    splice, clock, client, upstream, done = _spliced(idle_timeout=10)
+    clock.advance(9)
+    client.dataReceived(b"a")
+    clock.advance(9)
+    upstream.dataReceived(b"b")
+    clock.advance(9.5)
+    assert not client.transport.disconnecting
+    clock.advance(1)
+    assert client.transport.disconnecting and upstream.transport.disconnecting
+    for peer in (client, upstream):
+        peer.connectionLost(Failure(ConnectionError("aborted")))
+    result = done.result
+    assert (result.outcome, result.bytes_up, result.bytes_down, result.ended_by) == ("idle-timeout", 1, 1, None)
+    assert upstream.transport.value() == b"a" and client.transport.value() == b"b"
+
+
+def test_bytes_and_end_of_stream_kept_before_the_splice_are_delivered() -> None:
+    clock = Clock()
+    client, upstream = _Peer(), _Peer()
+    client.makeConnection(StringTransport())
+    upstream.makeConnection(StringTransport())
+    client.dataReceived(b"EHLO early\r\n")
+    client.readConnectionLost()
+    upstream.dataReceived(b"220 greeting\r\n")
+
+    Splice(client, upstream, clock, 60).start()
+
+    assert upstream.transport.value() == b"EHLO early\r\n"
+    assert client.transport.value() == b"220 greeting\r\n"
+    assert clock.getDelayedCalls()  # the idle timer runs
