@@ -1,0 +1,104 @@
+"""The shared UpstreamConnector against real upstream servers on loopback."""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+
+from mailrelay.connector import UpstreamConnector, UpstreamProtocol, UpstreamUnavailable
+from mailrelay.router import Reject, Route
+
+from tests.support import ProxyTestCase, closed_port, recv_all
+
+
+def greeter(conn: socket.socket) -> bytes:
+    """A server-first upstream: greets, answers one command, pipelines a second reply."""
+    conn.sendall(b"220 upstream ready\r\n")
+    command = b""
+    while not command.endswith(b"\r\n"):
+        command += conn.recv(100)
+    conn.sendall(b"250 hello " + command[5:-2] + b"\r\n" + b"250 early second reply\r\n")
+    return command + recv_all(conn)
+
+
+async def ehlo_login(upstream: UpstreamProtocol, route: Route) -> None:
+    greeting = await upstream.read_line()
+    if not greeting.startswith(b"220"):
+        raise Reject(f"upstream greeted {greeting!r}")
+    upstream.write(b"EHLO mailrelay\r\n")
+    reply = await upstream.read_line()
+    if not reply.startswith(b"250"):
+        raise Reject("refused")
+
+
+class ConnectorTests(ProxyTestCase):
+    def connector(self, timeout: float = 5) -> UpstreamConnector:
+        return UpstreamConnector(reactor, connect_timeout=timeout)
+
+    async def test_login_step_talks_to_the_upstream_and_unread_bytes_stay_pending(self) -> None:
+        server = self.server(greeter)
+        upstream = await Deferred.fromCoroutine(
+            self.connector().connect([Route(host="127.0.0.1", port=server.port)], login=ehlo_login)
+        )
+        while b"\n" not in upstream.protocol.pending:
+            await Deferred.fromCoroutine(_tick())
+        self.assertEqual(bytes(upstream.protocol.pending), b"250 early second reply\r\n")
+        upstream.protocol.transport.loseConnection()
+        self.assertEqual(await self.in_thread(server.result), b"EHLO mailrelay\r\n")
+
+    async def test_reject_from_the_login_step_is_final(self) -> None:
+        def refuses(conn: socket.socket) -> None:
+            conn.sendall(b"554 go away\r\n")
+
+        first, second = self.server(refuses), self.server(greeter)
+        routes = [Route(host="127.0.0.1", port=first.port), Route(host="127.0.0.1", port=second.port)]
+        with self.assertRaises(Reject):
+            await Deferred.fromCoroutine(self.connector().connect(routes, login=ehlo_login))
+        self.assertEqual(second.connections, 0)
+
+    async def test_an_upstream_that_hangs_up_during_login_makes_the_next_route_tried(self) -> None:
+        def hangs_up(conn: socket.socket) -> None:
+            conn.sendall(b"220 partial")
+
+        first, second = self.server(hangs_up), self.server(greeter)
+        routes = [Route(host="127.0.0.1", port=first.port), Route(host="127.0.0.1", port=second.port)]
+        upstream = await Deferred.fromCoroutine(self.connector().connect(routes, login=ehlo_login, session_id="abc"))
+        self.assertEqual(upstream.route.port, second.port)
+        self.assertTrue(
+            any(f"session abc: upstream 127.0.0.1:{first.port} failed: UpstreamClosed" in line for line in self.logs.lines())
+        )
+        upstream.protocol.transport.loseConnection()
+
+    async def test_an_over_long_upstream_line_fails_the_route(self) -> None:
+        def babbles(conn: socket.socket) -> None:
+            conn.sendall(b"220 " + b"x" * 20000)
+            recv_all(conn)
+
+        server = self.server(babbles)
+        with self.assertRaises(UpstreamUnavailable) as caught:
+            await Deferred.fromCoroutine(
+                self.connector().connect([Route(host="127.0.0.1", port=server.port)], login=ehlo_login)
+            )
+        self.assertIn("longer than 8192 bytes", str(caught.exception))
+
+    async def test_every_route_failing_says_why_for_each(self) -> None:
+        dead = closed_port()
+        routes = [
+            Route(host="127.0.0.1", port=dead),
+            Route(host="127.0.0.1", port=dead, tls="tls"),
+            Route(host="127.0.0.1", port=dead, proxy_protocol=2),
+        ]
+        with self.assertRaises(UpstreamUnavailable) as caught:
+            await Deferred.fromCoroutine(self.connector().connect(routes))
+        reasons = [why for _, why in caught.exception.failures]
+        self.assertEqual(reasons[0], "connection refused")
+        self.assertIn("upstream TLS", reasons[1])
+        self.assertIn("PROXY protocol", reasons[2])
+
+
+async def _tick() -> None:
+    from twisted.internet.task import deferLater
+
+    await deferLater(reactor, 0.01)
