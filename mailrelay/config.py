@@ -94,7 +94,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     default_router = _router(router_table)
 
     listeners = [_listener(t) for t in top.tables("listener")]
-    if not top.has("listener"):
+    if not top.has("listener") or top.data["listener"] == []:
+        # `listener = []` is an array of no tables: as good as no listener at all.
         top.error("listener", "at least one [[listener]] is required")
     top.finish()
 

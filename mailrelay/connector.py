@@ -16,7 +16,13 @@ import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
-from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError, TimeoutError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionRefusedError,
+    DNSLookupError,
+    TimeoutError,
+)
 from twisted.internet import defer
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
@@ -153,6 +159,10 @@ class UpstreamConnector:
                     return await self._connect_one(route, login)
                 except (Reject, CancelledError):
                     raise
+                except ConnectingCancelledError:
+                    # Only our caller cancels a connect (timeouts become TimeoutError):
+                    # the session is over, no other route is wanted.
+                    raise CancelledError() from None
                 except Exception as e:
                     why = describe_failure(e, self.connect_timeout)
             failures.append((route, why))

@@ -106,6 +106,8 @@ class SpliceModeProtocol(SpliceableProtocol):
                 self.log.failure("session {session_id}: router failed", Failure(e.__cause__), session_id=session.id)
             self._close("router-error", str(e))
             return
+        if self.lost_reason is not None:  # a router that ignored its cancellation
+            raise CancelledError()
         try:
             upstream = await factory.connector.connect(routes, session_id=session.id)
         except UpstreamUnavailable as e:

@@ -372,6 +372,25 @@ class RoutingFailureTests(ProxyTestCase):
         self.assertEqual(line["outcome"], "client-gone")
         self.assertEqual(cancelled, [True])
 
+    async def test_client_leaving_while_connecting_stops_trying_routes(self) -> None:
+        black_hole = socket.socket()
+        self.addCleanup(black_hole.close)
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen(0)
+        filler = socket.create_connection(black_hole.getsockname())
+        self.addCleanup(filler.close)
+        fallback = self.server(echo)
+        _, port = await self.start_proxy(splice_config(black_hole.getsockname(), ("127.0.0.1", fallback.port)))
+
+        conn = await self.in_thread(connect, port)
+        await deferLater(reactor, 0.3)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+        line = await self._session_line()
+        self.assertEqual(line["outcome"], "client-gone")
+        await deferLater(reactor, 0.2)
+        self.assertEqual(fallback.connections, 0)
+
     async def test_router_sees_connection_facts(self) -> None:
         upstream = self.server(echo)
         router = SettableRouter(Route(host="127.0.0.1", port=upstream.port))
