@@ -8,9 +8,9 @@ nothing listens until the whole configuration is valid.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -63,7 +63,7 @@ class Config:
         return listener.router or self.router
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a TOML file; raise ConfigError naming the file otherwise."""
     source = str(path)
     try:
@@ -136,7 +136,8 @@ def _listener(table: Table) -> ListenerConfig | None:
         mode = None
     protocol = table.string("protocol", "none", choices=PROTOCOLS)
     if mode is not None and protocol is not None and protocol not in AVAILABLE_PROTOCOLS[mode]:
-        table.error("protocol", f'"{protocol}" is not available with mode "{mode}" in this version (available: {", ".join(AVAILABLE_PROTOCOLS[mode])})')
+        available = ", ".join(AVAILABLE_PROTOCOLS[mode])
+        table.error("protocol", f'"{protocol}" is not available with mode "{mode}" in this version (available: {available})')
         protocol = None
     idle_timeout = table.seconds("idle_timeout", 3600.0)
     router_timeout = table.seconds("router_timeout", 30.0)

@@ -10,12 +10,12 @@ step does not consume stay pending and reach the client when the splice starts.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.protocol import Factory
 from twisted.internet.error import (
     ConnectError,
     ConnectingCancelledError,
@@ -23,8 +23,8 @@ from twisted.internet.error import (
     DNSLookupError,
     TimeoutError,
 )
-from twisted.internet import defer
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -179,7 +179,7 @@ class UpstreamConnector:
         # The endpoint's own timeout covers each TCP attempt; this one also bounds
         # name resolution and the happy-eyeballs races.
         connecting.addTimeout(self.connect_timeout, self.reactor, onTimeoutCancel=_timed_out)
-        protocol: UpstreamProtocol = await connecting
+        protocol = cast(UpstreamProtocol, await connecting)
         if login is not None:
             try:
                 await login(protocol, route)

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from .config import ListenerConfig
 from .connector import UpstreamConnector, UpstreamUnavailable
-from .router import Address, IRouter, Reject, RouterError, RouteRequest, ask_router
+from .router import Address, IRouter, Reject, RouteRequest, RouterError, ask_router
 from .session import Session, Sessions
 from .splice import Splice, SpliceableProtocol
 
@@ -59,7 +59,7 @@ class ListenerFactory(Factory):
         self.sessions = sessions
         self.clock = clock
 
-    def buildProtocol(self, addr: IAddress) -> SpliceModeProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> SpliceModeProtocol:
         return SpliceModeProtocol(self)
 
 

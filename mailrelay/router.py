@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Sequence
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
@@ -133,7 +133,7 @@ class Reject(Exception):
         return f"Reject({self.message!r}, wait={self.wait!r}, code={self.code!r})"
 
 
-RouteAnswer = Union[Route, Sequence[Route]]
+RouteAnswer = Route | Sequence[Route]
 
 
 class IRouter(Interface):

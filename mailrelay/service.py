@@ -72,7 +72,7 @@ class ListenerService(Service):
         super().stopService()
         port, self.port, self._listening = self._listening, None, None
         if port is not None:
-            return maybeDeferred(port.stopListening)
+            return maybeDeferred(port.stopListening)  # type: ignore[call-overload]
         return None
 
 
@@ -95,10 +95,14 @@ class MailrelayService(MultiService):
         self.listeners: dict[str, ListenerService] = {}
 
         default = router if router is not None else (config.router.build() if config.router else None)
-        missing = [l.name for l in config.listeners if l.router is None and default is None]
+        missing = [listener.name for listener in config.listeners if listener.router is None and default is None]
         if missing:
             raise ConfigError(
-                [f'{config.source}: listener "{name}" has no router: add a [router] table, a router to the listener, or pass router= to makeService()' for name in missing]
+                [
+                    f'{config.source}: listener "{name}" has no router: add a [router] table,'
+                    " a router to the listener, or pass router= to makeService()"
+                    for name in missing
+                ]
             )
         for listener in config.listeners:
             own = listener.router.build() if listener.router is not None else default

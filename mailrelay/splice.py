@@ -47,6 +47,7 @@ class SpliceableProtocol(Protocol):
     """
 
     pending_limit = 64 * 1024
+    transport: Any  # a TCP transport, or any ITransport with pause/resume and abortConnection
 
     def __init__(self) -> None:
         self.pending = bytearray()

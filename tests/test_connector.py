@@ -9,7 +9,6 @@ from twisted.internet.defer import Deferred
 
 from mailrelay.connector import UpstreamConnector, UpstreamProtocol, UpstreamUnavailable
 from mailrelay.router import Reject, Route
-
 from tests.support import ProxyTestCase, closed_port, recv_all
 
 

@@ -21,7 +21,6 @@ from mailrelay.connector import UpstreamProtocol
 from mailrelay.listener import SpliceModeProtocol
 from mailrelay.router import Route, Router
 from mailrelay.splice import Splice, SpliceableProtocol
-
 from tests.support import (
     WAIT,
     ProxyTestCase,
@@ -144,7 +143,7 @@ class BackPressureTests(ProxyTestCase):
             while progress["sent"] < len(data):
                 try:
                     progress["sent"] += conn.send(view[progress["sent"] : progress["sent"] + MiB])
-                except socket.timeout:
+                except TimeoutError:
                     break
             stalled.set()
             release.wait(WAIT)

@@ -52,6 +52,6 @@ def parse(table: Table) -> RouterSpec | None:
             router = cls(**options)
         except Exception as e:
             raise ConfigError([f"{table.errors.source}: {table.path}: {spec}(**{sorted(options)}) failed: {e!r}"]) from e
-        return IRouter(router, router)  # type: ignore[no-any-return]
+        return IRouter(router, router)
 
     return RouterSpec("python", f"python: {spec}" + (f" with {', '.join(sorted(options))}" if options else ""), build)

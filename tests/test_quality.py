@@ -1,0 +1,27 @@
+"""The code's own hygiene: type hints checked by mypy (with the zope plugin), lint by ruff."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_mypy_finds_no_type_errors() -> None:
+    result = run(sys.executable, "-m", "mypy", "mailrelay")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_ruff_finds_no_lint() -> None:
+    result = run(sys.executable, "-m", "ruff", "check", "mailrelay", "tests", "twisted", "mailrelay.tac", "bench")
+    assert result.returncode == 0, result.stdout + result.stderr
