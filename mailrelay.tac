@@ -15,7 +15,7 @@ import os
 
 from twisted.application.service import Application
 
-from mailrelay import Reject, Route, RouteRequest, Router, makeService
+from mailrelay import Reject, Route, Router, RouteRequest, makeService
 
 
 def route_from(env_value: str) -> Route:
