@@ -10,7 +10,8 @@ Invariants:
   peer's write side is shut down once everything before it is delivered, and the
   opposite direction keeps flowing until it ends too;
 - a connection that is lost outright closes the other one after its buffered bytes
-  have been written.
+  have been written (or aborts it, if its peer has not read them `close_grace`
+  seconds later).
 
 `SpliceableProtocol` is the protocol of either leg before and during the splice: until
 a `Splice` adopts it, it keeps what it receives (and notes an end of stream), so no byte
@@ -170,6 +171,7 @@ class _Side:
         if not peer.gone:
             peer.stop_pacing()
             peer.transport.loseConnection()
+            self.splice.abort_later()
         self.splice.side_gone()
 
 
@@ -198,6 +200,7 @@ class Splice:
         self._idle_timeout = idle_timeout
         self.close_grace = close_grace
         self._idle_call: Any = None
+        self._abort_call: Any = None
         self._outcome = "closed"
         self._ended_by: str | None = None
         self._done: Deferred[SpliceResult] = Deferred()
@@ -243,16 +246,21 @@ class Splice:
             if not side.gone:
                 side.transport.abortConnection()
 
-    def close(self, outcome: str, grace: float) -> None:
+    def close(self, outcome: str) -> None:
         """Close both connections after their buffered bytes are written; abort
-        whatever is still open `grace` seconds later (a peer that reads nothing)."""
+        whatever is still open `close_grace` seconds later (a peer that reads nothing)."""
         if self._outcome == "closed":
             self._outcome = outcome
         for side in (self._client, self._upstream):
             if not side.gone:
                 side.stop_pacing()
                 side.transport.loseConnection()
-        self._idle_call = self.clock.callLater(grace, self.abort, outcome)
+        self.abort_later()
+
+    def abort_later(self) -> None:
+        """Abort whatever is still open `close_grace` seconds from now."""
+        if self._abort_call is None:
+            self._abort_call = self.clock.callLater(self.close_grace, self.abort, self._outcome)
 
     def _check_idle(self) -> None:
         self._idle_call = None
@@ -260,7 +268,7 @@ class Splice:
         if remaining > 0:
             self._idle_call = self.clock.callLater(remaining, self._check_idle)
         else:
-            self.close("idle-timeout", grace=self.close_grace)
+            self.close("idle-timeout")
 
     def note_first_end(self, name: str) -> None:
         if self._ended_by is None:
@@ -268,8 +276,9 @@ class Splice:
 
     def side_gone(self) -> None:
         if self._client.gone and self._upstream.gone and not self._done.called:
-            if self._idle_call is not None and self._idle_call.active():
-                self._idle_call.cancel()
-            self._idle_call = None
+            for call in (self._idle_call, self._abort_call):
+                if call is not None and call.active():
+                    call.cancel()
+            self._idle_call = self._abort_call = None
             ended_by = self._ended_by if self._outcome == "closed" else None
             self._done.callback(SpliceResult(self.bytes_up, self.bytes_down, self._outcome, ended_by))

@@ -524,3 +524,16 @@ def test_bytes_and_end_of_stream_kept_before_the_splice_are_delivered() -> None:
     assert upstream.transport.value() == b"EHLO early\r\n"
     assert client.transport.value() == b"220 greeting\r\n"
     assert clock.getDelayedCalls()  # the idle timer runs
+
+
+def test_a_peer_that_never_reads_is_aborted_after_the_other_side_is_gone() -> None:
+    splice, clock, client, upstream, done = _spliced(idle_timeout=3600)
+    upstream.dataReceived(b"a reply the client will never read")
+    client.connectionLost(Failure(ConnectionError("reset")))
+    assert upstream.transport.disconnecting and not upstream.transport.disconnected
+    clock.advance(splice.close_grace)
+    assert upstream.transport.disconnected  # aborted
+    upstream.connectionLost(Failure(ConnectionError("aborted")))
+    result = done.result
+    assert (result.outcome, result.ended_by) == ("closed", "client")
+    assert not clock.getDelayedCalls()

@@ -1,0 +1,85 @@
+"""makeService: what it accepts, the order things start and stop in, listening failures."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import reactor
+from twisted.internet.error import CannotListenError
+
+from mailrelay import Route, Router, RouteRequest, makeService
+from tests.support import ProxyTestCase, connect, exchange, recv_all, splice_config
+
+
+def echo(conn: socket.socket) -> bytes:
+    data = recv_all(conn)
+    conn.sendall(data)
+    return data
+
+
+class LifecycleRouter(Router, Service):
+    """A router with a lifecycle (a connection pool, a file watcher...)."""
+
+    def __init__(self, route: Route, events: list[str]) -> None:
+        self.to = route
+        self.events = events
+
+    def startService(self) -> None:
+        super().startService()
+        self.events.append("router started")
+
+    def stopService(self) -> None:
+        self.events.append("router stopped")
+        super().stopService()
+
+    def route(self, request: RouteRequest) -> Route:
+        self.events.append("routed")
+        return self.to
+
+
+class ServiceTests(ProxyTestCase):
+    async def test_a_router_service_starts_first_and_stops_after_sessions_drained(self) -> None:
+        upstream = self.server(echo)
+        events: list[str] = []
+        router = LifecycleRouter(Route(host="127.0.0.1", port=upstream.port), events)
+        service, port = await self.start_proxy(splice_config(("127.0.0.1", 1)), router=router)
+        self.assertEqual(events, ["router started"])
+
+        conn = await self.in_thread(connect, port)
+        await self.in_thread(conn.sendall, b"hello")
+        while "routed" not in events:
+            await self.in_thread(lambda: None)
+        stopping = service.stopService()
+        self.assertEqual(events, ["router started", "routed"])  # still draining
+        conn.shutdown(socket.SHUT_WR)
+        self.assertEqual(await self.in_thread(recv_all, conn), b"hello")
+        conn.close()
+        await stopping
+        self.assertEqual(events, ["router started", "routed", "router stopped"])
+
+    async def test_config_file_path_and_router_override(self) -> None:
+        upstream = self.server(echo)
+        path = Path(self.mktemp())
+        path.write_text(
+            '[router]\ntype = "static"\nhost = "127.0.0.1"\nport = 1\n\n'
+            '[[listener]]\nname = "file"\nlisten = "tcp:0:interface=127.0.0.1"\nmode = "splice"\n'
+        )
+        events: list[str] = []
+        service = makeService(path, router=LifecycleRouter(Route(host="127.0.0.1", port=upstream.port), events))
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = await service.listeners["file"].port
+        self.assertEqual(await self.in_thread(exchange, port.getHost().port, b"through the override"), b"through the override")
+        self.assertIn("routed", events)
+
+    def test_a_port_in_use_fails_the_start(self) -> None:
+        taken = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(taken.close)
+        config: dict[str, Any] = splice_config(("127.0.0.1", 25))
+        config["listener"][0]["listen"] = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+        service = makeService(config, reactor=reactor)
+        with self.assertRaises(CannotListenError):
+            service.startService()
