@@ -1,0 +1,416 @@
+"""
+mailrelay as it is deployed: `twistd` processes running the *installed* package (each
+is started in a temporary directory, so the source tree is not importable), real
+sockets on loopback, SIGTERM to stop them; and a fresh virtual environment built from
+the source tree.
+
+About exit statuses: twistd stops on SIGTERM by running the whole shutdown (listeners
+stop, sessions drain, "Server Shut Down." is logged) and then, by Twisted's design,
+re-raises the signal so that the process reports how it was asked to stop
+(`twisted.application.app._exitWithSignal`). A clean stop is therefore exit status 0
+or "killed by SIGTERM" *after* "Server Shut Down." was logged; `assert_clean_stop`
+checks exactly that, so a process killed before its shutdown ran fails it.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import ThreadedServer, closed_port, connect, exchange, payload, sha
+
+pytestmark = pytest.mark.slow
+
+WAIT = 60.0
+"""Hang guard for every wait on a process or a socket; never a timing assertion."""
+
+SOURCE = Path(__file__).resolve().parent.parent
+TWISTD = Path(sys.executable).parent / "twistd"
+LISTENING = r"listener {name} on 127\.0\.0\.1:(\d+)"
+SHUT_DOWN = "Server Shut Down."
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child: no PYTHONPATH, so only installed code is importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILRELAY_") and k != "PYTHONPATH"}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+class Process:
+    """A child process whose output (stdout and stderr together) is collected by a thread."""
+
+    def __init__(self, args: Sequence[str | os.PathLike[str]], cwd: Path, env: dict[str, str]) -> None:
+        self.args = [str(a) for a in args]
+        self.popen = subprocess.Popen(
+            self.args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        self._lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for raw in self.popen.stdout:
+            with self._changed:
+                self._lines.append(raw.decode("utf-8", "replace"))
+                self._changed.notify_all()
+        with self._changed:
+            self._lines.append("")  # end of output
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "".join(self._lines)
+
+    def wait_for(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
+        """The first match of `pattern` in the output, waiting for it to appear."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        with self._changed:
+            while True:
+                match = regex.search("".join(self._lines))
+                if match:
+                    return match
+                ended = self._lines and self._lines[-1] == ""
+                left = deadline - time.monotonic()
+                if ended or left <= 0:
+                    why = "the process ended" if ended else f"{timeout:g}s passed"
+                    raise AssertionError(f"{pattern!r} not in the output of {self.args} ({why}):\n{''.join(self._lines)}")
+                self._changed.wait(left)
+
+    def signal(self, number: int) -> None:
+        self.popen.send_signal(number)
+
+    def wait(self, timeout: float = WAIT) -> int:
+        """The exit status; the output is complete when this returns."""
+        try:
+            status = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.args} still running after {timeout:g}s:\n{self.output}") from None
+        self._reader.join(timeout)
+        return status
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        try:
+            self.popen.wait(WAIT)
+        finally:
+            if self.popen.stdout is not None:
+                self._reader.join(WAIT)
+                self.popen.stdout.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Process]]:
+    """Start processes in tmp_path; every one is killed at teardown, whatever happened."""
+    started: list[Process] = []
+
+    def start(*args: str | os.PathLike[str], **env: str) -> Process:
+        process = Process(args, tmp_path, child_env(**env))
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[[Callable[[socket.socket], Any]], ThreadedServer]]:
+    made: list[ThreadedServer] = []
+
+    def make(handle: Callable[[socket.socket], Any]) -> ThreadedServer:
+        server = ThreadedServer(handle)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def assert_clean_stop(process: Process) -> str:
+    """Wait for a process that was sent SIGTERM; it must have shut down, not died."""
+    status = process.wait()
+    output = process.output
+    assert status in (0, -signal.SIGTERM), f"exit status {status}:\n{output}"
+    assert SHUT_DOWN in output, output
+    assert "Traceback" not in output, output
+    return output
+
+
+GREETING = b"220 upstream ready\r\n"
+
+
+def greet_and_echo(conn: socket.socket) -> str:
+    """Upstream: greet, then echo every chunk until the client ends; the sha of what came."""
+    conn.sendall(GREETING)
+    received = bytearray()
+    while data := conn.recv(1 << 16):
+        received += data
+        conn.sendall(data)
+    return sha(bytes(received))
+
+
+def echo(conn: socket.socket) -> bytes:
+    """Upstream: echo every chunk until the client ends; everything that came."""
+    received = bytearray()
+    while data := conn.recv(1 << 16):
+        received += data
+        conn.sendall(data)
+    return bytes(received)
+
+
+def recv_exactly(conn: socket.socket, size: int) -> bytes:
+    parts = bytearray()
+    while len(parts) < size:
+        data = conn.recv(size - len(parts))
+        if not data:
+            raise AssertionError(f"connection closed after {len(parts)} of {size} bytes: {bytes(parts)!r}")
+        parts += data
+    return bytes(parts)
+
+
+def splice_toml(upstream_port: int, **top: float) -> str:
+    lines = [f"{key} = {value}" for key, value in top.items()]
+    lines += [
+        "[router]",
+        'type = "static"',
+        f'routes = [{{ host = "127.0.0.1", port = {upstream_port} }}]',
+        "[[listener]]",
+        'name = "relay"',
+        'listen = "tcp:0:interface=127.0.0.1"',
+        'mode = "splice"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def start_mailrelay(spawn: Callable[..., Process], tmp_path: Path, toml: str) -> tuple[Process, int]:
+    (tmp_path / "mailrelay.toml").write_text(toml)
+    process = spawn(TWISTD, "-n", "--pidfile=", "mailrelay", "--config", "mailrelay.toml")
+    port = int(process.wait_for(LISTENING.format(name="relay")).group(1))
+    return process, port
+
+
+def session_line(output: str, outcome: str) -> re.Match[str]:
+    match = re.search(
+        r"session [0-9a-f]+ listener=relay client=127\.0\.0\.1:\d+ user=- upstream=(?P<upstream>\S+)"
+        r" up=(?P<up>\d+) down=(?P<down>\d+) duration=\S+s outcome=" + re.escape(outcome),
+        output,
+    )
+    assert match, f"no session line with outcome={outcome}:\n{output}"
+    return match
+
+
+# -- the installed package ------------------------------------------------------------
+
+
+def test_children_import_the_installed_package(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import mailrelay; print(mailrelay.__file__)"],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert result.returncode == 0, result.stderr
+    location = Path(result.stdout.strip()).resolve()
+    site_packages = Path(sysconfig.get_paths()["purelib"]).resolve()
+    assert location.is_relative_to(site_packages), location
+    assert "site-packages" in location.parts
+    assert not location.is_relative_to(SOURCE / "mailrelay")
+
+
+def test_installed_copy_matches_the_source() -> None:
+    """Otherwise these tests exercise stale code: `pip install .` after changing mailrelay/."""
+    site_packages = Path(sysconfig.get_paths()["purelib"])
+    sources = sorted((SOURCE / "mailrelay").rglob("*.py")) + [SOURCE / "twisted" / "plugins" / "mailrelay_plugin.py"]
+    stale = [
+        str(path.relative_to(SOURCE))
+        for path in sources
+        if not filecmp.cmp(path, site_packages / path.relative_to(SOURCE), shallow=False)
+    ]
+    assert not stale, f"installed copy differs from the source (run `.venv/bin/pip install .`): {stale}"
+
+
+# -- a. twistd mailrelay --config -----------------------------------------------------
+
+
+def test_twistd_splices_and_stops_on_sigterm(tmp_path: Path, spawn: Any, servers: Any) -> None:
+    upstream = servers(greet_and_echo)
+    process, port = start_mailrelay(spawn, tmp_path, splice_toml(upstream.port))
+    data = payload(1 << 20)  # 1 MiB of random bytes, binary and all
+    assert exchange(port, data) == GREETING + data  # client -> upstream -> client
+    assert upstream.result() == sha(data)  # what the upstream received
+    process.wait_for(r"outcome=closed")
+    process.signal(signal.SIGTERM)
+    output = assert_clean_stop(process)
+    line = session_line(output, "closed")
+    assert line["upstream"] == f"127.0.0.1:{upstream.port}"
+    assert (int(line["up"]), int(line["down"])) == (len(data), len(GREETING) + len(data))
+
+
+# -- b. draining on SIGTERM -------------------------------------------------------------
+
+
+def test_sigterm_drains_open_session(tmp_path: Path, spawn: Any, servers: Any) -> None:
+    upstream = servers(echo)
+    process, port = start_mailrelay(spawn, tmp_path, splice_toml(upstream.port, drain_timeout=600))
+    with connect(port) as client:
+        client.sendall(b"before SIGTERM\r\n")
+        assert recv_exactly(client, 16) == b"before SIGTERM\r\n"
+
+        process.signal(signal.SIGTERM)
+        process.wait_for(r"draining 1 session\(s\) for up to 600s")
+        # Not accepting any more...
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+        # ...but the open session still works both ways.
+        for i in range(3):
+            line = b"after SIGTERM %d\r\n" % i
+            client.sendall(line)
+            assert recv_exactly(client, len(line)) == line
+        assert process.popen.poll() is None
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(1) == b""  # the upstream ended after our end of stream
+    output = assert_clean_stop(process)
+    assert upstream.result() == b"before SIGTERM\r\n" + b"".join(b"after SIGTERM %d\r\n" % i for i in range(3))
+    assert upstream.connections == 1
+    summary = session_line(output, "closed")
+    assert int(summary["up"]) == int(summary["down"]) == 16 + 3 * 17
+    assert "drain-timeout" not in output
+
+
+def test_drain_timeout_ends_the_process(tmp_path: Path, spawn: Any, servers: Any) -> None:
+    upstream = servers(echo)
+    process, port = start_mailrelay(spawn, tmp_path, splice_toml(upstream.port, drain_timeout=1))
+    with connect(port) as client:
+        client.sendall(b"hello\r\n")
+        assert recv_exactly(client, 7) == b"hello\r\n"
+        process.signal(signal.SIGTERM)
+        # The client keeps the session open; the drain timeout ends it, then the process.
+        output = assert_clean_stop(process)
+        session_line(output, "drain-timeout")
+        try:
+            assert client.recv(1) == b""
+        except ConnectionResetError:
+            pass  # aborted: a reset is as good as an end of stream here
+    assert "outcome=closed" not in output
+
+
+# -- c. the shipped .tac file -----------------------------------------------------------
+
+
+def start_tac(spawn: Callable[..., Process], upstream: str, fallback: str | None = None) -> tuple[Process, int]:
+    env = {"MAILRELAY_LISTEN": "tcp:0:interface=127.0.0.1", "MAILRELAY_UPSTREAM": upstream}
+    if fallback is not None:
+        env["MAILRELAY_FALLBACK"] = fallback
+    process = spawn(TWISTD, "-ny", SOURCE / "mailrelay.tac", "--pidfile=", **env)
+    port = int(process.wait_for(LISTENING.format(name="relay")).group(1))
+    return process, port
+
+
+def test_tac_serves_and_stops(spawn: Any, servers: Any) -> None:
+    upstream = servers(greet_and_echo)
+    process, port = start_tac(spawn, f"127.0.0.1:{upstream.port}")
+    data = payload(256 * 1024, seed=7)
+    assert exchange(port, data) == GREETING + data
+    assert upstream.result() == sha(data)
+    process.wait_for(r"outcome=closed")
+    process.signal(signal.SIGTERM)
+    output = assert_clean_stop(process)
+    assert session_line(output, "closed")["upstream"] == f"127.0.0.1:{upstream.port}"
+
+
+def test_tac_uses_fallback_when_upstream_is_down(spawn: Any, servers: Any) -> None:
+    fallback = servers(greet_and_echo)
+    down = closed_port()
+    process, port = start_tac(spawn, f"127.0.0.1:{down}", f"127.0.0.1:{fallback.port}")
+    data = b"EHLO client.example\r\n" * 100
+    assert exchange(port, data) == GREETING + data
+    assert fallback.result() == sha(data)
+    assert fallback.connections == 1
+    process.wait_for(r"outcome=closed")
+    process.signal(signal.SIGTERM)
+    output = assert_clean_stop(process)
+    assert session_line(output, "closed")["upstream"] == f"127.0.0.1:{fallback.port}"
+
+
+# -- d. an invalid configuration --------------------------------------------------------
+
+
+def run_twistd_config(tmp_path: Path, toml: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "bad.toml").write_text(toml)
+    return subprocess.run(
+        [str(TWISTD), "-n", "--pidfile=", "mailrelay", "--config", "bad.toml"],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,  # a hang guard: it must exit on its own
+    )
+
+
+def test_twistd_refuses_invalid_config(tmp_path: Path) -> None:
+    port = closed_port()
+    toml = splice_toml(25).replace("tcp:0:", f"tcp:{port}:") + "colour = 1\n"
+    result = run_twistd_config(tmp_path, toml)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "bad.toml: listener[0].colour: unknown key" in output
+    assert "Traceback" not in output
+    assert "Server Shut Down" not in output and "starting up" not in output  # never started
+
+
+def test_twistd_refuses_config_without_router(tmp_path: Path) -> None:
+    """An error found when building the service (not when reading the file) stops it too."""
+    toml = splice_toml(25).split("[[listener]]")[1]
+    result = run_twistd_config(tmp_path, "[[listener]]" + toml)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert 'bad.toml: listener "relay" has no router' in output
+    assert "Traceback" not in output
+    assert "listener relay on" not in output
+
+
+# -- e. a fresh virtual environment -----------------------------------------------------
+
+
+def test_fresh_virtualenv(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+
+    def run(*args: str | os.PathLike[str], timeout: float = WAIT) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(a) for a in args], cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=timeout
+        )
+        assert result.returncode == 0, f"{args}: exit status {result.returncode}\n{result.stdout}{result.stderr}"
+        return result
+
+    # The interpreter running the tests is one mailrelay supports (a bare python3 may be older).
+    run(sys.executable, "-m", "venv", venv, timeout=300)
+    run(venv / "bin" / "pip", "install", "--disable-pip-version-check", SOURCE, timeout=600)  # from PyPI: minutes at most
+
+    assert "--config" in run(venv / "bin" / "twistd", "mailrelay", "--help").stdout
+    plugins = run(venv / "bin" / "twistd", "--help").stdout
+    assert re.search(r"^\s+mailrelay\s", plugins, re.MULTILINE), plugins
+    where = run(venv / "bin" / "python", "-c", "import mailrelay; print(mailrelay.__file__)").stdout
+    assert Path(where.strip()).is_relative_to(venv), where
