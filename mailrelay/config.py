@@ -163,10 +163,8 @@ def _check_endpoint(table: Table, description: str) -> str | None:
 
     try:
         serverFromString(reactor, description)
-    except Exception as e:  # endpoint parsers raise ValueError, KeyError, TypeError...
+    except Exception as e:  # endpoint parsers raise ValueError, TypeError...
         reason = str(e) or type(e).__name__
-        if isinstance(e, KeyError):
-            reason = f"unknown endpoint type {reason}"
         table.error("listen", f'bad endpoint "{description}": {reason}')
         return None
     return description

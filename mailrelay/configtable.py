@@ -68,7 +68,7 @@ class Table:
     def has(self, key: str) -> bool:
         return key in self.data
 
-    def _get(self, key: str, default: Any, accept: tuple[type, ...], kind: str) -> Any:
+    def _get(self, key: str, default: Any, accept: tuple[type, ...], kind: str, secret: bool = False) -> Any:
         self._read.add(key)
         if key not in self.data:
             if default is _MISSING:
@@ -82,12 +82,16 @@ class Table:
         else:
             value_ok = isinstance(value, accept)
         if not value_ok:
-            self.error(key, f"must be {kind}, not {_type_name(value)} ({value!r})")
+            shown = "" if secret else f" ({value!r})"
+            self.error(key, f"must be {kind}, not {_type_name(value)}{shown}")
             return None if default is _MISSING else default
         return value
 
-    def string(self, key: str, default: Any = _MISSING, choices: tuple[str, ...] | None = None) -> Any:
-        value = self._get(key, default, (str,), "a string")
+    def string(
+        self, key: str, default: Any = _MISSING, choices: tuple[str, ...] | None = None, secret: bool = False
+    ) -> Any:
+        """A string; `secret` keeps the value out of error messages (passwords)."""
+        value = self._get(key, default, (str,), "a string", secret)
         if choices is not None and isinstance(value, str) and value not in choices:
             names = ", ".join(f'"{c}"' for c in choices)
             self.error(key, f'must be one of {names}, not "{value}"')

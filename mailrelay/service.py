@@ -24,6 +24,7 @@ from .config import Config, ConfigError, ListenerConfig, load_config, parse_conf
 from .connector import UpstreamConnector
 from .listener import ListenerFactory
 from .router import IRouter
+from .routers import RouterSpec
 from .session import Sessions
 
 
@@ -94,23 +95,25 @@ class MailrelayService(MultiService):
         self.routers: list[IRouter] = []
         self.listeners: dict[str, ListenerService] = {}
 
-        default = router if router is not None else (config.router.build() if config.router else None)
-        missing = [listener.name for listener in config.listeners if listener.router is None and default is None]
-        if missing:
-            raise ConfigError(
-                [
-                    f'{config.source}: listener "{name}" has no router: add a [router] table,'
-                    " a router to the listener, or pass router= to makeService()"
-                    for name in missing
-                ]
-            )
+        # Build every router before anything can listen, reporting all failures at once.
+        errors: list[str] = []
+        default = router if router is not None else _build(config.router, errors)
+        routers: dict[str, IRouter] = {}
         for listener in config.listeners:
-            own = listener.router.build() if listener.router is not None else default
-            assert own is not None
-            self._add_router(own)
-            factory = ListenerFactory(listener, own, self.connector, self.sessions, reactor)
-            service = ListenerService(listener, serverFromString(reactor, listener.listen), factory)
-            self.listeners[listener.name] = service
+            own = _build(listener.router, errors) if listener.router is not None else default
+            if own is not None:
+                routers[listener.name] = own
+            elif listener.router is None and config.router is None:
+                errors.append(
+                    f'{config.source}: listener "{listener.name}" has no router: add a [router] table,'
+                    " a router to the listener, or pass router= to makeService()"
+                )
+        if errors:
+            raise ConfigError(errors)
+        for listener in config.listeners:
+            self._add_router(routers[listener.name])
+            factory = ListenerFactory(listener, routers[listener.name], self.connector, self.sessions, reactor)
+            self.listeners[listener.name] = ListenerService(listener, serverFromString(reactor, listener.listen), factory)
         for service in self.listeners.values():
             service.setServiceParent(self)
 
@@ -136,6 +139,16 @@ class MailrelayService(MultiService):
         await self.sessions.drain(self.config.drain_timeout)
         routers = [IService(r) for r in self.routers if IService.providedBy(r)]
         await DeferredList([maybeDeferred(r.stopService) for r in reversed(routers)])
+
+
+def _build(spec: RouterSpec | None, errors: list[str]) -> IRouter | None:
+    if spec is None:
+        return None
+    try:
+        return spec.build()
+    except ConfigError as e:
+        errors.extend(e.errors)
+        return None
 
 
 def makeService(

@@ -262,7 +262,22 @@ CASES = [
     (
         "unknown-router-type",
         '[router]\ntype = "carrier-pigeon"\n' + LISTENER,
-        ['router.type: must be one of "static", "python", not "carrier-pigeon"'],
+        ['router.type: must be one of "static", "python", "http", "map", not "carrier-pigeon"'],
+    ),
+    (
+        "router-type-http-not-available",
+        '[router]\ntype = "http"\nurl = "http://127.0.0.1:9000/auth"\n' + LISTENER,
+        ['router.type: "http" is not available in this version of mailrelay (available: static, python)'],
+    ),
+    (
+        "router-type-map-not-available",
+        '[router]\ntype = "map"\n' + LISTENER,
+        ['router.type: "map" is not available in this version of mailrelay (available: static, python)'],
+    ),
+    (
+        "password-of-the-wrong-type-is-not-echoed",
+        '[router]\ntype = "static"\nhost = "127.0.0.1"\nport = 25\npassword = 987654321\n' + LISTENER,
+        ["router.password: must be a string, not an integer"],
     ),
     (
         "duplicate-listener-names",

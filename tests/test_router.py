@@ -243,7 +243,7 @@ def test_static_router_table_errors_name_their_key() -> None:
     spec, errors = _router_table({"type": "static", "routes": []})
     assert errors == ["test.toml: router.routes: must list at least one route"]
     spec, errors = _router_table({"type": "carrier-pigeon"})
-    assert errors == ['test.toml: router.type: must be one of "static", "python", not "carrier-pigeon"']
+    assert errors == ['test.toml: router.type: must be one of "static", "python", "http", "map", not "carrier-pigeon"']
 
 
 class OptionRouter(Router):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,9 @@ class ServiceTests(ProxyTestCase):
 
     async def test_config_file_path_and_router_override(self) -> None:
         upstream = self.server(echo)
-        path = Path(self.mktemp())
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        path = Path(directory.name) / "mailrelay.toml"
         path.write_text(
             '[router]\ntype = "static"\nhost = "127.0.0.1"\nport = 1\n\n'
             '[[listener]]\nname = "file"\nlisten = "tcp:0:interface=127.0.0.1"\nmode = "splice"\n'

@@ -31,9 +31,16 @@ ROUTER_TYPES: dict[str, Callable[[Table], RouterSpec | None]] = {
 }
 
 
+PLANNED_TYPES = ("http", "map")
+
+
 def parse_router(table: Table) -> RouterSpec | None:
     """Read a `[router]` table of any type; None (with errors recorded) when invalid."""
-    kind = table.string("type", choices=tuple(ROUTER_TYPES))
+    kind = table.string("type", choices=tuple(ROUTER_TYPES) + PLANNED_TYPES)
+    if kind in PLANNED_TYPES:
+        available = ", ".join(ROUTER_TYPES)
+        table.error("type", f'"{kind}" is not available in this version of mailrelay (available: {available})')
+        kind = None
     if kind is None:
         table.rest()
         return None

@@ -35,7 +35,7 @@ def route_from_table(table: Table) -> Route | None:
         tls_verify=table.boolean("tls_verify", True),
         server_name=table.string("server_name", None),
         user=table.string("user", None),
-        password=table.string("password", None),
+        password=table.string("password", None, secret=True),
         login=table.string("login", "passthrough", choices=LOGINS),
         proxy_protocol=table.integer("proxy_protocol", None, minimum=1, maximum=2),
     )
