@@ -9,6 +9,7 @@ import hashlib
 import os
 import queue
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +50,12 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def reset(conn: socket.socket) -> None:
+    """Close with a TCP reset instead of an end of stream."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
 
 
 class ThreadedServer:
@@ -160,6 +167,17 @@ class ProxyTestCase(unittest.TestCase):
         assert listener.port is not None
         port = await listener.port
         return service, port.getHost().port
+
+    def black_hole(self) -> tuple[str, int]:
+        """An address whose accept queue is full, so connections to it are never
+        answered: the loopback equivalent of an unreachable host."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        filler = socket.create_connection(listener.getsockname())
+        self.addCleanup(filler.close)
+        return listener.getsockname()
 
     def server(self, handle: Callable[[socket.socket], Any]) -> ThreadedServer:
         server = ThreadedServer(handle)

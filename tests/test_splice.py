@@ -6,7 +6,6 @@ threads, mailrelay in the reactor.
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 from typing import Any
 
@@ -29,6 +28,7 @@ from tests.support import (
     exchange,
     payload,
     recv_all,
+    reset,
     sha,
     splice_config,
 )
@@ -297,15 +297,7 @@ class RoutingFailureTests(ProxyTestCase):
         self.assertTrue(any(f"upstream 127.0.0.1:{dead} failed: connection refused" in t for t in self.logs.lines()))
 
     async def test_unreachable_upstream_times_out(self) -> None:
-        # A listener whose accept queue is full leaves new connections unanswered,
-        # the loopback equivalent of an unreachable host.
-        black_hole = socket.socket()
-        self.addCleanup(black_hole.close)
-        black_hole.bind(("127.0.0.1", 0))
-        black_hole.listen(0)
-        filler = socket.create_connection(black_hole.getsockname())
-        self.addCleanup(filler.close)
-        config = splice_config(("127.0.0.1", black_hole.getsockname()[1]))
+        config = splice_config(self.black_hole())
         config["upstream"] = {"connect_timeout": 0.5}
         _, port = await self.start_proxy(config)
 
@@ -365,26 +357,18 @@ class RoutingFailureTests(ProxyTestCase):
             await deferLater(reactor, 0.01)
         # A reset, not an end of stream: a half-closed client is still routed and
         # its bytes delivered, a vanished one is not.
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        conn.close()
+        reset(conn)
         line = await self._session_line()
         self.assertEqual(line["outcome"], "client-gone")
         self.assertEqual(cancelled, [True])
 
     async def test_client_leaving_while_connecting_stops_trying_routes(self) -> None:
-        black_hole = socket.socket()
-        self.addCleanup(black_hole.close)
-        black_hole.bind(("127.0.0.1", 0))
-        black_hole.listen(0)
-        filler = socket.create_connection(black_hole.getsockname())
-        self.addCleanup(filler.close)
         fallback = self.server(echo)
-        _, port = await self.start_proxy(splice_config(black_hole.getsockname(), ("127.0.0.1", fallback.port)))
+        _, port = await self.start_proxy(splice_config(self.black_hole(), ("127.0.0.1", fallback.port)))
 
         conn = await self.in_thread(connect, port)
         await deferLater(reactor, 0.3)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        conn.close()
+        reset(conn)
         line = await self._session_line()
         self.assertEqual(line["outcome"], "client-gone")
         await deferLater(reactor, 0.2)
