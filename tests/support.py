@@ -64,9 +64,10 @@ class ThreadedServer:
     `handle(conn)` in its own thread; what it returns (or raises) is put on `results`.
     """
 
-    def __init__(self, handle: Callable[[socket.socket], Any]) -> None:
+    def __init__(self, handle: Callable[[socket.socket], Any], host: str = "127.0.0.1") -> None:
         self.handle = handle
-        self.sock = socket.create_server(("127.0.0.1", 0))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, 0), family=family)
         self.port: int = self.sock.getsockname()[1]
         self.results: queue.Queue[Any] = queue.Queue()
         self.connections = 0
@@ -179,8 +180,8 @@ class ProxyTestCase(unittest.TestCase):
         self.addCleanup(filler.close)
         return listener.getsockname()
 
-    def server(self, handle: Callable[[socket.socket], Any]) -> ThreadedServer:
-        server = ThreadedServer(handle)
+    def server(self, handle: Callable[[socket.socket], Any], host: str = "127.0.0.1") -> ThreadedServer:
+        server = ThreadedServer(handle, host)
         self.addCleanup(server.close)
         return server
 

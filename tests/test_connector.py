@@ -47,6 +47,16 @@ class ConnectorTests(ProxyTestCase):
         upstream.protocol.transport.loseConnection()
         self.assertEqual(await self.in_thread(server.result), b"EHLO mailrelay\r\n")
 
+    async def test_ipv6_addresses_and_host_names_are_reached(self) -> None:
+        for host, listen in (("::1", "::1"), ("localhost", "127.0.0.1")):
+            server = self.server(greeter, host=listen)
+            upstream = await Deferred.fromCoroutine(
+                self.connector().connect([Route(host=host, port=server.port)], login=ehlo_login)
+            )
+            self.assertEqual(upstream.route.host, host)
+            upstream.protocol.transport.loseConnection()
+            self.assertEqual(await self.in_thread(server.result), b"EHLO mailrelay\r\n")
+
     async def test_reject_from_the_login_step_is_final(self) -> None:
         def refuses(conn: socket.socket) -> None:
             conn.sendall(b"554 go away\r\n")

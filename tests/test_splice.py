@@ -521,3 +521,23 @@ def test_a_peer_that_never_reads_is_aborted_after_the_other_side_is_gone() -> No
     result = done.result
     assert (result.outcome, result.ended_by) == ("closed", "client")
     assert not clock.getDelayedCalls()
+
+
+class IPv6Tests(ProxyTestCase):
+    async def test_ipv6_listener_and_upstream(self) -> None:
+        upstream = self.server(echo, host="::1")
+        config = splice_config(("::1", upstream.port))
+        config["listener"][0]["listen"] = r"tcp6:0:interface=\:\:1"
+        _, port = await self.start_proxy(config)
+
+        def client() -> bytes:
+            with socket.create_connection(("::1", port), timeout=WAIT) as conn:
+                conn.sendall(b"over IPv6")
+                conn.shutdown(socket.SHUT_WR)
+                return recv_all(conn)
+
+        self.assertEqual(await self.in_thread(client), b"over IPv6")
+        await deferLater(reactor, 0.1)
+        [line] = self.logs.sessions()
+        self.assertEqual(line["upstream"], f"[::1]:{upstream.port}")
+        self.assertTrue(line["client"].startswith("[::1]:"))
