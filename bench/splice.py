@@ -302,7 +302,7 @@ def _pieces(line: bytes, pieces: int) -> list[bytes]:
     """`line` cut into `pieces` consecutive parts of about the same size."""
     pieces = max(1, min(pieces, len(line)))
     bounds = [round(i * len(line) / pieces) for i in range(pieces + 1)]
-    return [line[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [line[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def _command(sock: socket.socket, parts: list[bytes], expect: bytes) -> None:
@@ -742,7 +742,7 @@ def measure_sessions_concurrent(
     count = sum(c for out, _ in results for c, _, _, _ in out)
     errors = sum(e for out, _ in results for _, e, _, _ in out)
     first_error = next((f for out, _ in results for _, _, _, f in out if f), None)
-    last = max(l for out, _ in results for _, _, l, _ in out)
+    last = max(end for out, _ in results for _, _, end, _ in out)
     return count / (last - start_at), count, errors, first_error
 
 
