@@ -94,6 +94,17 @@ def _cpu_of_group(pgid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _signal_group_and_wait(proc: subprocess.Popen[Any], sig: int, grace: float) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def _group_alive(pgid: int) -> bool:
     return any(int(f[2]) == pgid and f[0] != b"Z" for f in _proc_stats())
 
@@ -118,26 +129,12 @@ class Children:
     def stop(self, proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
         """SIGTERM to the process's own group (pgid == its pid), SIGKILL to what is left."""
         if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
+            _signal_group_and_wait(proc, signal.SIGTERM, grace)
         # Members of its group still alive (nginx workers, forked upstream servers, or
         # the process itself if SIGTERM was not enough): the group id cannot have been
         # reused while they exist.
         if proc.poll() is None or _group_alive(proc.pid):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
+            _signal_group_and_wait(proc, signal.SIGKILL, grace)
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
