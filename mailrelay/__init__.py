@@ -2,6 +2,6 @@
 
 from .config import ConfigError
 from .router import IRouter, Reject, Route, Router, RouteRequest
-from .service import makeService
+from .service import IReloadable, makeService
 
-__all__ = ["ConfigError", "IRouter", "Reject", "Route", "RouteRequest", "Router", "makeService"]
+__all__ = ["ConfigError", "IReloadable", "IRouter", "Reject", "Route", "RouteRequest", "Router", "makeService"]

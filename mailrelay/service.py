@@ -4,11 +4,16 @@ Configuration -> running service: listeners, routers, the shared connector, drai
 Start order: routers that are services, then listeners. Stop order: listeners stop
 accepting, running sessions get `drain_timeout` seconds to finish (then are aborted),
 then routers stop.
+
+SIGHUP (whose default action would kill the process) asks every component that
+provides `IReloadable` to re-read what it reads, without touching running sessions.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +24,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import Interface
 
 from .config import Config, ConfigError, ListenerConfig, load_config, parse_config
 from .connector import UpstreamConnector
@@ -26,6 +32,16 @@ from .listener import ListenerFactory
 from .router import IRouter
 from .routers import RouterSpec
 from .session import Sessions
+
+
+class IReloadable(Interface):
+    """A component that can re-read its files (certificates, route maps...) on SIGHUP."""
+
+    def reload() -> Deferred[Any] | None:
+        """
+        Re-read; keep the old state and log why when the new one is broken. Running
+        sessions must not be affected.
+        """
 
 
 class ListenerService(Service):
@@ -117,6 +133,29 @@ class MailrelayService(MultiService):
         for service in self.listeners.values():
             service.setServiceParent(self)
 
+    def startService(self) -> None:
+        super().startService()
+        self._previous_sighup: Any = None
+        if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> Deferred[Any]:
+        """Reload every reloadable component (what SIGHUP does); fires when all are done."""
+        reloadable = [c for c in self.routers if IReloadable.providedBy(c)]
+        self.log.info("reload requested: {count} component(s) to reload", count=len(reloadable))
+        return DeferredList([Deferred.fromCoroutine(self._reload_one(c)) for c in reloadable])
+
+    async def _reload_one(self, component: Any) -> None:
+        try:
+            await maybeDeferred(IReloadable(component).reload)
+        except Exception:
+            # A component keeps its old state when its new one is broken; an exception
+            # here is a bug in it, and must not stop the others from reloading.
+            self.log.failure("reload of {component!r} failed", component=component)
+
     def _add_router(self, router: IRouter) -> None:
         if any(r is router for r in self.routers):
             return
@@ -129,6 +168,9 @@ class MailrelayService(MultiService):
 
     async def _stop(self) -> None:
         Service.stopService(self)
+        if getattr(self, "_previous_sighup", None) is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
         await DeferredList([maybeDeferred(s.stopService) for s in self.listeners.values()])
         if len(self.sessions):
             self.log.info(

@@ -269,6 +269,21 @@ def test_twistd_splices_and_stops_on_sigterm(tmp_path: Path, spawn: Any, servers
     assert (int(line["up"]), int(line["down"])) == (len(data), len(GREETING) + len(data))
 
 
+def test_sighup_reloads_instead_of_killing(tmp_path: Path, spawn: Any, servers: Any) -> None:
+    upstream = servers(echo)
+    process, port = start_mailrelay(spawn, tmp_path, splice_toml(upstream.port))
+    with connect(port) as client:
+        client.sendall(b"before SIGHUP\r\n")
+        assert recv_exactly(client, 15) == b"before SIGHUP\r\n"
+        process.signal(signal.SIGHUP)
+        process.wait_for(r"reload requested: 0 component\(s\) to reload")
+        client.sendall(b"after SIGHUP\r\n")  # the running session is untouched
+        assert recv_exactly(client, 14) == b"after SIGHUP\r\n"
+    assert process.popen.poll() is None
+    process.signal(signal.SIGTERM)
+    assert_clean_stop(process)
+
+
 # -- b. draining on SIGTERM -------------------------------------------------------------
 
 

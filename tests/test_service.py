@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -10,8 +12,10 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import reactor
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
+from zope.interface import implementer
 
-from mailrelay import Route, Router, RouteRequest, makeService
+from mailrelay import IReloadable, Route, Router, RouteRequest, makeService
 from tests.support import ProxyTestCase, connect, exchange, recv_all, splice_config
 
 
@@ -77,6 +81,30 @@ class ServiceTests(ProxyTestCase):
         port = await service.listeners["file"].port
         self.assertEqual(await self.in_thread(exchange, port.getHost().port, b"through the override"), b"through the override")
         self.assertIn("routed", events)
+
+    async def test_sighup_reloads_reloadable_routers_and_survives_a_broken_one(self) -> None:
+        @implementer(IReloadable)
+        class ReloadingRouter(LifecycleRouter):
+            reloads = 0
+
+            def reload(self) -> None:
+                type(self).reloads += 1
+
+        @implementer(IReloadable)
+        class BrokenReload(LifecycleRouter):
+            def reload(self) -> None:
+                raise RuntimeError("bug in reload")
+
+        good = ReloadingRouter(Route(host="127.0.0.1", port=25), [])
+        service, _ = await self.start_proxy(splice_config(("127.0.0.1", 25)), router=good)
+        service.routers.append(BrokenReload(Route(host="127.0.0.1", port=25), []))
+
+        os.kill(os.getpid(), signal.SIGHUP)
+        while ReloadingRouter.reloads == 0:
+            await deferLater(reactor, 0.01)
+        await deferLater(reactor, 0.01)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIn("reload requested: 2 component(s) to reload", self.logs.lines())
 
     def test_a_port_in_use_fails_the_start(self) -> None:
         taken = socket.create_server(("127.0.0.1", 0))
