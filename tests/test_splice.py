@@ -541,3 +541,47 @@ class IPv6Tests(ProxyTestCase):
         [line] = self.logs.sessions()
         self.assertEqual(line["upstream"], f"[::1]:{upstream.port}")
         self.assertTrue(line["client"].startswith("[::1]:"))
+
+
+class AbruptClientTests(ProxyTestCase):
+    async def test_clients_that_vanish_at_every_stage_leave_no_session_behind(self) -> None:
+        upstream = self.server(echo)
+        slow_route: list[Deferred[Route]] = []
+
+        def route(request: Any) -> Any:
+            if len(router.requests) % 3 == 0:  # every third session waits for its route
+                d: Deferred[Route] = Deferred()
+                slow_route.append(d)
+                return d
+            return Route(host="127.0.0.1", port=upstream.port)
+
+        router = SettableRouter(route)
+        service, port = await self.start_proxy(splice_config(("127.0.0.1", 1)), router=router)
+
+        def abrupt_clients() -> None:
+            for i in range(60):
+                conn = connect(port)
+                if i % 2:
+                    conn.sendall(b"half a command")
+                if i % 4 == 1:
+                    conn.close()  # end of stream
+                else:
+                    reset(conn)
+
+        await self.in_thread(abrupt_clients)
+        for _ in range(200):
+            if len(service.sessions) == len([d for d in slow_route if not d.called]):
+                break
+            await deferLater(reactor, 0.02)
+        for d in slow_route:
+            if not d.called:
+                d.callback(Route(host="127.0.0.1", port=upstream.port))
+        for _ in range(200):
+            if not len(service.sessions):
+                break
+            await deferLater(reactor, 0.02)
+
+        self.assertEqual(len(service.sessions), 0)
+        self.assertEqual(len(self.logs.sessions()), 60)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(await self.in_thread(exchange, port, b"still serving"), b"still serving")
