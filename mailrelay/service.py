@@ -110,6 +110,8 @@ class MailrelayService(MultiService):
         self.connector = UpstreamConnector(reactor, config.upstream.connect_timeout)
         self.routers: list[IRouter] = []
         self.listeners: dict[str, ListenerService] = {}
+        self._sighup_installed = False
+        self._previous_sighup: Any = None
 
         # Build every router before anything can listen, reporting all failures at once.
         errors: list[str] = []
@@ -135,9 +137,11 @@ class MailrelayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self._previous_sighup: Any = None
+        # Signal handlers can only be set from the main thread (an embedding program may
+        # run the reactor elsewhere; it can call reload() itself).
         if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+            self._sighup_installed = True
 
     def _sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)
@@ -168,9 +172,10 @@ class MailrelayService(MultiService):
 
     async def _stop(self) -> None:
         Service.stopService(self)
-        if getattr(self, "_previous_sighup", None) is not None:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
-            self._previous_sighup = None
+        if self._sighup_installed:
+            previous = self._previous_sighup
+            signal.signal(signal.SIGHUP, previous if previous is not None else signal.SIG_DFL)
+            self._sighup_installed = False
         await DeferredList([maybeDeferred(s.stopService) for s in self.listeners.values()])
         if len(self.sessions):
             self.log.info(
