@@ -28,6 +28,9 @@ AVAILABLE_MODES = ("splice",)
 AVAILABLE_PROTOCOLS = {"splice": ("none",)}
 
 
+TOP_LEVEL_KEYS = frozenset({"drain_timeout"})
+
+
 @attrs.frozen
 class UpstreamConfig:
     """`[upstream]`: how the shared connector reaches upstream servers."""
@@ -80,7 +83,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Validate already-parsed TOML data (a `.tac` file or a test may build it in Python)."""
-    errors = Errors(source)
+    errors = Errors(source, TOP_LEVEL_KEYS)
     top = Table(dict(data), "", errors)
     drain_timeout = top.seconds("drain_timeout", 30.0)
 

@@ -27,9 +27,11 @@ class ConfigError(Exception):
 class Errors:
     """The error lines collected while reading one configuration source."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, top_level_keys: frozenset[str] = frozenset()) -> None:
         self.source = source
         self.lines: list[str] = []
+        self.top_level_keys = top_level_keys
+        """Keys valid only at the top: found in a table, they were written after it."""
 
     def add(self, path: str, reason: str) -> None:
         self.lines.append(f"{self.source}: {path}: {reason}" if path else f"{self.source}: {reason}")
@@ -150,5 +152,8 @@ class Table:
         """Report every key present but never read (once)."""
         for key in self.data:
             if key not in self._read:
-                self.error(key, "unknown key")
+                if self.path and key in self.errors.top_level_keys:
+                    self.error(key, "unknown key (a top-level key must come before the first [table] in TOML)")
+                else:
+                    self.error(key, "unknown key")
                 self._read.add(key)

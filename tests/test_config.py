@@ -265,6 +265,11 @@ CASES = [
         ['router.type: must be one of "static", "python", "http", "map", not "carrier-pigeon"'],
     ),
     (
+        "top-level-key-written-after-a-table",
+        '[router]\ntype = "static"\nhost = "127.0.0.1"\nport = 25\ndrain_timeout = 5\n' + LISTENER,
+        ["router.drain_timeout: unknown key (a top-level key must come before the first [table] in TOML)"],
+    ),
+    (
         "router-type-http-not-available",
         '[router]\ntype = "http"\nurl = "http://127.0.0.1:9000/auth"\n' + LISTENER,
         ['router.type: "http" is not available in this version of mailrelay (available: static, python)'],
