@@ -514,15 +514,25 @@ def start_haproxy(children: Children, workdir: Path, binary: str, upstream: tupl
     p_bulk, p_line = free_port(), free_port()
     config = workdir / "haproxy.cfg"
     config.write_text(HAPROXY_CONFIG.format(p_bulk=p_bulk, p_line=p_line, u_bulk=upstream[0], u_line=upstream[1]))
-    out = open(workdir / "haproxy.out", "wb")
-    proc = children.popen([binary, "-db", "-f", str(config)], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    out.close()
-    target = Target("haproxy", p_bulk, p_line, proc.pid, f"{binary} -db (mode tcp, nbthread 1)")
+    argv = [binary, "-db", "-f", str(config)]
+    return _launch_proxy(children, workdir, "haproxy", argv, (p_bulk, p_line), "-db (mode tcp, nbthread 1)", [])
+
+
+def _launch_proxy(
+    children: Children, workdir: Path, name: str, argv: list[str], ports: tuple[int, int], how: str, logs: list[str]
+) -> Target:
+    """Start a third-party proxy and wait until it serves; its output and `logs` explain a failure."""
+    with open(workdir / f"{name}.out", "wb") as out:
+        proc = children.popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    target = Target(name, ports[0], ports[1], proc.pid, f"{argv[0]} {how}")
     target.proc = proc
     try:
-        wait_until_serving(target, proc, 10, "haproxy")
+        wait_until_serving(target, proc, 10, name)
     except RuntimeError as e:
-        raise RuntimeError(f"{e}\n{(workdir / 'haproxy.out').read_text(errors='replace')[-2000:]}") from None
+        text = "".join(
+            (workdir / log).read_text(errors="replace")[-1500:] for log in [f"{name}.out", *logs] if (workdir / log).exists()
+        )
+        raise RuntimeError(f"{e}\n{text}") from None
     return target
 
 
@@ -583,21 +593,9 @@ def start_nginx(children: Children, workdir: Path, binary: str, upstream: tuple[
             p_bulk=p_bulk, p_line=p_line, u_bulk=upstream[0], u_line=upstream[1],
         )
     )
-    out = open(workdir / "nginx.out", "wb")
     argv = [binary, "-p", f"{workdir}/", "-c", str(config), "-e", f"{workdir}/nginx-error.log"]
-    proc = children.popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    out.close()
-    target = Target("nginx", p_bulk, p_line, proc.pid, f"{binary} (stream proxy_pass, worker_processes 1)")
-    target.proc = proc
-    try:
-        wait_until_serving(target, proc, 10, "nginx")
-    except RuntimeError as e:
-        logs = ""
-        for name in ("nginx.out", "nginx-error.log"):
-            if (workdir / name).exists():
-                logs += (workdir / name).read_text(errors="replace")[-1500:]
-        raise RuntimeError(f"{e}\n{logs}") from None
-    return target
+    how = "(stream proxy_pass, worker_processes 1)"
+    return _launch_proxy(children, workdir, "nginx", argv, (p_bulk, p_line), how, ["nginx-error.log"])
 
 
 def _has_group(grp: Any, name: str) -> bool:
