@@ -9,6 +9,7 @@ nothing listens until the whole configuration is valid.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from typing import Any
@@ -19,13 +20,15 @@ from twisted.internet.endpoints import serverFromString
 from .configtable import ConfigError, Errors, Table
 from .router import MODES, PROTOCOLS
 from .routers import RouterSpec, parse_router
+from .tls import MIN_VERSIONS, CertificateFiles, ServerTLSConfig
 
 __all__ = ["Config", "ConfigError", "ListenerConfig", "UpstreamConfig", "load_config", "parse_config"]
 
 # Modes and protocols this version serves; the others are named in the SPEC and
 # arrive with their own issues, so a config asking for them gets a clear refusal.
-AVAILABLE_MODES = ("splice",)
-AVAILABLE_PROTOCOLS = {"splice": ("none",)}
+AVAILABLE_MODES = ("splice", "tls")
+AVAILABLE_PROTOCOLS = {"splice": ("none",), "tls": ("none",)}
+TLS_MODES = ("tls", "starttls")
 
 
 TOP_LEVEL_KEYS = frozenset({"drain_timeout"})
@@ -36,6 +39,9 @@ class UpstreamConfig:
     """`[upstream]`: how the shared connector reaches upstream servers."""
 
     connect_timeout: float = 10.0
+    ca: str | None = None
+    """PEM file of the CAs upstream certificates are verified against; None: the
+    system trust store."""
 
 
 @attrs.frozen
@@ -50,6 +56,16 @@ class ListenerConfig:
     """This listener's own router; None means the configuration's default router."""
     idle_timeout: float = 3600.0
     router_timeout: float = 30.0
+    handshake_timeout: float = 30.0
+    """`tls` and `starttls` listeners: how long a client may take to finish its TLS handshake."""
+    preread_sni: bool = False
+    """`splice` listeners: peek the SNI name from a client's ClientHello for the Router."""
+    preread_timeout: float = 10.0
+    """How long a `preread_sni` listener waits for the client's first bytes."""
+
+    @property
+    def terminates_tls(self) -> bool:
+        return self.mode in TLS_MODES
 
 
 @attrs.frozen
@@ -61,6 +77,8 @@ class Config:
     router: RouterSpec | None
     upstream: UpstreamConfig = UpstreamConfig()
     drain_timeout: float = 30.0
+    tls: ServerTLSConfig | None = None
+    """`[tls]`; None: `tls` and `starttls` listeners get a self-signed certificate."""
 
     def router_for(self, listener: ListenerConfig) -> RouterSpec | None:
         return listener.router or self.router
@@ -78,20 +96,29 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError([f"{source}: cannot read: {e.strerror or e}"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{source}: not valid TOML: {e}"]) from None
-    return parse_config(data, source)
+    return parse_config(data, source, base_dir=os.path.dirname(os.path.abspath(path)))
 
 
-def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
-    """Validate already-parsed TOML data (a `.tac` file or a test may build it in Python)."""
-    errors = Errors(source, TOP_LEVEL_KEYS)
+def parse_config(data: Mapping[str, Any], source: str = "<config>", base_dir: str | None = None) -> Config:
+    """
+    Validate already-parsed TOML data (a `.tac` file or a test may build it in Python).
+    Relative file names are taken relative to `base_dir` (default: the current directory).
+    """
+    errors = Errors(source, TOP_LEVEL_KEYS, base_dir)
     top = Table(dict(data), "", errors)
     drain_timeout = top.seconds("drain_timeout", 30.0)
 
     upstream = UpstreamConfig()
     upstream_table = top.table("upstream", None)
     if upstream_table is not None:
-        upstream = UpstreamConfig(connect_timeout=upstream_table.seconds("connect_timeout", 10.0))
+        upstream = UpstreamConfig(
+            connect_timeout=upstream_table.seconds("connect_timeout", 10.0),
+            ca=upstream_table.file("ca", None),
+        )
         upstream_table.finish()
+
+    tls_table = top.table("tls", None)
+    tls = _tls(tls_table) if tls_table is not None else None
 
     router_table = top.table("router", None)
     default_router = _router(router_table)
@@ -117,6 +144,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         router=default_router,
         upstream=upstream,
         drain_timeout=drain_timeout,
+        tls=tls,
     )
 
 
@@ -144,10 +172,14 @@ def _listener(table: Table) -> ListenerConfig | None:
         protocol = None
     idle_timeout = table.seconds("idle_timeout", 3600.0)
     router_timeout = table.seconds("router_timeout", 30.0)
+    handshake_timeout = _for_modes(table, mode, TLS_MODES, "handshake_timeout", table.seconds, 30.0)
+    preread_sni = _for_modes(table, mode, ("splice",), "preread_sni", table.boolean, False)
+    preread_timeout = _for_modes(table, mode, ("splice",), "preread_timeout", table.seconds, 10.0)
     router_table = table.table("router", None)
     router = _router(router_table)
     table.finish()
-    if None in (listen, name, mode, protocol, idle_timeout, router_timeout) or (router_table and router is None):
+    required = (listen, name, mode, protocol, idle_timeout, router_timeout, handshake_timeout, preread_sni, preread_timeout)
+    if None in required or (router_table and router is None):
         return None
     return ListenerConfig(
         name=name,
@@ -157,7 +189,61 @@ def _listener(table: Table) -> ListenerConfig | None:
         router=router,
         idle_timeout=idle_timeout,
         router_timeout=router_timeout,
+        handshake_timeout=handshake_timeout,
+        preread_sni=preread_sni,
+        preread_timeout=preread_timeout,
     )
+
+
+def _for_modes(table: Table, mode: str | None, modes: tuple[str, ...], key: str, read: Any, default: Any) -> Any:
+    """A listener key that means something only in some modes; elsewhere it is an error
+    (the administrator expects it to do something)."""
+    value = read(key, default)
+    if table.has(key) and mode is not None and mode not in modes:
+        names = " and ".join(f'"{m}"' for m in modes)
+        table.error(key, f'applies only to mode {names} listeners, not "{mode}"')
+    return value
+
+
+def _tls(table: Table) -> ServerTLSConfig | None:
+    default = _certificate(table, "tls")
+    sni = [_certificate(t, t.path, sni=True) for t in table.tables("sni")]
+    min_version = table.string("min_version", "1.2", choices=tuple(MIN_VERSIONS))
+    ciphers = table.string("ciphers", None)
+    client_ca = table.file("client_ca", None)
+    client_cert = table.string("client_cert", None, choices=("optional", "required"))
+    if client_cert is not None and client_ca is None:
+        table.error("client_cert", "needs client_ca, the CA file client certificates are verified against")
+    table.finish()
+    if default is None or None in sni or min_version is None:
+        return None
+    return ServerTLSConfig(
+        default=default,
+        sni=tuple(c for c in sni if c is not None),
+        min_version=min_version,
+        ciphers=ciphers,
+        client_ca=client_ca,
+        client_cert=client_cert or "optional",
+    )
+
+
+def _certificate(table: Table, where: str, sni: bool = False) -> CertificateFiles | None:
+    cert = table.file("cert")
+    key = table.file("key", cert)
+    names: tuple[str, ...] = ()
+    if sni:
+        listed = table.strings("names", ())
+        for name in listed or ():
+            if not _SNI_NAME.fullmatch(name):
+                table.error("names", f'"{name}" is not a host name or a *.wildcard one')
+        names = tuple(n.lower().rstrip(".") for n in listed or ())
+        table.finish()
+    if cert is None or key is None:
+        return None
+    return CertificateFiles(cert=cert, key=key, names=names, where=where)
+
+
+_SNI_NAME = re.compile(r"(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
 
 
 def _check_endpoint(table: Table, description: str) -> str | None:

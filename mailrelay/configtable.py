@@ -8,6 +8,7 @@ Whatever a caller did not read is an unknown key when `finish()` is called.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -27,8 +28,11 @@ class ConfigError(Exception):
 class Errors:
     """The error lines collected while reading one configuration source."""
 
-    def __init__(self, source: str, top_level_keys: frozenset[str] = frozenset()) -> None:
+    def __init__(self, source: str, top_level_keys: frozenset[str] = frozenset(), base_dir: str | None = None) -> None:
         self.source = source
+        self.base_dir = base_dir
+        """Relative file names in the configuration are relative to this folder (that of
+        the configuration file); None: the current directory."""
         self.lines: list[str] = []
         self.top_level_keys = top_level_keys
         """Keys valid only at the top: found in a table, they were written after it."""
@@ -89,9 +93,7 @@ class Table:
             return None if default is _MISSING else default
         return value
 
-    def string(
-        self, key: str, default: Any = _MISSING, choices: tuple[str, ...] | None = None, secret: bool = False
-    ) -> Any:
+    def string(self, key: str, default: Any = _MISSING, choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
         """A string; `secret` keeps the value out of error messages (passwords)."""
         value = self._get(key, default, (str,), "a string", secret)
         if choices is not None and isinstance(value, str) and value not in choices:
@@ -114,6 +116,32 @@ class Table:
             self.error(key, f"must be a positive number of seconds, not {value}")
             return None
         return float(value) if isinstance(value, (int, float)) else value
+
+    def strings(self, key: str, default: Any = _MISSING) -> Any:
+        """An array of strings (a single string is taken as an array of one)."""
+        value = self._get(key, default, (list, str), "a string or an array of strings")
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list):
+            wrong = [item for item in value if not isinstance(item, str)]
+            if wrong:
+                self.error(key, f"must hold only strings, not {_type_name(wrong[0])} ({wrong[0]!r})")
+                return None
+            return tuple(value)
+        return value
+
+    def file(self, key: str, default: Any = _MISSING) -> Any:
+        """A file name, made absolute against the configuration file's folder; whether
+        the file is usable is for its reader to say."""
+        value = self.string(key, default)
+        if isinstance(value, str) and value is not default:
+            if not value:
+                self.error(key, "must name a file, not be empty")
+                return None
+            value = os.path.expanduser(value)
+            if self.errors.base_dir is not None and not os.path.isabs(value):
+                value = os.path.join(self.errors.base_dir, value)
+        return value
 
     def boolean(self, key: str, default: Any = _MISSING) -> Any:
         return self._get(key, default, (bool,), "true or false")

@@ -5,6 +5,12 @@ upstream connection, ready to be spliced.
 It knows no mail protocol. A front-end that must log in passes a `LoginStep`, which
 talks to the upstream through `UpstreamProtocol.read_line()` and `write()`; bytes the
 step does not consume stay pending and reach the client when the splice starts.
+
+Upstream TLS is the connector's: `Route.tls = "tls"` wraps the connection in TLS from
+the first byte; `"starttls"` runs the front-end's `StartTLSStep` (the protocol's words
+up to its "go ahead"), then upgrades. Either way the handshake, and the certificate
+check, finish before any login step runs or any client byte is spliced: a session never
+talks to an upstream that failed verification.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import attrs
 from twisted.internet import defer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import (
     ConnectError,
     ConnectingCancelledError,
@@ -24,17 +30,27 @@ from twisted.internet.error import (
     DNSLookupError,
     TimeoutError,
 )
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .router import Reject, Route
 from .splice import SpliceableProtocol
+from .tls import ClientTLS, TLSSetupError, describe_tls_error
 
 LoginStep = Callable[["UpstreamProtocol", Route], Awaitable[None]]
 """A protocol's upstream login: raise `Reject` when the upstream refuses the
 credentials (final), anything else when this route is unusable (next route is tried)."""
+
+StartTLSStep = Callable[["UpstreamProtocol", Route], Awaitable[None]]
+"""A protocol's upstream STARTTLS exchange (greeting, EHLO, `STARTTLS`, `220`): it
+returns when the upstream is ready for the TLS handshake, or raises like a login step."""
+
+
+class UpstreamTLSError(Exception):
+    """The TLS handshake with the upstream failed (certificate, name, protocol)."""
 
 
 class UpstreamClosed(Exception):
@@ -46,11 +62,39 @@ class LineTooLong(Exception):
 
 
 class UpstreamProtocol(SpliceableProtocol):
-    """The upstream leg of a session."""
+    """The upstream leg of a session (see `TLSUpstreamProtocol` for TLS routes)."""
 
     def __init__(self) -> None:
         super().__init__()
         self._waiting: Deferred[None] | None = None
+        self._handshake: Deferred[None] | None = None
+        self.tls = False
+        """Whether the TLS handshake with the upstream has completed."""
+
+    def _handshake_completed(self) -> None:
+        self.tls = True
+        handshake, self._handshake = self._handshake, None
+        if handshake is not None:
+            handshake.callback(None)
+
+    async def wait_for_handshake(self) -> None:
+        """Return once the TLS handshake is done; raise UpstreamTLSError if it fails."""
+        if self.tls:
+            return
+        if self.lost_reason is not None:
+            raise UpstreamTLSError(describe_tls_error(self.lost_reason.value))
+        self._handshake = Deferred()
+        await self._handshake
+
+    def start_tls(self, creator: IOpenSSLClientConnectionCreator) -> None:
+        """
+        Upgrade to TLS now (after the upstream said yes to STARTTLS). Anything the
+        upstream sent after that answer was sent in plaintext, where anyone could have
+        written it: it would be read as if it came over TLS, so the route is refused.
+        """
+        if self.pending:
+            raise UpstreamTLSError(f"upstream sent {len(self.pending)} byte(s) after its STARTTLS answer, before TLS")
+        self.transport.startTLS(creator)
 
     def pendingReceived(self) -> None:
         waiting, self._waiting = self._waiting, None
@@ -59,6 +103,9 @@ class UpstreamProtocol(SpliceableProtocol):
 
     def lostBeforeSplice(self, reason: Failure) -> None:
         self.pendingReceived()
+        handshake, self._handshake = self._handshake, None
+        if handshake is not None:
+            handshake.errback(UpstreamTLSError(describe_tls_error(reason.value)))
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
@@ -85,9 +132,28 @@ def _timed_out(result: object, timeout: float) -> Failure:
     return Failure(defer.TimeoutError(f"no connection within {timeout:g}s"))
 
 
+def _handshake_timed_out(result: object, timeout: float) -> Failure:
+    return Failure(UpstreamTLSError(f"TLS: no handshake within {timeout:g}s"))
+
+
+@implementer(IHandshakeListener)
+class TLSUpstreamProtocol(UpstreamProtocol):
+    """
+    The upstream leg of a TLS route. A separate class because Twisted's endpoint
+    wrapper copies only the last of the interfaces it forwards (`directlyProvides` in
+    a loop): a protocol that listened for handshakes would lose its half-close, which
+    only plain TCP legs need.
+    """
+
+    def handshakeCompleted(self) -> None:
+        self._handshake_completed()
+
+
 class _UpstreamFactory(Factory):
     noisy = False  # one "Starting factory" line per session drowns the session lines
-    protocol = UpstreamProtocol
+
+    def __init__(self, tls: bool) -> None:
+        self.protocol = TLSUpstreamProtocol if tls else UpstreamProtocol
 
 
 @attrs.frozen
@@ -106,10 +172,10 @@ class UpstreamUnavailable(Exception):
         super().__init__("; ".join(f"{route.address}: {why}" for route, why in self.failures) or "no route")
 
 
-def unsupported(route: Route) -> str | None:
-    """Why this version cannot use `route`, or None."""
-    if route.tls != "none":
-        return f'upstream TLS (tls = "{route.tls}") is not available in this version of mailrelay'
+def unsupported(route: Route, starttls: StartTLSStep | None) -> str | None:
+    """Why this version cannot use `route` in this session, or None."""
+    if route.tls == "starttls" and starttls is None:
+        return 'tls = "starttls" needs a mail protocol on the listener; use tls = "tls" with protocol "none"'
     if route.proxy_protocol is not None:
         return "sending the PROXY protocol upstream is not available in this version of mailrelay"
     return None
@@ -117,6 +183,8 @@ def unsupported(route: Route) -> str | None:
 
 def describe_failure(error: BaseException, timeout: float) -> str:
     """A short reason for the log, in an administrator's words."""
+    if isinstance(error, (UpstreamTLSError, TLSSetupError)):
+        return str(error)
     if isinstance(error, ConnectionRefusedError):
         return "connection refused"
     if isinstance(error, (TimeoutError, defer.TimeoutError)):
@@ -133,13 +201,24 @@ class UpstreamConnector:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, connect_timeout: float = 10.0) -> None:
-        """`reactor` provides TCP, time and name resolution (the global reactor in production)."""
+    def __init__(self, reactor: Any, connect_timeout: float = 10.0, tls: ClientTLS | None = None) -> None:
+        """
+        `reactor` provides TCP, time and name resolution (the global reactor in
+        production); `tls` verifies upstream certificates (default: against the system
+        trust store).
+        """
         self.reactor = reactor
         self.connect_timeout = connect_timeout
+        self.tls = tls if tls is not None else ClientTLS()
 
     def endpoint_for(self, route: Route) -> IStreamClientEndpoint:
-        """The client endpoint that reaches `route` (the seam for upstream TLS)."""
+        """The client endpoint that reaches `route`, TLS included when `route.tls` is "tls"."""
+        endpoint = self._tcp_endpoint(route)
+        if route.tls == "tls":
+            return wrapClientTLS(self.tls.creator(route), endpoint)
+        return endpoint
+
+    def _tcp_endpoint(self, route: Route) -> IStreamClientEndpoint:
         # An address needs no resolution: HostnameEndpoint would still send it through
         # getaddrinfo on the thread pool and its happy-eyeballs machinery, which cost
         # about a third of a short session's CPU (bench/README.md).
@@ -150,21 +229,28 @@ class UpstreamConnector:
         return HostnameEndpoint(self.reactor, route.host, route.port, timeout=self.connect_timeout)
 
     async def connect(
-        self, routes: Sequence[Route], login: LoginStep | None = None, session_id: str = "-"
+        self,
+        routes: Sequence[Route],
+        login: LoginStep | None = None,
+        session_id: str = "-",
+        starttls: StartTLSStep | None = None,
     ) -> Upstream:
         """
-        Try `routes` in order; return the first one connected and logged in.
+        Try `routes` in order; return the first one connected, secured as it asks, and
+        logged in.
 
-        A route that cannot be connected to, or whose login step fails for any reason
-        but `Reject`, is logged and the next one is tried. `Reject` from the login step
-        is final. Raises `UpstreamUnavailable` when every route failed.
+        A route that cannot be connected to, whose TLS handshake or certificate check
+        fails, or whose login step fails for any reason but `Reject`, is logged and the
+        next one is tried. `Reject` from the login step is final. Raises
+        `UpstreamUnavailable` when every route failed. `starttls` is the protocol's
+        exchange before an upstream STARTTLS; without one, such routes are unusable.
         """
         failures: list[tuple[Route, str]] = []
         for route in routes:
-            why = unsupported(route)
+            why = unsupported(route, starttls)
             if why is None:
                 try:
-                    return await self._connect_one(route, login)
+                    return await self._connect_one(route, login, starttls)
                 except (Reject, CancelledError):
                     raise
                 except ConnectingCancelledError:
@@ -182,16 +268,24 @@ class UpstreamConnector:
             )
         raise UpstreamUnavailable(failures)
 
-    async def _connect_one(self, route: Route, login: LoginStep | None) -> Upstream:
-        connecting = self.endpoint_for(route).connect(_UpstreamFactory())
+    async def _connect_one(self, route: Route, login: LoginStep | None, starttls: StartTLSStep | None) -> Upstream:
+        connecting = self.endpoint_for(route).connect(_UpstreamFactory(route.tls != "none"))
         # The endpoint's own timeout covers each TCP attempt; this one also bounds
         # name resolution and the happy-eyeballs races.
         connecting.addTimeout(self.connect_timeout, self.reactor, onTimeoutCancel=_timed_out)
         protocol = cast(UpstreamProtocol, await connecting)
-        if login is not None:
-            try:
+        try:
+            if route.tls == "starttls":
+                assert starttls is not None
+                await starttls(protocol, route)
+                protocol.start_tls(self.tls.creator(route))
+            if route.tls != "none":
+                handshake = Deferred.fromCoroutine(protocol.wait_for_handshake())
+                handshake.addTimeout(self.connect_timeout, self.reactor, onTimeoutCancel=_handshake_timed_out)
+                await handshake
+            if login is not None:
                 await login(protocol, route)
-            except BaseException:
-                protocol.transport.abortConnection()
-                raise
+        except BaseException:
+            protocol.transport.abortConnection()
+            raise
         return Upstream(route, protocol)

@@ -60,6 +60,19 @@ def _nonempty_str(instance: object, attribute: attrs.Attribute[Any], value: obje
 
 
 @attrs.frozen(kw_only=True)
+class ClientCertificate:
+    """A certificate the client presented and mailrelay verified against `[tls] client_ca`."""
+
+    subject: str
+    """RFC 4514 distinguished name, e.g. `CN=alice,O=Example`."""
+    issuer: str
+    serial: str
+    """Hexadecimal, upper case."""
+    fingerprint: str
+    """SHA-1 of the DER certificate, lower-case hexadecimal (nginx's `$ssl_client_fingerprint`)."""
+
+
+@attrs.frozen(kw_only=True)
 class RouteRequest:
     """
     Everything known about a session when its Router is asked where it goes.
@@ -75,7 +88,12 @@ class RouteRequest:
     client: Address
     local: Address
     tls: bool = False
+    """Whether the client's connection to mailrelay is encrypted (always False in `splice` mode)."""
     sni: str | None = None
+    """The TLS server name the client asked for: from the handshake when mailrelay
+    terminates TLS, peeked from the ClientHello in `splice` mode when enabled."""
+    client_cert: ClientCertificate | None = None
+    """The client's verified certificate, when `[tls] client_ca` asks for one."""
     user: str | None = None
     password: str | None = attrs.field(default=None, repr=False)
     auth_method: AuthMethod = "none"
@@ -92,7 +110,8 @@ class Route:
     Where a session goes and how to reach the upstream.
 
     `tls` is the upstream transport security, `server_name` the name its certificate
-    must carry (default: `host`), `user`/`password` replace the client's credentials
+    must carry (default: `host`; sent as SNI too), `tls_verify = False` skips the
+    certificate check (logged), `user`/`password` replace the client's credentials
     for the upstream login, `login` picks how that login happens, `proxy_protocol`
     sends a PROXY header of that version first. Invalid values raise ValueError at
     construction, so a Route that exists is a Route the connector can read.
@@ -107,6 +126,9 @@ class Route:
     password: str | None = attrs.field(default=None, repr=False)
     login: Login = attrs.field(default="passthrough", validator=_one_of(LOGINS))
     proxy_protocol: int | None = attrs.field(default=None, validator=_one_of((None, 1, 2)))
+    tls_ca: str | None = None
+    """A PEM file of CAs to verify this upstream against, instead of `[upstream] ca` or
+    the system trust store."""
 
     @property
     def address(self) -> str:
@@ -170,9 +192,7 @@ def _as_routes(answer: object) -> list[Route]:
     raise RouterError(f"router answered {answer!r}; expected a Route or a non-empty list of Routes")
 
 
-def ask_router(
-    router: IRouter, request: RouteRequest, clock: IReactorTime, timeout: float
-) -> Deferred[list[Route]]:
+def ask_router(router: IRouter, request: RouteRequest, clock: IReactorTime, timeout: float) -> Deferred[list[Route]]:
     """
     Ask `router` about `request`, whatever style it answers in.
 

@@ -14,34 +14,27 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from zope.interface import Interface
 
 from .config import Config, ConfigError, ListenerConfig, load_config, parse_config
 from .connector import UpstreamConnector
+from .interfaces import IReloadable
 from .listener import ListenerFactory
 from .router import IRouter
 from .routers import RouterSpec
 from .session import Sessions
+from .tls import ClientTLS, ServerTLS, ServerTLSConfig, TLSSetupError
 
-
-class IReloadable(Interface):
-    """A component that can re-read its files (certificates, route maps...) on SIGHUP."""
-
-    def reload() -> Deferred[Any] | None:
-        """
-        Re-read; keep the old state and log why when the new one is broken. Running
-        sessions must not be affected.
-        """
+T = TypeVar("T")
 
 
 class ListenerService(Service):
@@ -49,7 +42,7 @@ class ListenerService(Service):
 
     log = Logger()
 
-    def __init__(self, listener: ListenerConfig, endpoint: IStreamServerEndpoint, factory: Factory) -> None:
+    def __init__(self, listener: ListenerConfig, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
         self.name = listener.name
         self.listener = listener
         self.endpoint = endpoint
@@ -107,14 +100,19 @@ class MailrelayService(MultiService):
         self.config = config
         self.reactor = reactor
         self.sessions = Sessions(reactor)
-        self.connector = UpstreamConnector(reactor, config.upstream.connect_timeout)
         self.routers: list[IRouter] = []
+        self.server_tls: ServerTLS | None = None
         self.listeners: dict[str, ListenerService] = {}
         self._sighup_installed = False
         self._previous_sighup: Any = None
 
-        # Build every router before anything can listen, reporting all failures at once.
+        # Build every router and load every certificate before anything can listen,
+        # reporting all failures at once.
         errors: list[str] = []
+        client_tls = self._tls_setup(lambda: ClientTLS(config.upstream.ca), errors)
+        self.connector = UpstreamConnector(reactor, config.upstream.connect_timeout, client_tls)
+        if any(listener.terminates_tls for listener in config.listeners):
+            self.server_tls = self._tls_setup(lambda: ServerTLS(config.tls or ServerTLSConfig(default=None)), errors)
         default = router if router is not None else _build(config.router, errors)
         routers: dict[str, IRouter] = {}
         for listener in config.listeners:
@@ -130,12 +128,39 @@ class MailrelayService(MultiService):
             raise ConfigError(errors)
         for listener in config.listeners:
             self._add_router(routers[listener.name])
-            factory = ListenerFactory(listener, routers[listener.name], self.connector, self.sessions, reactor)
+            factory: IProtocolFactory = ListenerFactory(listener, routers[listener.name], self.connector, self.sessions, reactor)
+            if listener.mode == "tls":
+                assert self.server_tls is not None
+                alpn = listener.protocol if listener.protocol != "none" else None
+                factory = TLSMemoryBIOFactory(self.server_tls.creator(alpn), False, factory)
             self.listeners[listener.name] = ListenerService(listener, serverFromString(reactor, listener.listen), factory)
         for service in self.listeners.values():
             service.setServiceParent(self)
 
+    def _tls_setup(self, build: Callable[[], T], errors: list[str]) -> T | None:
+        try:
+            return build()
+        except TLSSetupError as e:
+            errors.append(f"{self.config.source}: {e}")
+            return None
+
+    @property
+    def reloadables(self) -> list[Any]:
+        """Every component SIGHUP reloads: certificates, upstream trust, routers."""
+        found = [c for c in (self.server_tls, self.connector.tls) if c is not None]
+        return found + [r for r in self.routers if IReloadable.providedBy(r)]
+
     def startService(self) -> None:
+        if self.server_tls is not None:
+            if self.server_tls.self_signed:
+                self.log.warn(
+                    "no [tls] in {source}: serving a self-signed {what}; clients will not trust it",
+                    source=self.config.source,
+                    what=self.server_tls.describe(),
+                )
+            else:
+                self.log.info("TLS: {what}", what=self.server_tls.describe())
+                self.server_tls.warn_expiry()
         super().startService()
         # Signal handlers can only be set from the main thread (an embedding program may
         # run the reactor elsewhere; it can call reload() itself).
@@ -148,13 +173,13 @@ class MailrelayService(MultiService):
 
     def reload(self) -> Deferred[Any]:
         """Reload every reloadable component (what SIGHUP does); fires when all are done."""
-        reloadable = [c for c in self.routers if IReloadable.providedBy(c)]
+        reloadable = self.reloadables
         self.log.info("reload requested: {count} component(s) to reload", count=len(reloadable))
         return DeferredList([Deferred.fromCoroutine(self._reload_one(c)) for c in reloadable])
 
     async def _reload_one(self, component: Any) -> None:
         try:
-            await maybeDeferred(IReloadable(component).reload)
+            await maybeDeferred(component.reload)
         except Exception:
             # A component keeps its old state when its new one is broken; an exception
             # here is a bug in it, and must not stop the others from reloading.

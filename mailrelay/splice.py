@@ -24,8 +24,9 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime, ITCPTransport, ITransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime, ISSLTransport, ITCPTransport, ITransport
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -35,6 +36,20 @@ def set_nodelay(transport: ITransport) -> None:
     a peer writes a command or message in several pieces."""
     if ITCPTransport.providedBy(transport):
         transport.setTcpNoDelay(True)
+
+
+def can_half_close(transport: ITransport) -> bool:
+    """
+    Whether shutting down only our write side is possible: on plain TCP, yes. Under TLS
+    the TCP half-close would cut the stream beneath the TLS layer without its
+    close_notify (TLS wrappers pass `loseWriteConnection` through to the socket), so a
+    TLS leg closes fully instead.
+    """
+    return (
+        ITCPTransport.providedBy(transport)
+        and not ISSLTransport.providedBy(transport)
+        and not isinstance(transport, TLSMemoryBIOProtocol)
+    )
 
 
 @implementer(IHalfCloseableProtocol)
@@ -149,9 +164,8 @@ class _Side:
         if self.gone or self.writing_done:
             return
         self.stop_pacing()
-        half_close = getattr(self.transport, "loseWriteConnection", None)
-        if half_close is not None:
-            half_close()
+        if can_half_close(self.transport):
+            self.transport.loseWriteConnection()
         else:
             self.writing_done = True
             self.transport.loseConnection()

@@ -245,14 +245,14 @@ CASES = [
         ['listener[0].mode: must be one of "splice", "tls", "starttls", not "bogus"'],
     ),
     (
-        "mode-tls-not-available",
-        ROUTER + LISTENER.replace('mode = "splice"', 'mode = "tls"'),
-        ['listener[0].mode: "tls" is not available in this version of mailrelay (available: splice)'],
+        "protocol-not-available-with-tls",
+        ROUTER + LISTENER.replace('mode = "splice"', 'mode = "tls"') + 'protocol = "imap"\n',
+        ['listener[0].protocol: "imap" is not available with mode "tls" in this version (available: none)'],
     ),
     (
         "mode-starttls-not-available",
         ROUTER + LISTENER.replace('mode = "splice"', 'mode = "starttls"'),
-        ['listener[0].mode: "starttls" is not available in this version of mailrelay (available: splice)'],
+        ['listener[0].mode: "starttls" is not available in this version of mailrelay (available: splice, tls)'],
     ),
     (
         "protocol-not-available-with-splice",
@@ -330,7 +330,7 @@ CASES = [
             "router.routes[0].port: must be an integer, not a boolean (True)",
             "router.routes[1].shape: unknown key",
             "router.routes[1].host: must not be empty",
-            'listener[0].mode: "starttls" is not available in this version of mailrelay (available: splice)',
+            'listener[0].mode: "starttls" is not available in this version of mailrelay (available: splice, tls)',
             "listener[1].idle_timeout: must be a positive number of seconds, not 0",
             "listener[1].extra: unknown key",
             "colour: unknown key",

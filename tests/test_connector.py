@@ -96,14 +96,14 @@ class ConnectorTests(ProxyTestCase):
         dead = closed_port()
         routes = [
             Route(host="127.0.0.1", port=dead),
-            Route(host="127.0.0.1", port=dead, tls="tls"),
+            Route(host="127.0.0.1", port=dead, tls="starttls"),
             Route(host="127.0.0.1", port=dead, proxy_protocol=2),
         ]
         with self.assertRaises(UpstreamUnavailable) as caught:
             await Deferred.fromCoroutine(self.connector().connect(routes))
         reasons = [why for _, why in caught.exception.failures]
         self.assertEqual(reasons[0], "connection refused")
-        self.assertIn("upstream TLS", reasons[1])
+        self.assertEqual(reasons[1], 'tls = "starttls" needs a mail protocol on the listener; use tls = "tls" with protocol "none"')
         self.assertIn("PROXY protocol", reasons[2])
 
 

@@ -104,7 +104,7 @@ class ServiceTests(ProxyTestCase):
             await deferLater(reactor, 0.01)
         await deferLater(reactor, 0.01)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.assertIn("reload requested: 2 component(s) to reload", self.logs.lines())
+        self.assertIn("reload requested: 3 component(s) to reload", self.logs.lines())
 
     def test_a_port_in_use_fails_the_start(self) -> None:
         taken = socket.create_server(("127.0.0.1", 0))

@@ -38,6 +38,7 @@ def route_from_table(table: Table) -> Route | None:
         password=table.string("password", None, secret=True),
         login=table.string("login", "passthrough", choices=LOGINS),
         proxy_protocol=table.integer("proxy_protocol", None, minimum=1, maximum=2),
+        tls_ca=table.file("tls_ca", None),
     )
     table.finish()
     if fields["host"] == "":

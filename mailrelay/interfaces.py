@@ -1,0 +1,21 @@
+"""
+Interfaces that components at several layers provide (the Router's own contract lives
+with it in `router.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+
+class IReloadable(Interface):
+    """A component that can re-read its files (certificates, route maps...) on SIGHUP."""
+
+    def reload() -> Deferred[Any] | None:
+        """
+        Re-read; keep the old state and log why when the new one is broken. Running
+        sessions must not be affected.
+        """
