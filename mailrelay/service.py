@@ -128,11 +128,21 @@ class MailrelayService(MultiService):
             raise ConfigError(errors)
         for listener in config.listeners:
             self._add_router(routers[listener.name])
-            factory: IProtocolFactory = ListenerFactory(listener, routers[listener.name], self.connector, self.sessions, reactor)
+            tls = None
+            if self.server_tls is not None and listener.terminates_tls:
+                tls = self.server_tls.creator(listener.protocol if listener.protocol != "none" else None)
+            factory: IProtocolFactory = ListenerFactory(
+                listener,
+                routers[listener.name],
+                self.connector,
+                self.sessions,
+                reactor,
+                tls=tls if listener.mode == "starttls" else None,
+            )
             if listener.mode == "tls":
-                assert self.server_tls is not None
-                alpn = listener.protocol if listener.protocol != "none" else None
-                factory = TLSMemoryBIOFactory(self.server_tls.creator(alpn), False, factory)
+                tls_factory = TLSMemoryBIOFactory(tls, False, factory)
+                tls_factory.noisy = False  # one "starting on" line per listener is ours to write
+                factory = tls_factory
             self.listeners[listener.name] = ListenerService(listener, serverFromString(reactor, listener.listen), factory)
         for service in self.listeners.values():
             service.setServiceParent(self)

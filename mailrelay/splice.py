@@ -88,6 +88,12 @@ class SpliceableProtocol(Protocol):
     def pendingReceived(self) -> None:
         """Called when bytes were added to `pending` before the splice; override to parse them."""
 
+    def pendingConsumed(self) -> None:
+        """Call after taking bytes out of `pending`: reading resumes once there is room."""
+        if self._paused_for_pending and len(self.pending) < self.pending_limit:
+            self._paused_for_pending = False
+            self.transport.resumeProducing()
+
     def readConnectionLost(self) -> None:
         if self._side is not None:
             self._side.read_closed()

@@ -1,0 +1,204 @@
+"""
+The path every client connection ends on: ask the Router, connect through the shared
+connector, splice. Listener modes and protocol front-ends differ only in what they
+learn before (`RoutedConnection.begin`) and what they say to the client.
+
+A connection that terminates TLS (at accept, or after STARTTLS) is given a bounded
+time for the handshake; its outcome is logged as `tls-failed` when the handshake fails
+or times out, and what the handshake established (SNI, client certificate) reaches the
+Router.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from OpenSSL import SSL
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IOpenSSLServerConnectionCreator, IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .config import ListenerConfig
+from .connector import LoginStep, StartTLSStep, UpstreamConnector, UpstreamUnavailable
+from .router import Address, IRouter, Reject, RouteRequest, RouterError, ask_router
+from .session import Session, Sessions
+from .splice import Splice, SpliceableProtocol
+from .tls import TLSFacts, describe_tls_error, tls_facts
+
+
+def address_of(address: IAddress) -> Address:
+    """(host, port) of a Twisted address; a UNIX socket is (path, 0)."""
+    host = getattr(address, "host", None)
+    if host is not None:
+        return (host, address.port)  # type: ignore[attr-defined]
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return (name or "unix", 0)
+
+
+class RoutedConnectionFactory(Protocol):
+    """What a RoutedConnection needs from its listener (see `listener.ListenerFactory`)."""
+
+    listener: ListenerConfig
+    router: IRouter
+    connector: UpstreamConnector
+    sessions: Sessions
+    clock: IReactorTime
+    tls: IOpenSSLServerConnectionCreator | None
+    """The server TLS a connection upgrades to on STARTTLS (None: no STARTTLS)."""
+
+
+@implementer(IHandshakeListener)
+class RoutedConnection(SpliceableProtocol):
+    """
+    A client connection that ends up routed and spliced. Subclasses decide when
+    enough is known (`begin()`); this class owns the session, its one log line, every
+    way it can end, and the watch over a TLS handshake (`expect_handshake()`).
+    """
+
+    log = Logger()
+
+    def __init__(self, factory: RoutedConnectionFactory) -> None:
+        super().__init__()
+        self.factory = factory
+        self.listener = factory.listener
+        self.session: Session | None = None
+        self.client: Address = ("", 0)
+        self.local: Address = ("", 0)
+        self.tls: TLSFacts | None = None
+        """What the client's TLS handshake established; None while the connection is plaintext."""
+        self._splice: Splice | None = None
+        self._task: Deferred[None] | None = None
+        self._aborted_as: str | None = None
+        self._handshake_timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.client = address_of(self.transport.getPeer())
+        self.local = address_of(self.transport.getHost())
+        self.session = self.factory.sessions.open(self.listener.name, self.client, self._abort)
+
+    def expect_handshake(self) -> None:
+        """A TLS handshake is under way: give it `handshake_timeout` seconds."""
+        self._handshake_timer = self.factory.clock.callLater(self.listener.handshake_timeout, self._handshake_expired)
+
+    def handshakeCompleted(self) -> None:
+        self._stop_handshake_timer()
+        self.tls = tls_facts(self.transport)
+        self.handshake_done()
+
+    def handshake_done(self) -> None:
+        """The client's TLS handshake succeeded; `self.tls` says what it established."""
+
+    def _stop_handshake_timer(self) -> None:
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        self.finish("tls-failed", f"no TLS handshake within {self.listener.handshake_timeout:g}s")
+        self.transport.abortConnection()
+
+    def begin(self, **facts: Any) -> None:
+        """
+        Route with what is known now, connect, splice. `facts` are RouteRequest fields
+        beyond the connection's own (the TLS ones are filled in here).
+        """
+        if self.tls is not None:
+            facts = {"tls": True, "sni": self.tls.sni, "client_cert": self.tls.client_cert, **facts}
+        request = RouteRequest(
+            listener=self.listener.name,
+            protocol=self.listener.protocol,  # type: ignore[arg-type]
+            mode=self.listener.mode,  # type: ignore[arg-type]
+            client=self.client,
+            local=self.local,
+            **facts,
+        )
+        self._task = Deferred.fromCoroutine(self.route_and_splice(request))
+        self._task.addErrback(self._crashed)
+
+    def lostBeforeSplice(self, reason: Failure) -> None:
+        if self._task is not None and not self._task.called:
+            self._task.cancel()
+        elif self._task is None:
+            self.lost_before_routing(reason)
+
+    def lost_before_routing(self, reason: Failure) -> None:
+        """The client went away before `begin()`."""
+        if self._handshake_timer is not None:
+            self._stop_handshake_timer()
+            if isinstance(reason.value, SSL.Error):
+                self.finish("tls-failed", describe_tls_error(reason.value))
+            else:
+                self.finish("client-gone", "client closed the connection during the TLS handshake")
+        elif isinstance(reason.value, SSL.Error):
+            self.finish("tls-failed", describe_tls_error(reason.value))
+        else:
+            self.finish("client-gone", "client closed the connection before it was routed")
+
+    async def route_and_splice(
+        self, request: RouteRequest, login: LoginStep | None = None, starttls: StartTLSStep | None = None
+    ) -> None:
+        factory, session = self.factory, self.session
+        assert session is not None
+        try:
+            routes = await ask_router(factory.router, request, factory.clock, self.listener.router_timeout)
+        except Reject as reject:
+            if reject.wait > 0:
+                await deferLater(factory.clock, reject.wait)
+            self.close("rejected", reject.message)
+            return
+        except RouterError as e:
+            if e.__cause__ is not None:  # the router raised: its author needs the traceback
+                self.log.failure("session {session_id}: router failed", Failure(e.__cause__), session_id=session.id)
+            self.close("router-error", str(e))
+            return
+        if self.lost_reason is not None:  # a router that ignored its cancellation
+            raise CancelledError()
+        try:
+            upstream = await factory.connector.connect(routes, login=login, session_id=session.id, starttls=starttls)
+        except UpstreamUnavailable as e:
+            self.close("upstream-unavailable", str(e))
+            return
+        session.upstream = upstream.route.address
+        self._splice = Splice(self, upstream.protocol, factory.clock, self.listener.idle_timeout)
+        result = await self._splice.start()
+        session.bytes_up, session.bytes_down = result.bytes_up, result.bytes_down
+        session.finish(result.outcome, f"{result.ended_by} closed first" if result.ended_by else None)
+
+    def finish(self, outcome: str, reason: str | None = None) -> None:
+        assert self.session is not None
+        self.session.finish(outcome, reason)
+
+    def close(self, outcome: str, reason: str) -> None:
+        """End the session, letting what was written reach the client first."""
+        self.finish(outcome, reason)
+        self.transport.loseConnection()
+
+    def _abort(self, outcome: str) -> None:
+        """Drop the session (drain timeout): the log line says `outcome`."""
+        self._aborted_as = outcome
+        if self._splice is not None:
+            self._splice.abort(outcome)
+        else:
+            if self._task is None:
+                self.finish(outcome)
+            self.transport.abortConnection()
+
+    def _crashed(self, failure: Failure) -> Any:
+        if failure.check(CancelledError):
+            if self._aborted_as:
+                self.finish(self._aborted_as)
+            else:
+                self.finish("client-gone", "client closed the connection before the splice")
+            return None
+        assert self.session is not None
+        self.log.failure("session {session_id}: internal error", failure, session_id=self.session.id)
+        self.finish("error", f"internal error: {failure.value!r}")
+        self.transport.abortConnection()
+        return None
