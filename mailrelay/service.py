@@ -140,6 +140,7 @@ class MailrelayService(MultiService):
                 tls=tls if listener.mode == "starttls" else None,
             )
             if listener.mode == "tls":
+                assert tls is not None
                 tls_factory = TLSMemoryBIOFactory(tls, False, factory)
                 tls_factory.noisy = False  # one "starting on" line per listener is ours to write
                 factory = tls_factory
