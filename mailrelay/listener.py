@@ -44,16 +44,22 @@ class ListenerFactory(Factory):
         sessions: Sessions,
         clock: IReactorTime,
         tls: IOpenSSLServerConnectionCreator | None = None,
+        connection_class: type[RoutedConnection] | None = None,
     ) -> None:
-        """`tls` is the server TLS of a `starttls` listener (a `tls` listener's factory is
-        wrapped in Twisted's TLS layer instead)."""
+        """
+        `tls` is the server TLS of a `starttls` listener (a `tls` listener's factory is
+        wrapped in Twisted's TLS layer instead). `connection_class` replaces the
+        protocol the listener's mode and protocol call for.
+        """
         self.listener = listener
         self.router = router
         self.connector = connector
         self.sessions = sessions
         self.clock = clock
         self.tls = tls
-        self.connection_class = MODE_PROTOCOLS.get((listener.mode, listener.protocol)) or FRONT_ENDS[listener.protocol]
+        self.connection_class = (
+            connection_class or MODE_PROTOCOLS.get((listener.mode, listener.protocol)) or FRONT_ENDS[listener.protocol]
+        )
 
     def buildProtocol(self, addr: IAddress | None) -> RoutedConnection:
         return self.connection_class(self)
