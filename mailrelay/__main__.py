@@ -15,23 +15,40 @@ from .service import MailrelayService
 def check(path: str) -> int:
     try:
         config = load_config(path)
-        # Building the service builds every router and endpoint without listening.
-        MailrelayService(config)
+        # Building the service builds every router and endpoint, and loads every
+        # certificate, without listening.
+        service = MailrelayService(config)
     except ConfigError as e:
         print(f"{path}: configuration is invalid", file=sys.stderr)
         for line in e.errors:
             print(line, file=sys.stderr)
         return 1
     print(f"{path}: configuration is valid")
+    if service.server_tls is not None:
+        tls = config.tls
+        policy = f"min_version={tls.min_version}" if tls else "min_version=1.2"
+        if tls and tls.client_ca:
+            policy += f" client_cert={tls.client_cert} client_ca={tls.client_ca}"
+        state = "SELF-SIGNED " if service.server_tls.self_signed else ""
+        print(f"tls: {state}{service.server_tls.describe()}; {policy}")
     if config.router is not None:
         print(f"router: {config.router.description}")
     for listener in config.listeners:
+        extra = ""
+        if listener.terminates_tls:
+            extra = f" handshake_timeout={listener.handshake_timeout:g}s"
+        elif listener.preread_sni:
+            extra = f" preread_sni preread_timeout={listener.preread_timeout:g}s"
         print(
             f'listener "{listener.name}": {listener.listen} mode={listener.mode} protocol={listener.protocol}'
-            f" idle_timeout={listener.idle_timeout:g}s router_timeout={listener.router_timeout:g}s"
+            f" idle_timeout={listener.idle_timeout:g}s router_timeout={listener.router_timeout:g}s{extra}"
         )
         print(f"  router: {listener.router.description if listener.router else 'the default router'}")
-    print(f"upstream: connect_timeout={config.upstream.connect_timeout:g}s; drain_timeout={config.drain_timeout:g}s")
+    trust = config.upstream.ca or "the system trust store"
+    print(
+        f"upstream: connect_timeout={config.upstream.connect_timeout:g}s, TLS verified against {trust};"
+        f" drain_timeout={config.drain_timeout:g}s"
+    )
     return 0
 
 

@@ -495,13 +495,14 @@ class ClientTLS:
 
                 self._trust[ca] = platformTrust()
             else:
-                self._trust[ca] = trustRootFromCertificates([Certificate(c) for c in _load_cas(ca)])
+                where = "upstream.ca" if ca == self.ca else "route tls_ca"
+                self._trust[ca] = trustRootFromCertificates([Certificate(c) for c in _load_cas(ca, where)])
         return self._trust[ca]
 
 
-def _load_cas(path: str) -> list[Any]:
-    pem = _read(path, "CA file", "ca")
+def _load_cas(path: str, where: str) -> list[Any]:
+    pem = _read(path, "CA file", where)
     try:
         return [crypto.X509.from_cryptography(c) for c in x509.load_pem_x509_certificates(pem)]
     except ValueError:
-        raise TLSSetupError(f"ca: {path} holds no PEM certificate") from None
+        raise TLSSetupError(f"{where}: {path} holds no PEM certificate") from None

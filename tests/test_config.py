@@ -781,7 +781,7 @@ def test_check_valid(tmp_path: Path, modules: tuple[str, str]) -> None:
     assert custom[1].strip() == f"router: python: {good}:EchoRouter with password, port"
     assert single[0].startswith('listener "single": ')
     assert single[1].strip() == "router: static: 127.0.0.1:2528 (proxy_protocol=2)"
-    assert "upstream: connect_timeout=2.5s; drain_timeout=5s" in lines
+    assert "upstream: connect_timeout=2.5s, TLS verified against the system trust store; drain_timeout=5s" in lines
 
 
 @pytest.mark.slow
