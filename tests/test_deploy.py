@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import sysconfig
@@ -29,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from tests.support import ThreadedServer, closed_port, connect, exchange, payload, sha
 
@@ -276,10 +280,48 @@ def test_sighup_reloads_instead_of_killing(tmp_path: Path, spawn: Any, servers: 
         client.sendall(b"before SIGHUP\r\n")
         assert recv_exactly(client, 15) == b"before SIGHUP\r\n"
         process.signal(signal.SIGHUP)
-        process.wait_for(r"reload requested: 0 component\(s\) to reload")
+        process.wait_for(r"reload requested: 1 component\(s\) to reload")  # upstream TLS trust
         client.sendall(b"after SIGHUP\r\n")  # the running session is untouched
         assert recv_exactly(client, 14) == b"after SIGHUP\r\n"
     assert process.popen.poll() is None
+    process.signal(signal.SIGTERM)
+    assert_clean_stop(process)
+
+
+def test_sighup_reloads_certificates_without_touching_open_sessions(tmp_path: Path, spawn: Any, servers: Any) -> None:
+    ca = trustme.CA()
+    ca.issue_cert("mail.test", common_name="first").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "mail.pem"))
+    upstream = servers(echo)
+    toml = splice_toml(upstream.port).replace('mode = "splice"', 'mode = "tls"')
+    process, port = start_mailrelay(spawn, tmp_path, '[tls]\ncert = "mail.pem"\n' + toml)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+
+    def common_name_seen() -> str:
+        with context.wrap_socket(connect(port), server_hostname="mail.test") as client:
+            der = client.getpeercert(binary_form=True)
+            assert der is not None
+            return x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+    assert common_name_seen() == "first"
+    with context.wrap_socket(connect(port), server_hostname="mail.test") as session:
+        session.sendall(b"before SIGHUP\r\n")
+        assert recv_exactly(session, 15) == b"before SIGHUP\r\n"
+        ca.issue_cert("mail.test", common_name="second").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "mail.pem"))
+        process.signal(signal.SIGHUP)
+        process.wait_for(r"TLS reloaded: certificate mail\.test")
+        session.sendall(b"after SIGHUP\r\n")  # the open session keeps its TLS connection
+        assert recv_exactly(session, 14) == b"after SIGHUP\r\n"
+        assert common_name_seen() == "second"
+
+        (tmp_path / "mail.pem").write_text("half-written file\n")
+        process.signal(signal.SIGHUP)
+        process.wait_for(
+            r"TLS reload failed, keeping the previous certificates: tls\.cert: \S+mail\.pem holds no PEM certificate"
+        )
+        assert common_name_seen() == "second"
+        session.sendall(b"still here\r\n")
+        assert recv_exactly(session, 12) == b"still here\r\n"
     process.signal(signal.SIGTERM)
     assert_clean_stop(process)
 
