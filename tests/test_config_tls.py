@@ -296,3 +296,16 @@ def test_check_reports_certificate_problems_and_the_tls_set_up(pems: Path) -> No
     self_signed = run_check(pems)
     assert self_signed.returncode == 0, self_signed.stderr
     assert "tls: SELF-SIGNED certificate " in self_signed.stdout
+
+
+def test_shipped_tls_example_is_valid_but_for_its_certificate_paths() -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "tls.toml"
+    config = load_config(example)
+    assert [(each.name, each.mode, each.preread_sni) for each in config.listeners] == [
+        ("imaps", "tls", False),
+        ("smtps-passthrough", "splice", True),
+        ("imaps-to-tls-upstream", "tls", False),
+    ]
+    # Its certificates live on a production machine, not here.
+    [error] = build_errors(example)
+    assert error.startswith(f"{example}: tls.cert: cannot read certificate /etc/mailrelay/mail.example.org/fullchain.pem")
