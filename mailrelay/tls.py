@@ -204,6 +204,16 @@ class ALPNRefused(SSL.Error):
     """The client offered ALPN protocols, none of them ours (cross-protocol attack or a
     misdirected client). An `SSL.Error`, so the handshake fails like any other."""
 
+    def __init__(self, message: str) -> None:
+        # Shaped like OpenSSL's error queue, [(library, function, reason)], as Twisted's
+        # TLS layer reads every SSL.Error: a bare string made it crash instead of
+        # sending the client its no_application_protocol alert.
+        super().__init__([("SSL routines", "", message)])
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
 
 def _alpn_selector(protocol: bytes) -> Any:
     def select(connection: SSL.Connection, offered: list[bytes]) -> bytes:
@@ -257,6 +267,7 @@ class ServerTLS:
         self._alpns: set[str | None] = {None}
         self._certificates, self._client_cas = self._load()
         self._contexts: dict[str | None, _Contexts] = {}
+        self.contexts_for(None)  # an unusable policy (`ciphers`) is found now, not at the first client
 
     @property
     def self_signed(self) -> bool:
@@ -363,8 +374,9 @@ class ServerTLS:
             store = context.get_cert_store()
             assert store is not None
             for ca in client_cas:
-                store.add_cert(ca)  # type: ignore[arg-type]
-            context.set_client_ca_list([crypto.X509.from_cryptography(ca).get_subject() for ca in client_cas])
+                store.add_cert(crypto.X509.from_cryptography(ca))
+            for ca in client_cas:
+                context.add_client_ca(ca)  # set_client_ca_list's X509Name is deprecated
             mode = SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE
             if config.client_cert == "required":
                 mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
@@ -391,7 +403,12 @@ def describe_tls_error(error: BaseException | None) -> str:
     from service_identity import VerificationError
 
     if isinstance(error, VerificationError):
-        return "TLS: " + str(error.errors[0] if getattr(error, "errors", None) else error)
+        names = []
+        for mismatch in error.errors:
+            wanted = getattr(mismatch, "mismatched_id", None)
+            value = getattr(wanted, "hostname", None) or getattr(wanted, "ip", None)
+            names.append(value.decode("ascii", "replace") if isinstance(value, bytes) else str(value))
+        return f"TLS: the upstream certificate is not valid for {', '.join(names) or 'the expected name'}"
     if isinstance(error, ALPNRefused):
         return f"TLS: {error}"
     if isinstance(error, SSL.Error):

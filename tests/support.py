@@ -45,6 +45,15 @@ def recv_all(conn: socket.socket, chunk: int = 1 << 20) -> bytes:
         parts.append(data)
 
 
+def echo(conn: socket.socket) -> int:
+    """ThreadedServer handler: send back everything, as it comes, until the end of stream."""
+    total = 0
+    while data := conn.recv(1 << 16):
+        conn.sendall(data)
+        total += len(data)
+    return total
+
+
 def closed_port() -> int:
     """A loopback port on which nothing listens (connections are refused)."""
     with socket.socket() as s:

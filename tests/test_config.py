@@ -452,9 +452,7 @@ def test_check_invalid_toml(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_check_without_arguments_is_a_usage_error(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "mailrelay"], cwd=tmp_path, capture_output=True, text=True, timeout=WAIT
-    )
+    result = subprocess.run([sys.executable, "-m", "mailrelay"], cwd=tmp_path, capture_output=True, text=True, timeout=WAIT)
     assert result.returncode == 2
     assert "usage:" in result.stderr
 
@@ -481,9 +479,7 @@ def test_python_router_not_a_class(tmp_path: Path, modules: tuple[str, str]) -> 
 def test_python_router_not_a_router(tmp_path: Path, modules: tuple[str, str]) -> None:
     good, _ = modules
     path = write(tmp_path, python_router_config(f'{{ type = "python", class = "{good}:NotARouter" }}'))
-    assert errors_of(path) == [
-        f'{path}: listener[0].router.class: "{good}:NotARouter" is not a Router: it has no route() method'
-    ]
+    assert errors_of(path) == [f'{path}: listener[0].router.class: "{good}:NotARouter" is not a Router: it has no route() method']
 
 
 def test_python_router_module_fails_to_import(tmp_path: Path, modules: tuple[str, str]) -> None:
@@ -497,7 +493,7 @@ def test_python_router_module_fails_to_import(tmp_path: Path, modules: tuple[str
 def test_python_router_module_missing(tmp_path: Path) -> None:
     path = write(tmp_path, python_router_config('{ type = "python", class = "no_such_module_xyz:Router" }'))
     assert errors_of(path) == [
-        f"{path}: listener[0].router.class: cannot import module \"no_such_module_xyz\": "
+        f'{path}: listener[0].router.class: cannot import module "no_such_module_xyz": '
         "ModuleNotFoundError(\"No module named 'no_such_module_xyz'\")"
     ]
 
@@ -505,9 +501,7 @@ def test_python_router_module_missing(tmp_path: Path) -> None:
 @pytest.mark.parametrize("spec", ["just_a_module", ":Router", "module:"])
 def test_python_router_class_malformed(tmp_path: Path, spec: str) -> None:
     path = write(tmp_path, python_router_config(f'{{ type = "python", class = "{spec}" }}'))
-    assert errors_of(path) == [
-        f'{path}: listener[0].router.class: must look like "package.module:Class", not "{spec}"'
-    ]
+    assert errors_of(path) == [f'{path}: listener[0].router.class: must look like "package.module:Class", not "{spec}"']
 
 
 def test_python_router_class_required(tmp_path: Path) -> None:

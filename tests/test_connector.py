@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import socket
+import ssl
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from mailrelay.connector import UpstreamConnector, UpstreamProtocol, UpstreamUnavailable
 from mailrelay.router import Reject, Route
+from mailrelay.tls import ClientTLS
+from tests.pki import PKI
 from tests.support import ProxyTestCase, closed_port, recv_all
 
 
@@ -22,14 +26,18 @@ def greeter(conn: socket.socket) -> bytes:
     return command + recv_all(conn)
 
 
+async def expect(upstream: UpstreamProtocol, code: bytes, error: type[Exception] = Reject) -> bytes:
+    """The upstream's next line, which must start with `code` (else `error` is raised)."""
+    line = await upstream.read_line()
+    if not line.startswith(code):
+        raise error(f"expected {code!r}, upstream said {line!r}")
+    return line
+
+
 async def ehlo_login(upstream: UpstreamProtocol, route: Route) -> None:
-    greeting = await upstream.read_line()
-    if not greeting.startswith(b"220"):
-        raise Reject(f"upstream greeted {greeting!r}")
+    await expect(upstream, b"220")
     upstream.write(b"EHLO mailrelay\r\n")
-    reply = await upstream.read_line()
-    if not reply.startswith(b"250"):
-        raise Reject("refused")
+    await expect(upstream, b"250")
 
 
 class ConnectorTests(ProxyTestCase):
@@ -87,9 +95,7 @@ class ConnectorTests(ProxyTestCase):
 
         server = self.server(babbles)
         with self.assertRaises(UpstreamUnavailable) as caught:
-            await Deferred.fromCoroutine(
-                self.connector().connect([Route(host="127.0.0.1", port=server.port)], login=ehlo_login)
-            )
+            await Deferred.fromCoroutine(self.connector().connect([Route(host="127.0.0.1", port=server.port)], login=ehlo_login))
         self.assertIn("longer than 8192 bytes", str(caught.exception))
 
     async def test_every_route_failing_says_why_for_each(self) -> None:
@@ -103,7 +109,9 @@ class ConnectorTests(ProxyTestCase):
             await Deferred.fromCoroutine(self.connector().connect(routes))
         reasons = [why for _, why in caught.exception.failures]
         self.assertEqual(reasons[0], "connection refused")
-        self.assertEqual(reasons[1], 'tls = "starttls" needs a mail protocol on the listener; use tls = "tls" with protocol "none"')
+        self.assertEqual(
+            reasons[1], 'tls = "starttls" needs a mail protocol on the listener; use tls = "tls" with protocol "none"'
+        )
         self.assertIn("PROXY protocol", reasons[2])
 
 
@@ -111,3 +119,68 @@ async def _tick() -> None:
     from twisted.internet.task import deferLater
 
     await deferLater(reactor, 0.01)
+
+
+class UpstreamStartTLSTests(ProxyTestCase):
+    """The connector's side of an upstream STARTTLS, with a toy protocol's exchange."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.pki = PKI(self)
+
+    def starttls_server(self, name: str = "mail.test", after_go_ahead: bytes = b"") -> Any:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.pki.ca.issue_cert(name).configure_cert(context)
+
+        def serve(conn: socket.socket) -> bytes:
+            conn.sendall(b"220 plain greeting\r\n")
+            command = b""
+            while not command.endswith(b"\r\n"):
+                command += conn.recv(1)
+            conn.sendall(b"220 go ahead\r\n" + after_go_ahead)
+            try:
+                tls = context.wrap_socket(conn, server_side=True)
+            except (ssl.SSLError, OSError) as e:
+                return f"handshake failed: {e}".encode()
+            line = b""
+            while not line.endswith(b"\r\n"):
+                line += tls.recv(1)
+            tls.sendall(b"250 over TLS: " + line)
+            return command + line
+
+        return self.server(serve)
+
+    def connector(self) -> UpstreamConnector:
+        return UpstreamConnector(reactor, connect_timeout=5, tls=ClientTLS(self.pki.ca_file))
+
+    async def test_starttls_exchange_then_verified_tls(self) -> None:
+        server = self.starttls_server()
+        route = Route(host="127.0.0.1", port=server.port, tls="starttls", server_name="mail.test")
+        upstream = await Deferred.fromCoroutine(self.connector().connect([route], starttls=toy_starttls))
+        self.assertTrue(upstream.protocol.tls)
+        upstream.protocol.write(b"hello\r\n")
+        self.assertEqual(await Deferred.fromCoroutine(upstream.protocol.read_line()), b"250 over TLS: hello\r\n")
+        upstream.protocol.transport.loseConnection()
+        self.assertEqual(await self.in_thread(server.result), b"STARTTLS\r\nhello\r\n")
+
+    async def test_plaintext_after_the_go_ahead_fails_the_route(self) -> None:
+        server = self.starttls_server(after_go_ahead=b"250 injected\r\n")
+        route = Route(host="127.0.0.1", port=server.port, tls="starttls", server_name="mail.test")
+        with self.assertRaises(UpstreamUnavailable) as caught:
+            await Deferred.fromCoroutine(self.connector().connect([route], starttls=toy_starttls))
+        [(_, why)] = caught.exception.failures
+        self.assertEqual(why, "upstream sent 14 byte(s) after its STARTTLS answer, before TLS")
+
+    async def test_a_certificate_for_another_name_fails_the_route(self) -> None:
+        server = self.starttls_server(name="other.test")
+        route = Route(host="127.0.0.1", port=server.port, tls="starttls", server_name="mail.test")
+        with self.assertRaises(UpstreamUnavailable) as caught:
+            await Deferred.fromCoroutine(self.connector().connect([route], starttls=toy_starttls))
+        [(_, why)] = caught.exception.failures
+        self.assertEqual(why, "TLS: the upstream certificate is not valid for mail.test")
+
+
+async def toy_starttls(upstream: UpstreamProtocol, route: Route) -> None:
+    await expect(upstream, b"220", RuntimeError)
+    upstream.write(b"STARTTLS\r\n")
+    await expect(upstream, b"220", RuntimeError)

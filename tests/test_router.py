@@ -239,7 +239,7 @@ def test_static_router_from_a_table_with_every_route_field() -> None:
 def test_static_router_table_errors_name_their_key() -> None:
     spec, errors = _router_table({"type": "static", "routes": [{"host": "a", "port": 25}, {"host": "b", "port": "x"}]})
     assert spec is None
-    assert errors == ['test.toml: router.routes[1].port: must be an integer, not a string (\'x\')']
+    assert errors == ["test.toml: router.routes[1].port: must be an integer, not a string ('x')"]
     spec, errors = _router_table({"type": "static", "routes": []})
     assert errors == ["test.toml: router.routes: must list at least one route"]
     spec, errors = _router_table({"type": "carrier-pigeon"})

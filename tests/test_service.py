@@ -114,3 +114,36 @@ class ServiceTests(ProxyTestCase):
         service = makeService(config, reactor=reactor)
         with self.assertRaises(CannotListenError):
             service.startService()
+
+    async def test_without_tls_config_a_tls_listener_serves_a_self_signed_certificate_and_warns(self) -> None:
+        import ssl
+
+        from cryptography import x509
+
+        upstream = self.server(echo)
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port), mode="tls"))
+
+        def client() -> bytes:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE  # nobody can trust it: that is the point of the warning
+            with context.wrap_socket(connect(port), server_hostname="localhost") as tls:
+                der = tls.getpeercert(binary_form=True)
+                assert der is not None
+                tls.sendall(b"through TLS")
+                tls.unwrap()  # close_notify: the proxy ends the session, the upstream sees its end
+                return der
+
+        der = await self.in_thread(client)
+        certificate = x509.load_der_x509_certificate(der)
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName
+        )
+        self.assertIn("localhost", names)
+        self.assertEqual(certificate.issuer, certificate.subject)
+        warning = [
+            line for line in self.logs.lines() if line.startswith("no [tls] in <config>: serving a self-signed certificate")
+        ]
+        self.assertEqual(len(warning), 1, self.logs.lines())
+        self.assertTrue(warning[0].endswith("; clients will not trust it"), warning)
+        self.assertEqual(await self.in_thread(upstream.result), b"through TLS")

@@ -25,6 +25,7 @@ from tests.support import (
     ProxyTestCase,
     closed_port,
     connect,
+    echo,
     exchange,
     payload,
     recv_all,
@@ -47,14 +48,6 @@ def hash_and_answer(answer: bytes) -> Any:
         return sha(received), len(received)
 
     return handle
-
-
-def echo(conn: socket.socket) -> int:
-    total = 0
-    while data := conn.recv(1 << 16):
-        conn.sendall(data)
-        total += len(data)
-    return total
 
 
 def protocol_of(selectable: Any) -> Any:

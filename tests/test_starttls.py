@@ -7,13 +7,10 @@ hand-off to the upstream with pipelined commands intact.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
-import tempfile
 from typing import Any
 
-import trustme
 from twisted.internet import reactor
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -24,6 +21,7 @@ from mailrelay.protocols.base import LineFrontEnd
 from mailrelay.router import Route, RouteRequest
 from mailrelay.session import Sessions
 from mailrelay.tls import CertificateFiles, ServerTLS, ServerTLSConfig
+from tests.pki import PKI
 from tests.support import WAIT, ProxyTestCase, recv_all
 
 
@@ -92,17 +90,13 @@ def read_line(conn: Any) -> bytes:
 class StartTLSTests(ProxyTestCase):
     def setUp(self) -> None:
         super().setUp()
-        self.ca = trustme.CA()
-        folder = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, folder)
-        self.ca.issue_cert("mail.test").private_key_and_cert_chain_pem.write_to_path(f"{folder}/cert.pem")
-        self.server_tls = ServerTLS(
-            ServerTLSConfig(default=CertificateFiles(cert=f"{folder}/cert.pem", key=f"{folder}/cert.pem"))
-        )
+        self.pki = PKI(self)
+        issued = self.pki.issue("mail", "mail.test")
+        self.server_tls = ServerTLS(ServerTLSConfig(default=CertificateFiles(cert=issued.cert, key=issued.key)))
 
     def client_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context()
-        self.ca.configure_trust(context)
+        self.pki.ca.configure_trust(context)
         return context
 
     def listen(self, mode: str = "starttls", upstream_port: int = 9, handshake_timeout: float = 30.0) -> tuple[Recorder, int]:
