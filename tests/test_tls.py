@@ -615,16 +615,19 @@ class HandshakeFailureTests(TLSTestCase):
         self.assertEqual(router.requests, [])
         await self.assert_still_serving(port)
 
-    async def test_a_silent_client_is_closed_after_handshake_timeout(self) -> None:
+    async def test_silent_and_stalled_clients_are_closed_after_handshake_timeout(self) -> None:
         router, port = await self.start(handshake_timeout=0.5)
 
-        def silent() -> str:
+        def stalls_after(data: bytes) -> str:
             with connect(port) as conn:
+                conn.sendall(data)
                 return closed_by_peer(conn)
 
-        self.assertIn(await self.in_thread(silent), ("eof", "reset"))
-        line = await self.last_session()
-        self.assertEqual((line["outcome"], line["reason"]), ("tls-failed", "no TLS handshake within 0.5s"))
+        # Nothing at all; then the first half of a ClientHello, and silence.
+        for data in [b"", client_hello("mail.test")[:60]]:
+            self.assertIn(await self.in_thread(stalls_after, data), ("eof", "reset"))
+        lines = await self.session_lines(2)
+        self.assertEqual([(e["outcome"], e["reason"]) for e in lines], [("tls-failed", "no TLS handshake within 0.5s")] * 2)
         self.assertEqual(router.requests, [])
         await self.assert_still_serving(port)
 
