@@ -130,14 +130,12 @@ class RoutedConnection(SpliceableProtocol):
 
     def lost_before_routing(self, reason: Failure) -> None:
         """The client went away before `begin()`."""
-        if self._handshake_timer is not None:
-            self._stop_handshake_timer()
-            if isinstance(reason.value, SSL.Error):
-                self.finish("tls-failed", describe_tls_error(reason.value))
-            else:
-                self.finish("client-gone", "client closed the connection during the TLS handshake")
-        elif isinstance(reason.value, SSL.Error):
+        during_handshake = self._handshake_timer is not None
+        self._stop_handshake_timer()
+        if isinstance(reason.value, SSL.Error):
             self.finish("tls-failed", describe_tls_error(reason.value))
+        elif during_handshake:
+            self.finish("client-gone", "client closed the connection during the TLS handshake")
         else:
             self.finish("client-gone", "client closed the connection before it was routed")
 

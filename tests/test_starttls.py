@@ -273,3 +273,18 @@ class StartTLSTests(ProxyTestCase):
                 return
             await deferLater(reactor, 0.01)
         self.fail("no session line was logged")
+
+    async def test_a_client_that_ends_its_stream_before_routing_is_closed(self) -> None:
+        _, port = self.listen()
+
+        def client() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
+                read_line(conn)
+                conn.sendall(b"NOOP\r\nNOOP\r\n")
+                conn.shutdown(socket.SHUT_WR)
+                return rest_until_closed(conn)
+
+        self.assertEqual(await self.in_thread(client), b"OK noop\r\nOK noop\r\n")
+        await self.session_ended()
+        [session] = self.logs.sessions()
+        self.assertEqual((session["outcome"], session["reason"]), ("client-gone", "client ended its stream before it was routed"))

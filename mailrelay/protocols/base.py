@@ -69,6 +69,10 @@ class LineFrontEnd(RoutedConnection):
                 if len(self.pending) >= self.max_line_length:
                     self._reading = False
                     self.line_too_long()
+                elif self.read_closed:
+                    # Nothing more will come, and nothing was asked of an upstream yet.
+                    self._reading = False
+                    self.close("client-gone", "client ended its stream before it was routed")
                 return
             line = bytes(self.pending[: end + 1])
             del self.pending[: end + 1]
