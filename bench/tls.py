@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""
+TLS benchmark: short TLS sessions and bulk transfers over TLS, straight to an upstream
+that terminates TLS itself vs through mailrelay's `tls` mode (terminating), its
+`splice` mode (TLS passed through, with and without `preread_sni`) and a splice route
+with `tls = "tls"` (mailrelay as the TLS client), and through haproxy / nginx
+terminating TLS when they are on PATH, all in one run.
+
+    .venv/bin/python bench/tls.py            # about a minute
+    .venv/bin/python bench/tls.py --help
+
+Everything runs on 127.0.0.1 with ephemeral ports and one ECDSA P-256 certificate made
+by trustme for the run. The script starts its own upstream servers (a separate
+process), mailrelay as a real `twistd` subprocess, and the other proxies if present,
+and kills every process it started when it ends, also on Ctrl-C, SIGTERM or an error
+(and, through PR_SET_PDEATHSIG, if it is killed outright).
+
+See bench/README.md for what each number means; bench/_common.py holds what this
+script shares with bench/splice.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import ssl
+import sys
+import time
+from pathlib import Path
+
+import _common as common
+
+# The listeners of the one mailrelay process: (listener, column, mode, extra keys, upstream, route keys).
+LISTENERS = (
+    ("tls-bulk", "tls", "tls", "", "bulk", ""),  # TLS terminated here, plaintext spliced to the plain upstream
+    ("tls-smtp", "tls", "tls", "", "line", ""),
+    ("splice-smtp", "splice", "splice", "", "tls_line", ""),  # the client's TLS passed through
+    ("splice-sni-smtp", "splice-sni", "splice", "preread_sni = true\n", "tls_line", ""),  # ... its server name peeked first
+    ("to-tls-smtp", "plain-to-tls", "splice", "", "tls_line", f', tls = "tls", server_name = "{common.SERVER_NAME}"'),
+)
+
+MAILRELAY_HEAD = """\
+# written by bench/tls.py
+drain_timeout = 1
+
+[tls]
+cert = "{chain}"
+key = "{key}"
+
+[upstream]
+ca = "{ca}"
+"""
+
+MAILRELAY_LISTENER = """
+[[listener]]
+name = "{name}"
+listen = "tcp:0:interface=127.0.0.1"
+mode = "{mode}"
+{extra}router = {{ type = "static", host = "127.0.0.1", port = {port}{route} }}
+"""
+
+# Column name -> what it is, for the legend under the header.
+LEGEND = {
+    "direct": "TLS client -> upstream terminating TLS (Python ssl, asyncio)",
+    "tls": 'TLS client -> mailrelay mode="tls" (terminates) -> plain upstream',
+    "splice": 'TLS client -> mailrelay mode="splice" (bytes passed through) -> TLS upstream',
+    "splice-sni": "the same with preread_sni = true (ClientHello peeked for its server name)",
+    "plain-to-tls": 'plain client -> mailrelay mode="splice", route tls="tls" (verified against [upstream] ca) -> TLS upstream',
+    "haproxy": "TLS client -> haproxy (mode tcp, bind ... ssl crt, nbthread 1) -> plain upstream",
+    "nginx": "TLS client -> nginx (stream, listen ... ssl, worker_processes 1) -> plain upstream",
+}
+
+
+def mailrelay_config(upstream: common.Upstream, certs: common.Certificates) -> str:
+    ports = {"bulk": upstream.bulk, "line": upstream.line, "tls_line": upstream.tls_line}
+    listeners = [
+        MAILRELAY_LISTENER.format(name=name, mode=mode, extra=extra, port=ports[port], route=route)
+        for name, _, mode, extra, port, route in LISTENERS
+    ]
+    return MAILRELAY_HEAD.format(chain=certs.chain, key=certs.key, ca=certs.ca) + "".join(listeners)
+
+
+def start_mailrelay(
+    children: common.Children, workdir: Path, upstream: common.Upstream, certs: common.Certificates
+) -> list[common.Target]:
+    """One twistd with every listener; a target per column (the `tls` one has the bulk listener too)."""
+    proc, ports, log, twistd_args = common.start_twistd(
+        children, workdir, "mailrelay", mailrelay_config(upstream, certs), len(LISTENERS)
+    )
+    note = " ".join(["twistd", *twistd_args])
+    targets: dict[str, common.Target] = {}
+    for name, column, _, _, port, route in LISTENERS:
+        target = targets.setdefault(column, common.Target(column, 0, 0, proc.pid, note, proc=proc, until_closed=True))
+        if 'tls = "tls"' not in route:  # the client speaks TLS, unless mailrelay does it for them
+            target.dial = certs.dial
+        if port == "bulk":
+            target.bulk_port = ports[name]
+        else:
+            target.line_port = ports[name]
+    for target in targets.values():
+        common.wait_until_serving(target, proc, 10, f"mailrelay ({target.name})")
+    targets["tls"].log_files = [log]  # one process, one log: summarised once
+    return list(targets.values())
+
+
+def negotiated(target: common.Target) -> str:
+    """What a client's handshake with `target` settled on."""
+    if not isinstance(target.dial, common.TLSDial):
+        return "client speaks plain TCP (mailrelay's upstream leg is TLS)"
+    with target.dial(target.line_port) as sock:
+        assert isinstance(sock, ssl.SSLSocket)
+        cipher, version = sock.cipher(), sock.version()
+        common.read_line(sock)  # a whole session, so that it is logged as any other
+        common.command(sock, [common.QUIT], b"221")
+        sock.recv(4096)
+    return f"{version} {cipher[0] if cipher else '?'}"
+
+
+def mailrelay_warnings(log_files: list[Path], limit: int = 5) -> list[str]:
+    """The distinct warning and error lines of mailrelay's log (session ids and ports folded), with counts."""
+    counts: dict[str, int] = {}
+    for log in log_files:
+        for path in sorted(log.parent.glob(log.name + "*")):
+            for line in path.read_text(errors="replace").splitlines():
+                if " outcome=closed" in line or ("listener " in line and " on " in line):
+                    continue
+                if re.search(r"(?i)warn|error|fail|traceback|unhandled|outcome=", line):
+                    text = re.sub(r"^\S+ \S+ ", "", line)  # the timestamp
+                    text = re.sub(r"\b[0-9a-f]{8}\b", "ID", text)
+                    text = re.sub(r"(\d+\.\d+\.\d+\.\d+):\d+", r"\1:PORT", text)
+                    text = re.sub(r"\b(up|down)=\d+|duration=[0-9.]+s", r"\1=N", text)
+                    counts[text] = counts.get(text, 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    lines = [f"  {n:6d} x {text}" for text, n in ranked[:limit]]
+    if len(ranked) > limit:
+        lines.append(f"  ... and {len(ranked) - limit} more kinds")
+    return lines
+
+
+# --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark mailrelay's TLS paths (tls mode, TLS passthrough, TLS to the upstream) against a direct "
+        "TLS connection (and haproxy/nginx terminating TLS, if on PATH).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--bulk-mib", type=int, default=256, help="MiB per bulk transfer, each direction")
+    parser.add_argument("--repeat", type=int, default=3, help="bulk transfers per direction and target (median reported)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="passes over all targets for the sessions tests (sessions/s: median of the rounds)"
+    )
+    parser.add_argument("--duration", type=float, default=1.0, help="seconds per round of a sessions test")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients in the concurrent sessions test")
+    parser.add_argument(
+        "--client-procs", type=int, default=2, help="client processes the concurrent clients are spread over (threads in each)"
+    )
+    parser.add_argument("--pieces", type=int, default=1, help="writes (so TLS records) per command line in the sessions tests")
+    parser.add_argument("--upstream-procs", type=int, default=2, help="processes of the line upstream (SO_REUSEPORT)")
+    return common.parse_args(parser, argv, ("sessions", "bulk"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.run_bench(parse_args(argv), run)
+
+
+def run(args: argparse.Namespace, children: common.Children, workdir: Path, failures: list[str]) -> int:
+    started = time.monotonic()
+    certs = common.Certificates(workdir)
+    upstream = common.Upstream(children, args.upstream_procs, str(certs.combined))
+    direct = common.Target("direct", upstream.tls_bulk, upstream.tls_line, None, dial=certs.dial, until_closed=True)
+    common.wait_until_serving(direct, upstream.proc, 10, "the upstream")
+    common.wait_until_serving(common.Target("plain", upstream.bulk, upstream.line, None), upstream.proc, 10, "the plain upstream")
+
+    targets = [direct, *start_mailrelay(children, workdir, upstream, certs)]
+    skipped = common.start_others(args, children, workdir, targets, upstream, certs)
+
+    names = [t.name for t in targets]
+    common.print_machine("mailrelay TLS benchmark")
+    print(f"OpenSSL: {ssl.OPENSSL_VERSION} (Python ssl: clients, upstream); {_pyopenssl_version()} (pyOpenSSL: mailrelay)")
+    print(f"targets: {', '.join(names)}")
+    for name in names:
+        print(f"  {name:<13} {LEGEND[name]}")
+    if skipped:
+        print(f"skipped: {'; '.join(skipped)}")
+    print(
+        f"certificate: ECDSA P-256 (trustme; CA ECDSA P-256 too), names {common.SERVER_NAME} and 127.0.0.1; TLS clients send SNI "
+        f"{common.SERVER_NAME!r} and verify the chain and the name"
+    )
+    print("negotiated: " + "; ".join(f"{t.name} {negotiated(t)}" for t in targets))
+    procs = max(1, min(args.client_procs, args.clients))
+    print(
+        "sessions: new TCP connection + full TLS handshake (no resumption: clients never offer a session, and a resumed "
+        "handshake would count as an error), greeting, EHLO/MAIL/RCPT, QUIT -> 221, read until the server closes, close; "
+        f"each command written in {args.pieces} piece(s); 1 client thread, then {args.clients} clients = threads in "
+        f"{procs} processes; median of {args.rounds} rounds of {args.duration:g}s; session times pooled (ms)"
+    )
+    print(
+        f"bulk:     one TLS session from this process, {common.CHUNK >> 20} MiB send/recv buffers, {args.bulk_mib} MiB per "
+        f"transfer, median of {args.repeat} per direction (targets that terminate TLS only)"
+    )
+    print("clients set TCP_NODELAY; rounds go over all targets in turn")
+    print(
+        f"upstream: bulk sink/source (threads), SMTP-like line server (asyncio x {args.upstream_procs} processes, "
+        "SO_REUSEPORT), each plain and with TLS (Python's server defaults)"
+    )
+    print(flush=True)
+
+    m = common.Measurements(targets, upstream.proc.pid, started, failures)
+    values = m.values
+    concurrent = f"{args.clients} concurrent"
+    if "sessions" in args.only:
+        m.sessions(args, children, "TLS sessions", times=True)
+    if "bulk" in args.only:
+        m.bulk(args)
+    m.print_results("session times (ms)")
+    if "sessions" in args.only:
+        counts = "; ".join(
+            f"{key}: " + ", ".join(f"{t.name} {values[(f'{key}_n', t.name)]}" for t in targets if (f"{key}_n", t.name) in values)
+            for key in ("serial", "concurrent")
+        )
+        print(f"sessions timed: {counts}")
+    m.print_session_errors()
+
+    m.print_cpu(machine=True)
+    print("(mailrelay's columns are one twistd process serving all its listeners)")
+    if "sessions" in args.only:
+        print()
+        print_cpu_per_session(m, names, [("serial", "1 client"), ("concurrent", concurrent)])
+
+    print()
+    for t in targets:
+        if t.log_files:
+            print(common.mailrelay_log_summary("mailrelay", t.log_files, by_listener=True))
+            warnings = mailrelay_warnings(t.log_files)
+            if warnings:
+                print("mailrelay log, lines other than closed sessions (most frequent first):")
+                print("\n".join(warnings))
+    for note in dict.fromkeys(f"{t.name if t.name in ('haproxy', 'nginx') else 'mailrelay'}: {t.note}" for t in targets[1:]):
+        print(note)
+    return m.finish()
+
+
+def print_cpu_per_session(m: common.Measurements, names: list[str], keys: list[tuple[str, str]]) -> None:
+    """CPU seconds of each party over the measured parts, divided by the sessions in them (in ms)."""
+    print("CPU per session, ms: client / upstream / proxy")
+    table = [["sessions", *names]]
+    for key, label in keys:
+        line = [label]
+        for name in names:
+            win, count = m.windows.get((key, name)), m.values.get((f"{key}_n", name))
+            if win is None or not isinstance(count, int) or not count:
+                line.append("-")
+                continue
+            line.append(" / ".join(f"{1000 * win.totals[party] / count:.2f}" for party in ("client", "upstream", "proxy")))
+        table.append(line)
+    common.print_grid(table)
+
+
+def _pyopenssl_version() -> str:
+    try:
+        from OpenSSL import SSL
+
+        return SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
+    except Exception:
+        return "OpenSSL ?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
