@@ -101,6 +101,12 @@ class SpliceModeProtocol(RoutedConnection):
         elif isinstance(hello, ClientHello):
             self._end_preread()
             self.begin(sni=hello.server_name)
+        elif self.read_closed:  # no more is coming: decide now rather than at the timeout
+            self._end_preread()
+            if self.pending:
+                self.close("protocol-error", f"client ended its stream inside a TLS ClientHello ({len(self.pending)} bytes)")
+            else:
+                self.begin()
 
     def _end_preread(self) -> None:
         if self._preread is not None:

@@ -709,6 +709,32 @@ class PrereadTests(TLSTestCase):
         self.assertEqual(router.requests, [])
         self.assertEqual(upstream.connections, 0)
 
+    async def test_an_end_of_stream_during_preread_is_decided_at_once(self) -> None:
+        upstream = self.server(echo)
+        router = RecordingRouter(to(upstream.port))
+        # A timeout no test waits for: the end of stream must decide.
+        _, port = await self.start_proxy(splice_listener(preread_sni=True, preread_timeout=WAIT * 2), router=router)
+
+        def send_then_end(data: bytes) -> bytes:
+            with connect(port) as conn:
+                conn.sendall(data)
+                conn.shutdown(socket.SHUT_WR)
+                try:
+                    return recv_all(conn)
+                except ConnectionResetError:
+                    return b""
+
+        self.assertEqual(await self.in_thread(send_then_end, client_hello("a.test")[:20]), b"")
+        line = await self.last_session()
+        self.assertEqual(
+            (line["outcome"], line["reason"]),
+            ("protocol-error", "client ended its stream inside a TLS ClientHello (20 bytes)"),
+        )
+        # Nothing sent at all: routed without a name, and the end of stream passed on.
+        self.assertEqual(await self.in_thread(send_then_end, b""), b"")
+        self.assertEqual([r.sni for r in router.requests], [None])
+        self.assertEqual(await self.in_thread(upstream.result), 0)
+
 
 # --- 7. bulk transfer -----------------------------------------------------------------
 
