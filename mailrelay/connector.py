@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import attrs
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import defer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred
@@ -82,7 +84,7 @@ class UpstreamProtocol(SpliceableProtocol):
         if self.tls:
             return
         if self.lost_reason is not None:
-            raise UpstreamTLSError(describe_tls_error(self.lost_reason.value))
+            raise _handshake_failure(self.lost_reason)
         self._handshake = Deferred()
         await self._handshake
 
@@ -105,7 +107,7 @@ class UpstreamProtocol(SpliceableProtocol):
         self.pendingReceived()
         handshake, self._handshake = self._handshake, None
         if handshake is not None:
-            handshake.errback(UpstreamTLSError(describe_tls_error(reason.value)))
+            handshake.errback(_handshake_failure(reason))
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
@@ -117,6 +119,7 @@ class UpstreamProtocol(SpliceableProtocol):
             if end >= 0:
                 line = bytes(self.pending[: end + 1])
                 del self.pending[: end + 1]
+                self.pendingConsumed()
                 return line
             if len(self.pending) >= max_length:
                 raise LineTooLong(f"upstream sent a line longer than {max_length} bytes")
@@ -124,6 +127,12 @@ class UpstreamProtocol(SpliceableProtocol):
                 raise UpstreamClosed("upstream closed the connection")
             self._waiting = Deferred()
             await self._waiting
+
+
+def _handshake_failure(reason: Failure) -> UpstreamTLSError:
+    if isinstance(reason.value, (SSL.Error, VerificationError)):
+        return UpstreamTLSError(describe_tls_error(reason.value))
+    return UpstreamTLSError("TLS: upstream closed the connection during the handshake")
 
 
 def _timed_out(result: object, timeout: float) -> Failure:

@@ -179,6 +179,17 @@ class UpstreamStartTLSTests(ProxyTestCase):
         [(_, why)] = caught.exception.failures
         self.assertEqual(why, "TLS: the upstream certificate is not valid for mail.test")
 
+    async def test_an_upstream_that_hangs_up_during_the_handshake_fails_the_route(self) -> None:
+        def hangs_up(conn: socket.socket) -> None:
+            conn.recv(100)  # the ClientHello, then nothing back
+
+        server = self.server(hangs_up)
+        route = Route(host="127.0.0.1", port=server.port, tls="tls", server_name="mail.test")
+        with self.assertRaises(UpstreamUnavailable) as caught:
+            await Deferred.fromCoroutine(self.connector().connect([route]))
+        [(_, why)] = caught.exception.failures
+        self.assertEqual(why, "TLS: upstream closed the connection during the handshake")
+
 
 async def toy_starttls(upstream: UpstreamProtocol, route: Route) -> None:
     await expect(upstream, b"220", RuntimeError)
