@@ -1,7 +1,19 @@
 """mailrelay: a mail proxy on Twisted. The public names, and nothing else."""
 
 from .config import ConfigError
-from .router import IRouter, Reject, Route, Router, RouteRequest
-from .service import IReloadable, makeService
+from .interfaces import IReloadable
+from .router import ClientCertificate, IRouter, Reject, Route, Router, RouterError, RouteRequest
+from .service import makeService
 
-__all__ = ["ConfigError", "IReloadable", "IRouter", "Reject", "Route", "RouteRequest", "Router", "makeService"]
+__all__ = [
+    "ClientCertificate",
+    "ConfigError",
+    "IReloadable",
+    "IRouter",
+    "Reject",
+    "Route",
+    "RouteRequest",
+    "Router",
+    "RouterError",
+    "makeService",
+]

@@ -110,7 +110,14 @@ class RoutedConnection(SpliceableProtocol):
         beyond the connection's own (the TLS ones are filled in here).
         """
         if self.tls is not None:
-            facts = {"tls": True, "sni": self.tls.sni, "client_cert": self.tls.client_cert, **facts}
+            facts = {
+                "tls": True,
+                "sni": self.tls.sni,
+                "tls_version": self.tls.version,
+                "tls_cipher": self.tls.cipher,
+                "client_cert": self.tls.client_cert,
+                **facts,
+            }
         request = RouteRequest(
             listener=self.listener.name,
             protocol=self.listener.protocol,  # type: ignore[arg-type]

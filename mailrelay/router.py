@@ -22,7 +22,7 @@ Address = tuple[str, int]
 
 Protocol = Literal["smtp", "imap", "pop3", "none"]
 Mode = Literal["splice", "tls", "starttls"]
-AuthMethod = Literal["plain", "login", "cram-md5", "xoauth2", "oauthbearer", "external", "none"]
+AuthMethod = Literal["plain", "login", "cram-md5", "apop", "xoauth2", "oauthbearer", "external", "none"]
 UpstreamTLS = Literal["none", "tls", "starttls"]
 Login = Literal["passthrough", "xclient", "none"]
 
@@ -92,6 +92,10 @@ class RouteRequest:
     sni: str | None = None
     """The TLS server name the client asked for: from the handshake when mailrelay
     terminates TLS, peeked from the ClientHello in `splice` mode when enabled."""
+    tls_version: str | None = None
+    """`TLSv1.3`, `TLSv1.2`...: the client's TLS version when mailrelay terminates its TLS."""
+    tls_cipher: str | None = None
+    """The OpenSSL name of the cipher the client's TLS connection uses."""
     client_cert: ClientCertificate | None = None
     """The client's verified certificate, when `[tls] client_ca` asks for one."""
     user: str | None = None
@@ -143,16 +147,20 @@ class Reject(Exception):
     The client gets its protocol's failure reply after `wait` seconds (a tarpit for
     guessers); `code` optionally carries a protocol-specific reply code. `message` is
     for the log and, for protocols that show it, the client: it must not hold secrets.
+    `close` ends the connection after the reply even when the listener's
+    `max_attempts` would allow another try (what nginx does when its auth service
+    answers a failure without `Auth-Wait`).
     """
 
-    def __init__(self, message: str, wait: float = 0, code: str | int | None = None) -> None:
+    def __init__(self, message: str, wait: float = 0, code: str | int | None = None, close: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.wait = float(wait)
         self.code = code
+        self.close = close
 
     def __repr__(self) -> str:
-        return f"Reject({self.message!r}, wait={self.wait!r}, code={self.code!r})"
+        return f"Reject({self.message!r}, wait={self.wait!r}, code={self.code!r}, close={self.close!r})"
 
 
 RouteAnswer = Route | Sequence[Route]
@@ -181,7 +189,12 @@ class Router:
 
 
 class RouterError(Exception):
-    """The Router failed to answer: it raised, timed out or answered nonsense."""
+    """
+    The Router could not decide: it raised, timed out, answered nonsense, or its own
+    service (an auth server) is unavailable. The client gets its protocol's
+    temporary-failure reply (SMTP 451, IMAP `NO [UNAVAILABLE]`, POP3 `-ERR [SYS/TEMP]`),
+    never "wrong password". A Router may raise it itself, with a message for the log.
+    """
 
 
 def _as_routes(answer: object) -> list[Route]:

@@ -355,6 +355,9 @@ class SNITests(TLSTestCase):
             [(r.tls, r.sni, r.client_cert) for r in router.requests],
             [(True, name, None) for name in seen] + [(True, n, None) for n in ["mail.test", "alias.other.test", "x.wild.test"]],
         )
+        # What the handshake settled reaches the router too (Python's client speaks TLS 1.3 here).
+        self.assertEqual({r.tls_version for r in router.requests}, {"TLSv1.3"})
+        self.assertTrue(all(r.tls_cipher and r.tls_cipher.startswith("TLS_") for r in router.requests))
 
 
 # --- 2. protocol versions ------------------------------------------------------------
