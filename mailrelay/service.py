@@ -113,10 +113,10 @@ class MailrelayService(MultiService):
         self.connector = UpstreamConnector(reactor, config.upstream.connect_timeout, client_tls)
         if any(listener.terminates_tls for listener in config.listeners):
             self.server_tls = self._tls_setup(lambda: ServerTLS(config.tls or ServerTLSConfig(default=None)), errors)
-        default = router if router is not None else _build(config.router, errors)
+        default = router if router is not None else _build(config.router, errors, reactor)
         routers: dict[str, IRouter] = {}
         for listener in config.listeners:
-            own = _build(listener.router, errors) if listener.router is not None else default
+            own = _build(listener.router, errors, reactor) if listener.router is not None else default
             if own is not None:
                 routers[listener.name] = own
             elif listener.router is None and config.router is None:
@@ -224,11 +224,11 @@ class MailrelayService(MultiService):
         await DeferredList([maybeDeferred(r.stopService) for r in reversed(routers)])
 
 
-def _build(spec: RouterSpec | None, errors: list[str]) -> IRouter | None:
+def _build(spec: RouterSpec | None, errors: list[str], reactor: Any) -> IRouter | None:
     if spec is None:
         return None
     try:
-        return spec.build()
+        return spec.build(reactor)
     except ConfigError as e:
         errors.extend(e.errors)
         return None

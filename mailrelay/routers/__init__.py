@@ -18,11 +18,16 @@ from . import python, static
 
 @attrs.frozen
 class RouterSpec:
-    """A validated router table: its type, a one-line description and a builder."""
+    """
+    A validated router table: its type, a one-line description and a builder.
+
+    `build(reactor)` makes the router; `reactor` (None: the global one) is what a router
+    that does I/O or keeps time must use, so that tests can give it a fake clock.
+    """
 
     type: str
     description: str
-    build: Callable[[], IRouter]
+    build: Callable[..., IRouter]
 
 
 ROUTER_TYPES: dict[str, Callable[[Table], RouterSpec | None]] = {

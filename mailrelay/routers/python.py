@@ -47,7 +47,7 @@ def parse(table: Table) -> RouterSpec | None:
         table.error("class", str(e))
         return None
 
-    def build() -> IRouter:
+    def build(reactor: Any = None) -> IRouter:
         try:
             router = cls(**options)
         except Exception as e:

@@ -63,7 +63,7 @@ def parse(table: Table) -> RouterSpec | None:
         return None
     valid = [r for r in routes if r is not None]
     description = "static: " + ", then ".join(_describe(r) for r in valid)
-    return RouterSpec("static", description, lambda: StaticRouter(tuple(valid)))
+    return RouterSpec("static", description, lambda reactor=None: StaticRouter(tuple(valid)))
 
 
 def _describe(route: Route) -> str:
