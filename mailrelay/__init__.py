@@ -2,7 +2,7 @@
 
 from .config import ConfigError
 from .interfaces import IReloadable
-from .router import ClientCertificate, IRouter, Reject, Route, Router, RouterError, RouteRequest
+from .router import ClientCertificate, IRouter, Reject, Route, Router, RouteRequest, RouterError
 from .service import makeService
 
 __all__ = [

@@ -18,6 +18,7 @@ import attrs
 from twisted.internet.endpoints import serverFromString
 
 from .configtable import ConfigError, Errors, Table
+from .guard import LoginLimits
 from .router import MODES, PROTOCOLS
 from .routers import RouterSpec, parse_router
 from .tls import MIN_VERSIONS, CertificateFiles, ServerTLSConfig
@@ -79,6 +80,8 @@ class Config:
     drain_timeout: float = 30.0
     tls: ServerTLSConfig | None = None
     """`[tls]`; None: `tls` and `starttls` listeners get a self-signed certificate."""
+    login_limits: LoginLimits = LoginLimits()
+    """`[login_limits]`: the brute-force defence shared by every listener."""
 
     def router_for(self, listener: ListenerConfig) -> RouterSpec | None:
         return listener.router or self.router
@@ -120,6 +123,11 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base_dir: st
     tls_table = top.table("tls", None)
     tls = _tls(tls_table) if tls_table is not None else None
 
+    login_limits = LoginLimits()
+    limits_table = top.table("login_limits", None)
+    if limits_table is not None:
+        login_limits = _login_limits(limits_table) or login_limits
+
     router_table = top.table("router", None)
     default_router = _router(router_table)
 
@@ -145,6 +153,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base_dir: st
         upstream=upstream,
         drain_timeout=drain_timeout,
         tls=tls,
+        login_limits=login_limits,
     )
 
 
@@ -203,6 +212,20 @@ def _for_modes(table: Table, mode: str | None, modes: tuple[str, ...], key: str,
         names = " and ".join(f'"{m}"' for m in modes)
         table.error(key, f'applies only to mode {names} listeners, not "{mode}"')
     return value
+
+
+def _login_limits(table: Table) -> LoginLimits | None:
+    default = LoginLimits()
+    values = dict(
+        window=table.seconds("window", default.window),
+        max_per_client=table.integer("max_per_client", default.max_per_client, minimum=0, maximum=1_000_000),
+        max_per_user=table.integer("max_per_user", default.max_per_user, minimum=0, maximum=1_000_000),
+        delay=table.number("delay", default.delay),
+    )
+    table.finish()
+    if None in values.values():
+        return None
+    return LoginLimits(**values)
 
 
 def _tls(table: Table) -> ServerTLSConfig | None:

@@ -143,6 +143,14 @@ class Table:
                 value = os.path.join(self.errors.base_dir, value)
         return value
 
+    def number(self, key: str, default: Any = _MISSING) -> Any:
+        """A number of seconds that may be 0 (a delay that can be turned off)."""
+        value = self._get(key, default, (int, float), "a number of seconds")
+        if isinstance(value, (int, float)) and value is not default and value < 0:
+            self.error(key, f"must be 0 or more seconds, not {value}")
+            return None
+        return float(value) if isinstance(value, (int, float)) else value
+
     def boolean(self, key: str, default: Any = _MISSING) -> Any:
         return self._get(key, default, (bool,), "true or false")
 

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from .clienthello import ClientHello, MalformedClientHello, NotTLS, peek_client_hello
 from .config import ListenerConfig
 from .connector import UpstreamConnector
+from .guard import LoginGuard
 from .protocols import FRONT_ENDS
 from .relay import RoutedConnection, address_of
 from .router import IRouter
@@ -45,6 +46,7 @@ class ListenerFactory(Factory):
         clock: IReactorTime,
         tls: IOpenSSLServerConnectionCreator | None = None,
         connection_class: type[RoutedConnection] | None = None,
+        guard: LoginGuard | None = None,
     ) -> None:
         """
         `tls` is the server TLS of a `starttls` listener (a `tls` listener's factory is
@@ -57,6 +59,7 @@ class ListenerFactory(Factory):
         self.sessions = sessions
         self.clock = clock
         self.tls = tls
+        self.guard = guard
         self.connection_class = (
             connection_class or MODE_PROTOCOLS.get((listener.mode, listener.protocol)) or FRONT_ENDS[listener.protocol]
         )

@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from .config import ListenerConfig
 from .connector import LoginStep, StartTLSStep, UpstreamConnector, UpstreamUnavailable
+from .guard import LoginGuard
 from .router import Address, IRouter, Reject, RouteRequest, RouterError, ask_router
 from .session import Session, Sessions
 from .splice import Splice, SpliceableProtocol
@@ -50,6 +51,8 @@ class RoutedConnectionFactory(Protocol):
     clock: IReactorTime
     tls: IOpenSSLServerConnectionCreator | None
     """The server TLS a connection upgrades to on STARTTLS (None: no STARTTLS)."""
+    guard: LoginGuard | None
+    """Counts failed logins, and refuses logins past its limits (None: no limits)."""
 
 
 @implementer(IHandshakeListener)
@@ -149,32 +152,57 @@ class RoutedConnection(SpliceableProtocol):
     async def route_and_splice(
         self, request: RouteRequest, login: LoginStep | None = None, starttls: StartTLSStep | None = None
     ) -> None:
+        """
+        Route `request`, connect (running the front-end's `starttls` and `login` steps
+        upstream), splice. A refusal ends in `refused()`, a failure to decide or to
+        reach an upstream in `unavailable()`: front-ends override those to answer in
+        their protocol. Failed logins are counted by the listener's guard, which may
+        refuse a login before the Router is asked.
+        """
         factory, session = self.factory, self.session
         assert session is not None
+        guard = factory.guard
+        if guard is not None:
+            refusal = guard.refusal(request)
+            if refusal is not None:
+                if guard.limits.delay > 0:
+                    await deferLater(factory.clock, guard.limits.delay)
+                self.unavailable("throttled", refusal)
+                return
         try:
             routes = await ask_router(factory.router, request, factory.clock, self.listener.router_timeout)
-        except Reject as reject:
+            if self.lost_reason is not None:  # a router that ignored its cancellation
+                raise CancelledError()
+            upstream = await factory.connector.connect(routes, login=login, session_id=session.id, starttls=starttls)
+        except Reject as reject:  # by the Router, or by the upstream refusing our login
+            if guard is not None:
+                guard.failed(request)
             if reject.wait > 0:
                 await deferLater(factory.clock, reject.wait)
-            self.close("rejected", reject.message)
+            self.refused(reject)
             return
         except RouterError as e:
             if e.__cause__ is not None:  # the router raised: its author needs the traceback
                 self.log.failure("session {session_id}: router failed", Failure(e.__cause__), session_id=session.id)
-            self.close("router-error", str(e))
+            self.unavailable("router-error", str(e))
             return
-        if self.lost_reason is not None:  # a router that ignored its cancellation
-            raise CancelledError()
-        try:
-            upstream = await factory.connector.connect(routes, login=login, session_id=session.id, starttls=starttls)
         except UpstreamUnavailable as e:
-            self.close("upstream-unavailable", str(e))
+            self.unavailable("upstream-unavailable", str(e))
             return
         session.upstream = upstream.route.address
         self._splice = Splice(self, upstream.protocol, factory.clock, self.listener.idle_timeout)
         result = await self._splice.start()
         session.bytes_up, session.bytes_down = result.bytes_up, result.bytes_down
         session.finish(result.outcome, f"{result.ended_by} closed first" if result.ended_by else None)
+
+    def refused(self, reject: Reject) -> None:
+        """The session was refused (after `reject.wait`); without a protocol, close."""
+        self.close("rejected", reject.message)
+
+    def unavailable(self, outcome: str, reason: str) -> None:
+        """No route could be decided or reached now: a temporary failure. Without a
+        protocol to say so in, close."""
+        self.close(outcome, reason)
 
     def finish(self, outcome: str, reason: str | None = None) -> None:
         assert self.session is not None

@@ -205,6 +205,21 @@ def _as_routes(answer: object) -> list[Route]:
     raise RouterError(f"router answered {answer!r}; expected a Route or a non-empty list of Routes")
 
 
+def call_router(router: IRouter, request: RouteRequest) -> Deferred[Any]:
+    """`router.route(request)` as a Deferred, whether it answered directly, with an
+    awaitable or with a Deferred (a router wrapping another calls it this way)."""
+
+    def call() -> Any:
+        answer = router.route(request)
+        if isinstance(answer, Deferred):
+            return answer
+        if inspect.isawaitable(answer):
+            return Deferred.fromCoroutine(_await(answer))
+        return answer
+
+    return maybeDeferred(call)
+
+
 def ask_router(router: IRouter, request: RouteRequest, clock: IReactorTime, timeout: float) -> Deferred[list[Route]]:
     """
     Ask `router` about `request`, whatever style it answers in.
@@ -215,14 +230,6 @@ def ask_router(router: IRouter, request: RouteRequest, clock: IReactorTime, time
     Router's pending Deferred or coroutine.
     """
 
-    def call() -> Any:
-        answer = router.route(request)
-        if isinstance(answer, Deferred):
-            return answer
-        if inspect.isawaitable(answer):
-            return Deferred.fromCoroutine(_await(answer))
-        return answer
-
     def failed(failure: Any) -> Any:
         if failure.check(Reject, RouterError, CancelledError):
             return failure
@@ -230,7 +237,7 @@ def ask_router(router: IRouter, request: RouteRequest, clock: IReactorTime, time
             raise RouterError(f"router did not answer within {timeout:g}s")
         raise RouterError(f"router raised {failure.value!r}") from failure.value
 
-    d: Deferred[Any] = maybeDeferred(call)
+    d = call_router(router, request)
     d.addTimeout(timeout, clock)
     d.addCallbacks(_as_routes, failed)
     return d

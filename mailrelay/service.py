@@ -27,10 +27,11 @@ from twisted.python.failure import Failure
 
 from .config import Config, ConfigError, ListenerConfig, load_config, parse_config
 from .connector import UpstreamConnector
+from .guard import LoginGuard
 from .interfaces import IReloadable
 from .listener import ListenerFactory
 from .router import IRouter
-from .routers import RouterSpec
+from .routers import RouterSpec, components
 from .session import Sessions
 from .tls import ClientTLS, ServerTLS, ServerTLSConfig, TLSSetupError
 
@@ -111,6 +112,7 @@ class MailrelayService(MultiService):
         errors: list[str] = []
         client_tls = self._tls_setup(lambda: ClientTLS(config.upstream.ca), errors)
         self.connector = UpstreamConnector(reactor, config.upstream.connect_timeout, client_tls)
+        self.guard = LoginGuard(config.login_limits, reactor)
         if any(listener.terminates_tls for listener in config.listeners):
             self.server_tls = self._tls_setup(lambda: ServerTLS(config.tls or ServerTLSConfig(default=None)), errors)
         default = router if router is not None else _build(config.router, errors, reactor)
@@ -138,6 +140,7 @@ class MailrelayService(MultiService):
                 self.sessions,
                 reactor,
                 tls=tls if listener.mode == "starttls" else None,
+                guard=self.guard,
             )
             if listener.mode == "tls":
                 assert tls is not None
@@ -159,7 +162,7 @@ class MailrelayService(MultiService):
     def reloadables(self) -> list[Any]:
         """Every component SIGHUP reloads: certificates, upstream trust, routers."""
         found = [c for c in (self.server_tls, self.connector.tls) if c is not None]
-        return found + [r for r in self.routers if IReloadable.providedBy(r)]
+        return found + [c for r in self.routers for c in components(r) if IReloadable.providedBy(c)]
 
     def startService(self) -> None:
         if self.server_tls is not None:
@@ -200,8 +203,9 @@ class MailrelayService(MultiService):
         if any(r is router for r in self.routers):
             return
         self.routers.append(router)
-        if IService.providedBy(router):
-            IService(router).setServiceParent(self)
+        for component in components(router):
+            if IService.providedBy(component):
+                IService(component).setServiceParent(self)
 
     def stopService(self) -> Deferred[Any]:
         return Deferred.fromCoroutine(self._stop())
@@ -220,7 +224,7 @@ class MailrelayService(MultiService):
                 timeout=self.config.drain_timeout,
             )
         await self.sessions.drain(self.config.drain_timeout)
-        routers = [IService(r) for r in self.routers if IService.providedBy(r)]
+        routers = [IService(c) for r in self.routers for c in components(r) if IService.providedBy(c)]
         await DeferredList([maybeDeferred(r.stopService) for r in reversed(routers)])
 
 

@@ -18,7 +18,7 @@ from mailrelay.config import ListenerConfig
 from mailrelay.connector import UpstreamConnector
 from mailrelay.listener import ListenerFactory
 from mailrelay.protocols.base import LineFrontEnd
-from mailrelay.router import Route, RouteRequest
+from mailrelay.router import Reject, Route, RouteRequest
 from mailrelay.session import Sessions
 from mailrelay.tls import CertificateFiles, ServerTLS, ServerTLSConfig
 from tests.pki import PKI
@@ -47,6 +47,9 @@ class ToyFrontEnd(LineFrontEnd):
             self.send(f"OK tls={self.tls is not None} seen={self.seen}\r\n".encode())
         elif line == b"RELAY":
             self.begin()
+        elif line.startswith(b"LOGIN "):
+            user, password = line[6:].decode().split(" ", 1)
+            self.begin(user=user, password=password, auth_method="plain")
         else:
             self.send(b"BAD unknown command\r\n")
 
@@ -56,6 +59,14 @@ class ToyFrontEnd(LineFrontEnd):
 
     def tls_started(self) -> None:
         self.seen = 0
+
+    def refused(self, reject: Reject) -> None:
+        self.send(f"NO {reject.message}\r\n".encode())
+        super().refused(reject)
+
+    def unavailable(self, outcome: str, reason: str) -> None:
+        self.send(f"TEMP {outcome}\r\n".encode())
+        super().unavailable(outcome, reason)
 
 
 class Recorder:

@@ -1,0 +1,97 @@
+"""
+`cache_ttl = N` on any `[router]`: successful answers remembered for N seconds, so that
+a busy auth service is not asked on every login of the same user.
+
+What is cached, and for whom:
+- only successful answers (Routes); a Reject or a failure is never remembered, so a
+  wrong password is always asked about and a fixed account works at once;
+- only requests that carry a user; the key is everything that could change the
+  answer for that user: listener, protocol, auth method, user, a keyed digest of the
+  password (never the password itself), the client's address (not its port), TLS and
+  SNI. A cache hit therefore needs the same credentials from the same address;
+- never challenge-response logins (CRAM-MD5, APOP): their answer depends on a
+  per-session challenge, so no two requests are alike.
+
+The cache holds at most `cache_size` entries (least recently used go first) and is
+emptied on reload, so that a changed route map or auth decision applies at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections import OrderedDict
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from ..interfaces import IReloadable
+from ..router import IRouter, Route, RouteRequest, call_router
+
+UNCACHEABLE_METHODS = frozenset({"cram-md5", "apop"})
+
+CacheKey = tuple[Any, ...]
+
+
+@implementer(IRouter, IReloadable)
+class CachingRouter:
+    """Answers from memory what `inner` answered for the same login not long ago."""
+
+    def __init__(self, inner: IRouter, ttl: float, size: int, clock: IReactorTime) -> None:
+        self.inner = inner
+        self.ttl = ttl
+        self.size = size
+        self.clock = clock
+        self._entries: OrderedDict[CacheKey, tuple[float, Any]] = OrderedDict()
+        # Keys hold a digest of the password; the random key makes that digest useless
+        # outside this process (no dictionary attack on a memory dump).
+        self._secret = secrets.token_bytes(32)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def key(self, request: RouteRequest) -> CacheKey | None:
+        """The cache key of `request`, or None when it must not be cached."""
+        if request.user is None or request.auth_method in UNCACHEABLE_METHODS:
+            return None
+        password = hmac.new(self._secret, (request.password or "").encode("utf-8", "surrogateescape"), hashlib.sha256)
+        return (
+            request.listener,
+            request.protocol,
+            request.auth_method,
+            request.user,
+            password.digest(),
+            request.client[0],
+            request.tls,
+            request.sni,
+        )
+
+    async def route(self, request: RouteRequest) -> Any:
+        key = self.key(request)
+        now = self.clock.seconds()
+        if key is not None:
+            entry = self._entries.get(key)
+            if entry is not None:
+                expires, answer = entry
+                if expires > now:
+                    self._entries.move_to_end(key)
+                    return answer
+                del self._entries[key]
+        answer = await call_router(self.inner, request)
+        if key is not None and _is_success(answer):
+            self._entries[key] = (now + self.ttl, answer)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return answer
+
+    def reload(self) -> None:
+        self._entries.clear()
+
+
+def _is_success(answer: object) -> bool:
+    if isinstance(answer, Route):
+        return True
+    return isinstance(answer, (list, tuple)) and bool(answer) and all(isinstance(r, Route) for r in answer)
