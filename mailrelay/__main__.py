@@ -44,6 +44,11 @@ def check(path: str) -> int:
             f" idle_timeout={listener.idle_timeout:g}s router_timeout={listener.router_timeout:g}s{extra}"
         )
         print(f"  router: {listener.router.description if listener.router else 'the default router'}")
+    limits = config.login_limits
+    print(
+        f"login_limits: window={limits.window:g}s max_per_client={limits.max_per_client or 'off'}"
+        f" max_per_user={limits.max_per_user or 'off'} delay={limits.delay:g}s"
+    )
     trust = config.upstream.ca or "the system trust store"
     print(
         f"upstream: connect_timeout={config.upstream.connect_timeout:g}s, TLS verified against {trust};"
