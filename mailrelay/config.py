@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 from twisted.internet.endpoints import serverFromString
 
-from .configtable import ConfigError, Errors, Table
+from .configtable import ConfigError, Errors, Table, read_toml
 from .guard import LoginLimits
 from .router import MODES, PROTOCOLS
 from .routers import RouterSpec, parse_router
@@ -89,17 +88,8 @@ class Config:
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a TOML file; raise ConfigError naming the file otherwise."""
-    source = str(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError([f"{source}: no such file"]) from None
-    except OSError as e:
-        raise ConfigError([f"{source}: cannot read: {e.strerror or e}"]) from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError([f"{source}: not valid TOML: {e}"]) from None
-    return parse_config(data, source, base_dir=os.path.dirname(os.path.abspath(path)))
+    data, _ = read_toml(path)
+    return parse_config(data, str(path), base_dir=os.path.dirname(os.path.abspath(path)))
 
 
 def parse_config(data: Mapping[str, Any], source: str = "<config>", base_dir: str | None = None) -> Config:

@@ -9,6 +9,7 @@ Whatever a caller did not read is an unknown key when `finish()` is called.
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -23,6 +24,27 @@ class ConfigError(Exception):
     def __init__(self, errors: list[str]) -> None:
         super().__init__("\n".join(errors))
         self.errors = errors
+
+
+def read_toml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], os.stat_result]:
+    """
+    A TOML file's data and the status of the very file read; ConfigError (naming the
+    file) when it is missing, unreadable, not UTF-8 or not TOML.
+    """
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            status = os.fstat(f.fileno())
+            text = f.read().decode("utf-8")
+        return tomllib.loads(text), status
+    except FileNotFoundError:
+        raise ConfigError([f"{source}: no such file"]) from None
+    except OSError as e:
+        raise ConfigError([f"{source}: cannot read: {e.strerror or e}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{source}: not valid TOML: not UTF-8 text (byte {e.start})"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{source}: not valid TOML: {e}"]) from None
 
 
 class Errors:
@@ -154,8 +176,9 @@ class Table:
     def boolean(self, key: str, default: Any = _MISSING) -> Any:
         return self._get(key, default, (bool,), "true or false")
 
-    def table(self, key: str, default: Any = _MISSING) -> Table | None:
-        value = self._get(key, default, (dict,), "a table")
+    def table(self, key: str, default: Any = _MISSING, secret: bool = False) -> Table | None:
+        """A sub-table; `secret` keeps a wrongly typed value out of error messages."""
+        value = self._get(key, default, (dict,), "a table", secret)
         if not isinstance(value, dict):
             return None
         return Table(value, self.key_path(key), self.errors)
@@ -183,6 +206,10 @@ class Table:
         except (ValueError, TypeError) as e:
             self.error(key, str(e))
             return None
+
+    def consume(self, key: str) -> None:
+        """Mark `key` as read without reading it (it was reported some other way)."""
+        self._read.add(key)
 
     def finish(self) -> None:
         """Report every key present but never read (once)."""

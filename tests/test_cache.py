@@ -154,3 +154,38 @@ def test_cache_settings_errors(keys: dict[str, Any], error: str) -> None:
             }
         )
     assert caught.value.errors == [f"<config>: {error}"]
+
+
+def test_a_router_whose_answers_changed_empties_the_cache() -> None:
+    router, inner, _ = cache()
+    inner.generation = 1  # type: ignore[attr-defined]  # what a file map router keeps
+    router._generation = 1
+    ask(router, login())
+    ask(router, login())
+    assert len(inner.asked) == 1
+    inner.generation = 2  # type: ignore[attr-defined]  # its file was re-read
+    ask(router, login())
+    assert len(inner.asked) == 2
+
+
+def test_a_cached_route_map_answers_from_its_new_file_at_once(tmp_path: Any) -> None:
+    routes = tmp_path / "routes.toml"
+    routes.write_text('[default]\nhost = "10.0.0.5"\nport = 143\n')
+    config = parse_config(
+        {
+            "router": {"type": "map", "file": str(routes), "check_interval": 1, "cache_ttl": 600},
+            "listener": [{"name": "l", "listen": "tcp:0", "mode": "splice"}],
+        }
+    )
+    assert config.router is not None
+    clock = Clock()
+    router = config.router.build(clock)
+    file_map = components(router)[-1]
+    file_map.startService()
+    try:
+        assert ask(router, login()) == [Route(host="10.0.0.5", port=143)]
+        routes.write_text('[default]\nhost = "10.0.0.66"\nport = 1143\n')
+        clock.advance(1)  # the map sees its file changed
+        assert ask(router, login()) == [Route(host="10.0.0.66", port=1143)]
+    finally:
+        file_map.stopService()

@@ -270,14 +270,9 @@ CASES = [
         ["router.drain_timeout: unknown key (a top-level key must come before the first [table] in TOML)"],
     ),
     (
-        "router-type-http-not-available",
-        '[router]\ntype = "http"\nurl = "http://127.0.0.1:9000/auth"\n' + LISTENER,
-        ['router.type: "http" is not available in this version of mailrelay (available: static, python)'],
-    ),
-    (
-        "router-type-map-not-available",
+        "router-type-map-without-rules",
         '[router]\ntype = "map"\n' + LISTENER,
-        ['router.type: "map" is not available in this version of mailrelay (available: static, python)'],
+        ["router: needs [[router.rule]] tables or a file of them (file = ...)"],
     ),
     (
         "password-of-the-wrong-type-is-not-echoed",
@@ -433,6 +428,12 @@ def test_invalid_toml(tmp_path: Path) -> None:
     [error] = errors_of(path)
     assert error.startswith(f"{path}: not valid TOML: ")
     assert "line 7" in error  # tomllib says where
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'# r\xe9sum\xe9\n' + ROUTER.encode())
+    assert errors_of(path) == [f"{path}: not valid TOML: not UTF-8 text (byte 3)"]
 
 
 @pytest.mark.slow
@@ -787,3 +788,11 @@ def test_check_shipped_example(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert 'listener "relay": tcp:2525:interface=127.0.0.1 mode=splice' in result.stdout
     assert "router: static: 127.0.0.1:25, then 127.0.0.1:2526" in result.stdout
+
+
+def test_shipped_map_example_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "map.toml"
+    config = load_config(example)
+    assert config.router is not None and config.router.type == "map"
+    assert config.login_limits.max_per_user == 10
+    MailrelayService(config, reactor=MemoryReactor())  # reads routes.toml beside it

@@ -14,7 +14,7 @@ import attrs
 
 from ..configtable import Table
 from ..router import IRouter
-from . import python, static
+from . import http, map, python, static
 from .cache import CachingRouter
 
 
@@ -35,10 +35,12 @@ class RouterSpec:
 ROUTER_TYPES: dict[str, Callable[[Table], RouterSpec | None]] = {
     "static": static.parse,
     "python": python.parse,
+    "http": http.parse,
+    "map": map.parse,
 }
 
 
-PLANNED_TYPES = ("http", "map")
+PLANNED_TYPES: tuple[str, ...] = ()
 
 
 def parse_router(table: Table) -> RouterSpec | None:

@@ -13,7 +13,9 @@ What is cached, and for whom:
   per-session challenge, so no two requests are alike.
 
 The cache holds at most `cache_size` entries (least recently used go first) and is
-emptied on reload, so that a changed route map or auth decision applies at once.
+emptied on reload, and whenever the router it wraps says its answers changed (a
+`generation` attribute that changes, as a route map re-read from its file has), so
+that a changed route map or auth decision applies at once.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class CachingRouter:
         # Keys hold a digest of the password; the random key makes that digest useless
         # outside this process (no dictionary attack on a memory dump).
         self._secret = secrets.token_bytes(32)
+        self._generation = getattr(inner, "generation", None)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -69,6 +72,10 @@ class CachingRouter:
         )
 
     async def route(self, request: RouteRequest) -> Any:
+        generation = getattr(self.inner, "generation", None)
+        if generation != self._generation:
+            self._entries.clear()
+            self._generation = generation
         key = self.key(request)
         now = self.clock.seconds()
         if key is not None:

@@ -1,0 +1,733 @@
+"""
+`type = "http"`: nginx's auth_http protocol, so the auth service an nginx mail proxy
+already asks decides where mailrelay's sessions go, unchanged.
+
+For every routing decision mailrelay sends one `GET` to `url` with the facts in request
+headers, and reads the decision from the response headers; the status code and the body
+are ignored. `auth_request_headers()` builds the request and `parse_auth_response()` reads
+the answer; both are pure functions. `HTTPRouter` does the I/O.
+
+Configuration (`[router]`, or a listener's `router = { ... }`):
+
+    type = "http"
+    url = "https://auth.example.net/mail"   # http:// or https://, required
+    timeout = 10                            # seconds for each request, connecting included
+    headers = { X-Auth-Key = "secret" }     # nginx's auth_http_header; values never shown
+    ca = "/etc/mailrelay/auth-ca.pem"       # https only; default: the system trust store
+    max_connections = 10                    # idle persistent connections kept
+    max_wait_retries = 10                   # WAIT answers followed before giving up
+
+Request headers, in nginx's order (each optional one only when it applies):
+
+- `Host`: the URL's host, without the port (nginx's way).
+- `Auth-Method`: `plain` (also for AUTH LOGIN, as nginx reports it), `cram-md5`, `apop`,
+  `external`, `none`, and two nginx does not have: `xoauth2`, `oauthbearer`.
+- `Auth-User`, `Auth-Pass`: always present, empty when unknown; escaped the way nginx
+  does (bytes 0x00-0x1F, space and `%` become `%XX`, everything else, UTF-8 included,
+  is sent raw; decode with percent-decoding only, `+` is not a space).
+- `Auth-Salt`: the challenge, for `cram-md5` and `apop` only.
+- `Auth-Protocol`: `smtp`, `imap`, `pop3`, or `none` for a `splice`/`tls` listener that
+  knows no protocol: the service then routes on `Client-IP` (and the TLS facts), with
+  `Auth-Method: none` and empty credentials.
+- `Auth-Login-Attempt`: 1, 2... within a session.
+- `Client-IP`: the client's address (`unix:` for a UNIX-socket client, as nginx).
+- `Client-Host`: SMTP only, always `[UNAVAILABLE]`: mailrelay has no resolver.
+- `Auth-SMTP-Helo`, `Auth-SMTP-From`, `Auth-SMTP-To`: SMTP with `Auth-Method: none`;
+  what the front-end collected, not escaped.
+- `Auth-SSL: on`, `Auth-SSL-Protocol`, `Auth-SSL-Cipher`: the client's connection to
+  mailrelay is TLS. With a verified client certificate also `Auth-SSL-Verify: SUCCESS`,
+  `Auth-SSL-Subject` and `Auth-SSL-Issuer` (escaped like Auth-User), `Auth-SSL-Serial`,
+  `Auth-SSL-Fingerprint` (SHA-1, lower-case hex).
+- The `headers` table of the configuration (nginx's `auth_http_header`), last, in order.
+
+Response headers (names case-insensitive, values trimmed, unknown ones ignored):
+
+- `Auth-Status: OK`: success; `Auth-Server` (an IP address or a host name) and
+  `Auth-Port` (1-65535) are required. `Auth-User`/`Auth-Pass` replace the client's
+  credentials for the upstream login (taken as sent, not percent-decoded, as nginx).
+  Without `Auth-Pass` an IMAP/POP3 session that logged in with CRAM-MD5/APOP cannot be
+  passed through, so that answer is an error (nginx: "did not send password").
+- `Auth-Status: WAIT`: ask again after `Auth-Wait` seconds (default 0), at most
+  `max_wait_retries` times.
+- Any other `Auth-Status` text: the session is refused with that text as the client's
+  message (`Reject`), after `Auth-Wait` seconds; without `Auth-Wait` (or with 0) the
+  connection is closed after the reply, otherwise the client may try again.
+  `Auth-Error-Code` (SMTP) replaces the default reply code.
+
+mailrelay's own response headers, which nginx ignores (all apply to every route):
+
+- `Mailrelay-TLS: none|tls|starttls`: how to secure the upstream connection (default none).
+- `Mailrelay-TLS-Verify: on|off`: verify the upstream's certificate (default on).
+- `Mailrelay-Server-Name: name`: the name the upstream certificate must carry, sent as SNI.
+- `Mailrelay-Login: passthrough|xclient|none`: how the upstream login happens; the
+  default is nginx's: `xclient` for SMTP, `passthrough` otherwise.
+- `Mailrelay-Proxy-Protocol: 1|2`: send a PROXY protocol header of that version first.
+- `Mailrelay-Fallback: host:port[, host:port...]`: more upstreams, tried in order when
+  connecting to `Auth-Server:Auth-Port` fails (an IPv6 address in brackets).
+
+An invalid value of any header read is an error naming the header. Every failure that is
+not the service's decision (unreachable, refused, timed out, reset, not HTTP, no or
+invalid `Auth-Status`, an `OK` without a server) raises `RouterError`: the client gets
+its protocol's temporary failure, never "wrong password". The messages never carry a
+password or a configured header value.
+
+Deviations from nginx:
+
+- HTTP/1.1 with persistent connections (`max_connections` idle ones kept, more opened
+  when requests overlap) instead of one HTTP/1.0 connection per request; a service that
+  answers HTTP/1.0 and closes works the same.
+- `https://` URLs, verified against `ca` or the system trust store, TLS 1.2 or later.
+  `unix:` URLs are not supported. The host name is resolved for each new connection, not
+  once at start.
+- The answer must be an HTTP response (nginx also takes bare header lines), and is not
+  limited to 1024 bytes (Twisted's own limits apply).
+- `Auth-Server` may be a host name; an IPv6 address may be in brackets.
+- A header that decides (`Auth-Status`, `Auth-Server`, ...) sent twice, an empty
+  `Auth-Status`, or a value that is not UTF-8, is an error. `Auth-Wait` may be fractional.
+- WAIT is followed at most `max_wait_retries` times; every request is bounded by
+  `timeout` (default 10 s; nginx's is 60 s) and the whole decision by the listener's
+  `router_timeout`.
+- Never sent: `Proxy-Protocol-*` (a route request does not carry the PROXY header's
+  addresses), `Auth-SSL-Cert`, `Auth-SSL-Verify` other than `SUCCESS` (a certificate
+  that fails verification never gets this far). `Client-Host` is never a real name.
+- The request header names are written exactly as nginx writes them (`Client-IP`,
+  `Auth-SSL`), not in Twisted's canonical case.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import attrs
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from twisted.application.service import Service
+from twisted.internet import error as net
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.ssl import Certificate, TLSVersion, optionsForClientTLS, platformTrust, trustRootFromCertificates
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS, IResponse
+from zope.interface import implementer
+
+from ..configtable import ConfigError, Table
+from ..interfaces import IReloadable
+from ..router import LOGINS, UPSTREAM_TLS, IRouter, Reject, Route, RouteRequest, RouterError
+
+if TYPE_CHECKING:
+    from . import RouterSpec
+
+__all__ = ["HTTPRouter", "Wait", "auth_request_headers", "escape", "parse_auth_response", "parse_url"]
+
+
+# -- the request ---------------------------------------------------------------------------
+
+_AUTH_METHODS = {
+    "plain": b"plain",
+    "login": b"plain",  # nginx reports AUTH LOGIN as plain
+    "cram-md5": b"cram-md5",
+    "apop": b"apop",
+    "external": b"external",
+    "none": b"none",
+    "xoauth2": b"xoauth2",
+    "oauthbearer": b"oauthbearer",
+}
+
+_ESCAPED = frozenset(range(0x20)) | {ord(" "), ord("%")}
+
+REQUEST_HEADERS = (
+    "Host",
+    "Auth-Method",
+    "Auth-User",
+    "Auth-Pass",
+    "Auth-Salt",
+    "Auth-Protocol",
+    "Auth-Login-Attempt",
+    "Client-IP",
+    "Client-Host",
+    "Auth-SMTP-Helo",
+    "Auth-SMTP-From",
+    "Auth-SMTP-To",
+    "Auth-SSL",
+    "Auth-SSL-Protocol",
+    "Auth-SSL-Cipher",
+    "Auth-SSL-Verify",
+    "Auth-SSL-Subject",
+    "Auth-SSL-Issuer",
+    "Auth-SSL-Serial",
+    "Auth-SSL-Fingerprint",
+)
+"""Every header mailrelay sends itself; a configured extra header may not reuse one."""
+
+_RESERVED = frozenset(name.lower() for name in (*REQUEST_HEADERS, "Connection", "Content-Length", "Transfer-Encoding"))
+
+
+def _utf8(value: str) -> bytes:
+    try:
+        return value.encode("utf-8", "surrogateescape")  # bytes a front-end could not decode, as received
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "replace")
+
+
+def escape(value: str) -> bytes:
+    """nginx's escaping of Auth-User and Auth-Pass: control bytes, space and `%` as `%XX`."""
+    return b"".join(b"%%%02X" % byte if byte in _ESCAPED else bytes((byte,)) for byte in _utf8(value))
+
+
+def _raw(value: str) -> bytes:
+    """A value nginx sends unescaped; a line break (which no front-end lets through)
+    becomes a space, as Twisted would write it anyway."""
+    return b" ".join(_utf8(value).splitlines())
+
+
+def auth_request_headers(request: RouteRequest, host: str, extra: Sequence[tuple[str, str]] = ()) -> list[tuple[bytes, bytes]]:
+    """The request headers nginx would send for `request`, in its order, then `extra`."""
+    method = _AUTH_METHODS[request.auth_method]
+    headers = [
+        (b"Host", host.encode("ascii")),
+        (b"Auth-Method", method),
+        (b"Auth-User", escape(request.user or "")),
+        (b"Auth-Pass", escape(request.password or "")),
+    ]
+    if method in (b"cram-md5", b"apop") and request.salt:
+        headers.append((b"Auth-Salt", _raw(request.salt)))
+    client = request.client[0]
+    headers += [
+        (b"Auth-Protocol", request.protocol.encode("ascii")),
+        (b"Auth-Login-Attempt", b"%d" % request.attempt),
+        (b"Client-IP", _raw(client) if isIPAddress(client) or isIPv6Address(client) else b"unix:"),
+    ]
+    if request.protocol == "smtp":
+        headers.append((b"Client-Host", b"[UNAVAILABLE]"))
+        if method == b"none":
+            headers += [
+                (b"Auth-SMTP-Helo", _raw(request.helo or "")),
+                (b"Auth-SMTP-From", _raw(request.mail_from or "")),
+                (b"Auth-SMTP-To", _raw(request.rcpt_to or "")),
+            ]
+    if request.tls:
+        headers.append((b"Auth-SSL", b"on"))
+        if request.tls_version:
+            headers.append((b"Auth-SSL-Protocol", _raw(request.tls_version)))
+        if request.tls_cipher:
+            headers.append((b"Auth-SSL-Cipher", _raw(request.tls_cipher)))
+        cert = request.client_cert
+        if cert is not None:
+            headers += [
+                (b"Auth-SSL-Verify", b"SUCCESS"),
+                (b"Auth-SSL-Subject", escape(cert.subject)),
+                (b"Auth-SSL-Issuer", escape(cert.issuer)),
+                (b"Auth-SSL-Serial", _raw(cert.serial)),
+                (b"Auth-SSL-Fingerprint", _raw(cert.fingerprint)),
+            ]
+    headers += [(name.encode("ascii"), _raw(value)) for name, value in extra]
+    return headers
+
+
+class _ExactCaseHeaders(Headers):
+    """
+    Headers written with the spelling given (`Client-IP`, `Auth-SSL`), not Twisted's
+    canonical `Client-Ip`: names are case-insensitive, but an auth script written for
+    nginx may not know it.
+    """
+
+    __slots__ = ("_spelling",)
+
+    def __init__(self, pairs: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        super().__init__()
+        self._spelling: dict[bytes, bytes] = {}
+        for name, value in pairs:
+            self.addRawHeader(name, value)
+            self._spelling[name.lower()] = name
+
+    def copy(self) -> _ExactCaseHeaders:
+        new = _ExactCaseHeaders()
+        new._rawHeaders = {name: list(values) for name, values in self._rawHeaders.items()}
+        new._spelling = dict(self._spelling)
+        return new
+
+    def getAllRawHeaders(self) -> Any:
+        for name, values in super().getAllRawHeaders():
+            yield self._spelling.get(name.lower(), name), values
+
+
+# -- the response --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Wait:
+    """The service answered `Auth-Status: WAIT`: ask again after `seconds`."""
+
+    seconds: float
+
+
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+_NUMBER = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
+def _host(value: str) -> str | None:
+    """An IP address (IPv6 with or without brackets) or a host name; None if neither."""
+    if value.startswith("[") and value.endswith("]"):
+        return value[1:-1] if isIPv6Address(value[1:-1]) else None
+    if isIPAddress(value) or isIPv6Address(value):
+        return value
+    if len(value) > 253 or not _HOST_NAME.fullmatch(value) or re.fullmatch(r"[0-9.]+", value):
+        return None
+    return value
+
+
+def _port(value: str) -> int | None:
+    return int(value) if value.isascii() and value.isdigit() and 0 < int(value) < 65536 else None
+
+
+def _address(value: str) -> tuple[str, int] | None:
+    """`host:port` or `[v6]:port`."""
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        return (host, p) if sep and isIPv6Address(host) and (p := _port(port)) else None
+    host, sep, port = value.rpartition(":")
+    return (h, p) if sep and ":" not in host and (h := _host(host)) and (p := _port(port)) else None
+
+
+class _Answer:
+    """The response headers, read one name at a time, each at most once."""
+
+    def __init__(self, headers: Headers | Iterable[tuple[str | bytes, str | bytes]], service: str) -> None:
+        if not isinstance(headers, Headers):
+            pairs, headers = headers, Headers()
+            for name, value in pairs:
+                headers.addRawHeader(name, value)
+        self.headers = headers
+        self.service = service
+
+    def error(self, reason: str) -> RouterError:
+        return RouterError(f"{self.service}: {reason}")
+
+    def get(self, name: str) -> str | None:
+        values = self.headers.getRawHeaders(name.encode("ascii"))
+        if not values:
+            return None
+        if len(values) > 1:
+            raise self.error(f"answered with {len(values)} {name} headers")
+        try:
+            return values[0].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise self.error(f"answered with a {name} that is not UTF-8") from None
+
+    def invalid(self, name: str, value: str) -> RouterError:
+        shown = value if len(value) <= 100 else value[:100] + "..."
+        return self.error(f'answered with an invalid {name}: "{shown}"')
+
+    def choice(self, name: str, choices: dict[str, Any], default: Any) -> Any:
+        value = self.get(name)
+        if value is None:
+            return default
+        if value not in choices:
+            raise self.invalid(name, value)
+        return choices[value]
+
+    def seconds(self, name: str) -> float:
+        value = self.get(name)
+        if value is None:
+            return 0.0
+        if not _NUMBER.fullmatch(value):
+            raise self.invalid(name, value)
+        return float(value)
+
+
+def parse_auth_response(
+    headers: Headers | Iterable[tuple[str | bytes, str | bytes]],
+    request: RouteRequest,
+    service: str = "auth service",
+) -> list[Route] | Wait:
+    """
+    Read an auth_http answer to `request`: the routes to try, in order, or `Wait`.
+
+    Raises `Reject` when the service refuses the session and `RouterError` (its message
+    starting with `service`) when the answer is missing, malformed or incomplete.
+    """
+    answer = _Answer(headers, service)
+    status = answer.get("Auth-Status")
+    if status is None:
+        raise answer.error("answered without Auth-Status")
+    if status == "WAIT":
+        return Wait(answer.seconds("Auth-Wait"))
+    if status != "OK":
+        if not status:
+            raise answer.error("answered with an empty Auth-Status")
+        wait = answer.seconds("Auth-Wait")
+        code = answer.get("Auth-Error-Code") or None
+        raise Reject(status, wait=wait, code=code, close=wait == 0)
+
+    server, port = answer.get("Auth-Server"), answer.get("Auth-Port")
+    missing = [name for name, value in (("Auth-Server", server), ("Auth-Port", port)) if not value]
+    if missing:
+        raise answer.error(f"answered OK without {' and '.join(missing)}")
+    assert server and port
+    host, port_number = _host(server), _port(port)
+    if host is None:
+        raise answer.invalid("Auth-Server", server)
+    if port_number is None:
+        raise answer.invalid("Auth-Port", port)
+    addresses = [(host, port_number)]
+    fallback = answer.get("Mailrelay-Fallback")
+    if fallback is not None:
+        for item in fallback.split(","):
+            address = _address(item.strip())
+            if address is None:
+                raise answer.invalid("Mailrelay-Fallback", fallback)
+            addresses.append(address)
+
+    server_name = answer.get("Mailrelay-Server-Name")
+    if server_name is not None and _host(server_name) is None:
+        raise answer.invalid("Mailrelay-Server-Name", server_name)
+    password = answer.get("Auth-Pass")
+    login = answer.choice("Mailrelay-Login", {v: v for v in LOGINS}, "xclient" if request.protocol == "smtp" else "passthrough")
+    needs_password = request.auth_method in ("cram-md5", "apop") and request.protocol in ("imap", "pop3")
+    if needs_password and login == "passthrough" and password is None:
+        raise answer.error(f"answered OK to a {request.auth_method} login without the Auth-Pass the upstream login needs")
+    settings = dict(
+        tls=answer.choice("Mailrelay-TLS", {v: v for v in UPSTREAM_TLS}, "none"),
+        tls_verify=answer.choice("Mailrelay-TLS-Verify", {"on": True, "off": False}, True),
+        server_name=server_name,
+        user=answer.get("Auth-User"),
+        password=password,
+        login=login,
+        proxy_protocol=answer.choice("Mailrelay-Proxy-Protocol", {"1": 1, "2": 2}, None),
+    )
+    return [Route(host=h, port=p, **settings) for h, p in addresses]
+
+
+# -- the service's address -----------------------------------------------------------------
+
+
+@attrs.frozen
+class AuthURL:
+    """A checked `url`: what to connect to and what to call it in messages."""
+
+    url: str
+    scheme: str
+    host: str
+    """As written, without IPv6 brackets."""
+    port: int
+
+    @property
+    def host_header(self) -> str:
+        """What nginx sends as `Host`: the host without the port."""
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    @property
+    def display(self) -> str:
+        """The URL for messages: a query string (which may hold a key) is not shown."""
+        base, query, _ = self.url.partition("?")
+        return base + ("?..." if query else "")
+
+
+def parse_url(url: str) -> AuthURL:
+    """Check an auth service URL; ValueError says what is wrong with it."""
+    if not url.isascii() or any(c.isspace() or ord(c) < 0x20 for c in url):
+        raise ValueError(f'must be ASCII without spaces (percent-encode the path, a host name in its xn-- form), not "{url}"')
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not url.lower().startswith(parts.scheme.lower() + "://"):
+        raise ValueError(f'must be an http:// or https:// URL, not "{url}"')
+    if "@" in parts.netloc:
+        raise ValueError("must not hold a user name or password (send credentials with headers)")
+    if parts.fragment or url.endswith("#"):
+        raise ValueError(f'must not have a #fragment: "{url}"')
+    netloc = parts.netloc
+    if netloc.startswith("["):
+        host, _, rest = netloc[1:].partition("]")
+        if not isIPv6Address(host):
+            raise ValueError(f'has an invalid IPv6 address: "{url}"')
+        port_text = rest[1:] if rest.startswith(":") else None
+        if rest and port_text is None:
+            raise ValueError(f'has an invalid host: "{url}"')
+    else:
+        host, sep, port_text_or_empty = netloc.partition(":")
+        port_text = port_text_or_empty if sep else None
+        if not host:
+            raise ValueError(f'has no host: "{url}"')
+        if _host(host) is None:
+            raise ValueError(f'has an invalid host "{host}"')
+    default = 443 if parts.scheme.lower() == "https" else 80
+    port = default if port_text is None else _port(port_text)
+    if port is None:
+        raise ValueError(f'has an invalid port (1 to 65535): "{url}"')
+    return AuthURL(url=url, scheme=parts.scheme.lower(), host=host, port=port)
+
+
+# -- TLS to the service --------------------------------------------------------------------
+
+
+def load_trust(ca: str | None) -> Any:
+    """The trust root for an https service: the CAs in the PEM file `ca`, or the
+    system's. ValueError says why `ca` is unusable."""
+    if ca is None:
+        return platformTrust()
+    try:
+        with open(ca, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {ca}: {e.strerror or e}") from None
+    try:
+        certificates = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise ValueError(f"{ca} holds no PEM certificate") from None
+    return trustRootFromCertificates([Certificate(crypto.X509.from_cryptography(c)) for c in certificates])
+
+
+@implementer(IPolicyForHTTPS)
+class _VerifiedTLS:
+    """Verify the service's certificate against `trust`, TLS 1.2 or later."""
+
+    def __init__(self, trust: Any) -> None:
+        self.trust = trust
+        self._creators: dict[tuple[bytes, int], IOpenSSLClientConnectionCreator] = {}
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        # Cached: a context loads the whole trust store.
+        key = (hostname, port)
+        if key not in self._creators:
+            self._creators[key] = optionsForClientTLS(
+                hostname.decode("ascii"), trustRoot=self.trust, extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2}
+            )
+        return self._creators[key]
+
+
+# -- the router ----------------------------------------------------------------------------
+
+
+class _Discard(Protocol):
+    """Reads a response body to its end and forgets it, so the connection can be reused."""
+
+    def __init__(self) -> None:
+        self.done: Deferred[None] = Deferred(self._abort)
+
+    def _abort(self, done: Deferred[None]) -> None:
+        # The transport is Twisted's TransportProxyProducer: stopping it drops the connection.
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.done.called:
+            self.done.callback(None)
+
+
+def _cancelled(error: BaseException) -> bool:
+    """Whether `error` is, or (as Twisted's HTTP client reports it) wraps, a cancellation."""
+    reasons = getattr(error, "reasons", None) or ()
+    return isinstance(error, CancelledError) or any(_cancelled(reason.value) for reason in reasons)
+
+
+def describe_failure(error: BaseException) -> str:
+    """Why an HTTP request failed, in an administrator's words (no header values)."""
+    from service_identity import VerificationError
+
+    from ..tls import describe_tls_error
+
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        # Twisted wraps the transport's failure; the first one is the cause.
+        return describe_failure(reasons[0].value)
+    if isinstance(error, net.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, net.DNSLookupError):
+        return "host name not found"
+    if isinstance(error, (net.TimeoutError, net.TCPTimedOutError)):
+        return "connection timed out"
+    if isinstance(error, net.ConnectionDone):
+        return "connection closed before a complete answer"
+    if isinstance(error, net.ConnectionLost):
+        return "connection lost before a complete answer"
+    if isinstance(error, VerificationError):
+        return "TLS: the service's certificate is not valid for its host name"
+    if isinstance(error, SSL.Error):
+        return describe_tls_error(error)
+    if type(error).__name__ in ("ParseError", "BadResponseVersion"):
+        return "answered something that is not HTTP"
+    if isinstance(error, net.ConnectError):
+        return f"cannot connect: {error}"
+    return f"{type(error).__name__}: {error}"
+
+
+@implementer(IRouter, IReloadable)
+class HTTPRouter(Service):
+    """
+    Routes by asking an nginx-style auth service over HTTP(S).
+
+    A service (started before the listeners, stopped after them): stopping closes the
+    idle persistent connections. Reloading re-reads `ca` (a broken file keeps the old).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 10.0,
+        headers: Sequence[tuple[str, str]] = (),
+        ca: str | None = None,
+        max_connections: int = 10,
+        max_wait_retries: int = 10,
+        reactor: Any = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.url = parse_url(url)
+        for name, _ in headers:
+            if not _TOKEN.fullmatch(name) or name.lower() in _RESERVED:
+                raise ValueError(f'"{name}" cannot be an extra header')
+        self.service = f"auth service {self.url.display}"
+        self.timeout = timeout
+        self.headers = tuple(headers)
+        self.ca = ca
+        self.max_wait_retries = max_wait_retries
+        self.reactor = reactor
+        self.tls: _VerifiedTLS | None = _VerifiedTLS(load_trust(ca)) if self.url.scheme == "https" else None
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = max_connections
+        tls_policy = {"contextFactory": self.tls} if self.tls is not None else {}
+        self.agent = Agent(reactor, connectTimeout=timeout, pool=self.pool, **tls_policy)
+
+    def __repr__(self) -> str:
+        return f"<HTTPRouter {self.url.display}>"
+
+    async def route(self, request: RouteRequest) -> list[Route]:
+        headers = auth_request_headers(request, self.url.host_header, self.headers)
+        waits = 0
+        while True:
+            answer = parse_auth_response(await self.ask(headers), request, self.service)
+            if not isinstance(answer, Wait):
+                return answer
+            if waits >= self.max_wait_retries:
+                raise RouterError(f"{self.service}: still answering WAIT after {waits + 1} requests")
+            waits += 1
+            if answer.seconds > 0:
+                await deferLater(self.reactor, answer.seconds)
+
+    async def ask(self, headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+        """One GET; the response's headers once its body has been read (and dropped)."""
+        deadline = self.reactor.seconds() + self.timeout
+        d: Deferred[IResponse] = self.agent.request(b"GET", self.url.url.encode("ascii"), _ExactCaseHeaders(headers))
+        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=self._expired)
+        try:
+            response = await d
+        except RouterError:
+            raise
+        except Exception as e:
+            if _cancelled(e):  # ask_router's own timeout, or the client went away
+                raise CancelledError() from None
+            raise RouterError(f"{self.service}: {describe_failure(e)}") from None
+        body = _Discard()
+        response.deliverBody(body)
+        # The decision is in the headers; a body that does not end in time costs the
+        # connection, not the answer.
+        body.done.addTimeout(max(0.0, deadline - self.reactor.seconds()), self.reactor)
+        try:
+            await body.done
+        except TimeoutError:
+            pass  # the connection was dropped; a cancellation from above goes on up
+        return response.headers
+
+    def _expired(self, result: Any, timeout: float) -> Failure:
+        return Failure(RouterError(f"{self.service}: no answer within {timeout:g}s"))
+
+    def reload(self) -> None:
+        if self.tls is None:
+            return
+        try:
+            trust = load_trust(self.ca)
+        except ValueError as e:
+            self.log.error("{service}: ca not reloaded, keeping the old one: {reason}", service=self.service, reason=str(e))
+            return
+        self.tls.trust = trust
+        self.tls._creators.clear()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        closed: Deferred[None] = self.pool.closeCachedConnections()
+        return closed
+
+
+# -- configuration -------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _extra_headers(table: Table) -> list[tuple[str, str]] | None:
+    """`headers = { Name = "value" }`: names checked, values never shown (secrets)."""
+    headers: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
+    valid = True
+    for name in list(table.data):
+        value = table.string(name, secret=True)
+        if not _TOKEN.fullmatch(name):
+            table.error(name, "is not a valid HTTP header name")
+        elif name.lower() in _RESERVED:
+            table.error(name, "is a header mailrelay sends itself")
+        elif name.lower() in seen:
+            table.error(name, f'repeats the header "{seen[name.lower()]}" (header names are case-insensitive)')
+        elif isinstance(value, str) and any(c in value for c in "\r\n\0"):
+            table.error(name, "must not contain line breaks or NUL characters")
+        elif isinstance(value, str):
+            seen[name.lower()] = name
+            headers.append((name, value))
+            continue
+        valid = False
+    return headers if valid else None
+
+
+def parse(table: Table) -> RouterSpec | None:
+    from . import RouterSpec
+
+    url_text = table.string("url")
+    url = table.check("url", parse_url) if isinstance(url_text, str) else None
+    timeout = table.seconds("timeout", 10.0)
+    # Read as a secret: a mistyped `headers = "X-Key: secret"` must not echo the secret.
+    headers_table = table.table("headers", None, secret=True)
+    headers = _extra_headers(headers_table) if headers_table is not None else []
+    ca = table.file("ca", None)
+    if ca is not None and url is not None and url.scheme != "https":
+        table.error("ca", "applies only to an https:// url")
+    max_connections = table.integer("max_connections", 10, minimum=1, maximum=10000)
+    max_wait_retries = table.integer("max_wait_retries", 10, minimum=0, maximum=10000)
+    table.finish()
+    if url is None or headers is None or None in (timeout, max_connections, max_wait_retries):
+        return None
+    if ca is not None and url.scheme != "https":
+        return None
+
+    description = f"http: {url.display} timeout={timeout:g}s"
+    if headers:
+        description += " headers=" + ",".join(name for name, _ in headers)
+    if url.scheme == "https":
+        description += f" ca={ca or 'the system trust store'}"
+
+    def build(reactor: Any = None) -> IRouter:
+        try:
+            router = HTTPRouter(
+                url.url,
+                timeout=timeout,
+                headers=headers,
+                ca=ca,
+                max_connections=max_connections,
+                max_wait_retries=max_wait_retries,
+                reactor=reactor,
+            )
+        except ValueError as e:  # the CA file
+            raise ConfigError([f"{table.errors.source}: {table.key_path('ca')}: {e}"]) from None
+        return router
+
+    return RouterSpec("http", description, build)
