@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+import attrs
 import pytest
 import trustme
 from hypothesis import given
@@ -24,7 +25,8 @@ from twisted.internet.task import deferLater
 
 from mailrelay.config import parse_config
 from mailrelay.configtable import ConfigError
-from mailrelay.router import ClientCertificate, Reject, Route, RouteRequest, RouterError, ask_router
+from mailrelay.router import ClientCertificate, Reject, Route, RouteRequest, RouterError, ask_router, call_router
+from mailrelay.routers import components
 from mailrelay.routers.http import HTTPRouter, Wait, auth_request_headers, escape, parse_auth_response, parse_url
 from mailrelay.service import makeService
 from tests.pki import PKI
@@ -730,6 +732,36 @@ class HTTPRouterTests(ProxyTestCase):
             self.assertEqual(seen.path, "/auth", name)
             self.assertEqual(seen.headers, [("Host", b"127.0.0.1"), *expected, *wire(*EXTRA)], name)
         self.assertEqual(len(service.requests), len(CASES))
+
+    async def test_with_cache_ttl_the_service_is_asked_once_for_many_logins(self) -> None:
+        def password_check(seen: Seen) -> Reply:
+            if seen.get("Auth-Pass") == "right":
+                return ok("127.0.0.1", 143)(seen)
+            return answer(("Auth-Status", "Invalid login or password"), ("Auth-Wait", "1"))(seen)
+
+        service = self.service(password_check, http11=True)
+        config = parse_config(
+            {
+                "router": {"type": "http", "url": service.url, "cache_ttl": 60},
+                "listener": [{"name": "l", "listen": "tcp:0", "mode": "splice"}],
+            }
+        )
+        assert config.router is not None
+        router = config.router.build(reactor)
+        for component in components(router):
+            if isinstance(component, HTTPRouter):
+                component.startService()
+                self.addCleanup(component.stopService)
+        login = request(user="alice@example.org", password="right", auth_method="plain")
+        for n in range(10):
+            routes = await call_router(router, attrs.evolve(login, client=("127.0.0.1", 50000 + n)))
+            self.assertEqual(routes, [Route(host="127.0.0.1", port=143)])
+        self.assertEqual(len(service.requests), 1)
+        # A wrong password is asked about every time, and refused every time.
+        for _ in range(2):
+            with self.assertRaises(Reject):
+                await call_router(router, attrs.evolve(login, password="wrong"))
+        self.assertEqual(len(service.requests), 3)
 
     async def test_host_header_is_the_url_host_without_port(self) -> None:
         service = self.service(ok())
