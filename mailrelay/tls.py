@@ -38,7 +38,14 @@ from OpenSSL import SSL, crypto
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
-from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, optionsForClientTLS, trustRootFromCertificates
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    TLSVersion,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -456,46 +463,38 @@ class _UnverifiedClientTLS:
 @implementer(IReloadable)
 class ClientTLS:
     """
-    Connection creators for upstream TLS. Verified against `ca` (a PEM file) or, when
-    None, the system trust store (OpenSSL's default paths, so `SSL_CERT_FILE` and
-    `SSL_CERT_DIR` apply); a Route may name its own CA file in `tls_ca`.
+    Connection creators for TLS to servers mailrelay connects to (upstreams, an https
+    auth service). Verified against `ca` (a PEM file) or, when None, the system trust
+    store (OpenSSL's default paths, so `SSL_CERT_FILE` and `SSL_CERT_DIR` apply); a
+    Route may name its own CA file in `tls_ca`. `where` names `ca` in messages.
     """
 
     log = Logger()
     cache_size = 1024
 
-    def __init__(self, ca: str | None = None, min_version: str = "1.2") -> None:
+    def __init__(self, ca: str | None = None, min_version: str = "1.2", where: str = "upstream.ca") -> None:
+        """Raise TLSSetupError when `ca` is unusable (a configuration error)."""
         self.ca = ca
+        self.where = where
         self.min_version = TLSVersion.TLSv1_3 if min_version == "1.3" else TLSVersion.TLSv1_2
-        self._trust: dict[str | None, Any] = {}
+        self._trust: dict[str | None, Any] = {ca: load_trust_root(ca, where)}
         self._creators: dict[tuple[str, str | None, bool], IOpenSSLClientConnectionCreator] = {}
         self._warned: set[tuple[str, str]] = set()
-        if ca is not None:
-            self._trust_root(ca)  # a broken CA file is a configuration error
 
     def reload(self) -> None:
-        """Forget cached trust: CA files and the system store are read again on next use."""
-        self._trust.clear()
+        """Read `ca` (or the system store) again; keep the old one when it is now broken.
+        A Route's own CA files are read again at their next use."""
+        try:
+            trust = load_trust_root(self.ca, self.where)
+        except TLSSetupError as e:
+            self.log.error("TLS trust not reloaded, keeping the previous one: {why}", why=str(e))
+            return
+        self._trust = {self.ca: trust}
         self._creators.clear()
 
     def creator(self, route: Route) -> IOpenSSLClientConnectionCreator:
         """How to speak TLS to `route`; raise TLSSetupError if its CA file is unusable."""
         server_name = route.server_name or route.host
-        ca = route.tls_ca or self.ca
-        key = (server_name, ca, route.tls_verify)
-        creator = self._creators.get(key)
-        if creator is None:
-            if len(self._creators) >= self.cache_size:
-                self._creators.clear()
-            if route.tls_verify:
-                creator = optionsForClientTLS(
-                    server_name,
-                    trustRoot=self._trust_root(ca),
-                    extraCertificateOptions={"raiseMinimumTo": self.min_version},
-                )
-            else:
-                creator = _UnverifiedClientTLS(CertificateOptions(verify=False, raiseMinimumTo=self.min_version), server_name)
-            self._creators[key] = creator
         if not route.tls_verify and (route.address, server_name) not in self._warned:
             self._warned.add((route.address, server_name))
             self.log.warn(
@@ -503,18 +502,34 @@ class ClientTLS:
                 " and it can read and change the sessions",
                 upstream=route.address,
             )
+        return self.creator_for(server_name, route.tls_ca, route.tls_verify)
+
+    def creator_for(self, server_name: str, ca: str | None = None, verify: bool = True) -> IOpenSSLClientConnectionCreator:
+        """For a server that must prove it is `server_name` (sent as SNI too), against
+        `ca` or this object's own trust. Cached: a context loads a whole trust store."""
+        ca = ca or self.ca
+        key = (server_name, ca, verify)
+        creator = self._creators.get(key)
+        if creator is None:
+            if len(self._creators) >= self.cache_size:
+                self._creators.clear()
+            if verify:
+                if ca not in self._trust:
+                    self._trust[ca] = load_trust_root(ca, "route tls_ca")
+                creator = optionsForClientTLS(
+                    server_name, trustRoot=self._trust[ca], extraCertificateOptions={"raiseMinimumTo": self.min_version}
+                )
+            else:
+                creator = _UnverifiedClientTLS(CertificateOptions(verify=False, raiseMinimumTo=self.min_version), server_name)
+            self._creators[key] = creator
         return creator
 
-    def _trust_root(self, ca: str | None) -> Any:
-        if ca not in self._trust:
-            if ca is None:
-                from twisted.internet.ssl import platformTrust
 
-                self._trust[ca] = platformTrust()
-            else:
-                where = "upstream.ca" if ca == self.ca else "route tls_ca"
-                self._trust[ca] = trustRootFromCertificates([Certificate(c) for c in _load_cas(ca, where)])
-        return self._trust[ca]
+def load_trust_root(ca: str | None, where: str) -> Any:
+    """The CAs in the PEM file `ca`, or the system's trust store when None."""
+    if ca is None:
+        return platformTrust()
+    return trustRootFromCertificates([Certificate(c) for c in _load_cas(ca, where)])
 
 
 def _load_cas(path: str, where: str) -> list[Any]:

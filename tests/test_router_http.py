@@ -691,7 +691,7 @@ def test_an_unusable_ca_file_stops_the_start(tmp_path: Any) -> None:
     missing = str(tmp_path / "missing.pem")
     with pytest.raises(ConfigError) as raised:
         makeService(config(url="https://auth.example/", ca=missing))
-    assert raised.value.errors == [f"<config>: router.ca: cannot read {missing}: No such file or directory"]
+    assert raised.value.errors == [f"<config>: router.ca: cannot read CA file {missing}: No such file or directory"]
     (tmp_path / "empty.pem").write_text("not a certificate\n")
     with pytest.raises(ConfigError, match="holds no PEM certificate"):
         makeService(config(url="https://auth.example/", ca=str(tmp_path / "empty.pem")))
@@ -990,8 +990,8 @@ class HTTPRouterTests(ProxyTestCase):
         with open(ca, "w") as f:
             f.write("truncated\n")
         router.reload()
-        logged = [line for line in self.logs.lines() if "ca not reloaded, keeping the old one" in line]
-        self.assertTrue(logged and "holds no PEM certificate" in logged[0])
+        logged = [line for line in self.logs.lines() if "TLS trust not reloaded, keeping the previous one" in line]
+        self.assertEqual(logged, [f"TLS trust not reloaded, keeping the previous one: router.ca: {ca} holds no PEM certificate"])
         self.assertEqual(await router.route(IMAP), [Route(host="127.0.0.1", port=143)])
 
         pki.write_ca(trustme.CA(), "auth-ca")  # another CA: the service is no longer trusted

@@ -102,15 +102,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import attrs
-from cryptography import x509
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet import error as net
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.ssl import Certificate, TLSVersion, optionsForClientTLS, platformTrust, trustRootFromCertificates
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -122,6 +120,7 @@ from zope.interface import implementer
 from ..configtable import ConfigError, Table
 from ..interfaces import IReloadable
 from ..router import LOGINS, UPSTREAM_TLS, IRouter, Reject, Route, RouteRequest, RouterError
+from ..tls import ClientTLS, TLSSetupError, describe_tls_error
 
 if TYPE_CHECKING:
     from . import RouterSpec
@@ -468,39 +467,15 @@ def parse_url(url: str) -> AuthURL:
 # -- TLS to the service --------------------------------------------------------------------
 
 
-def load_trust(ca: str | None) -> Any:
-    """The trust root for an https service: the CAs in the PEM file `ca`, or the
-    system's. ValueError says why `ca` is unusable."""
-    if ca is None:
-        return platformTrust()
-    try:
-        with open(ca, "rb") as f:
-            pem = f.read()
-    except OSError as e:
-        raise ValueError(f"cannot read {ca}: {e.strerror or e}") from None
-    try:
-        certificates = x509.load_pem_x509_certificates(pem)
-    except ValueError:
-        raise ValueError(f"{ca} holds no PEM certificate") from None
-    return trustRootFromCertificates([Certificate(crypto.X509.from_cryptography(c)) for c in certificates])
-
-
 @implementer(IPolicyForHTTPS)
 class _VerifiedTLS:
-    """Verify the service's certificate against `trust`, TLS 1.2 or later."""
+    """Verify the service's certificate with `tls` (its CA or the system's), TLS 1.2 or later."""
 
-    def __init__(self, trust: Any) -> None:
-        self.trust = trust
-        self._creators: dict[tuple[bytes, int], IOpenSSLClientConnectionCreator] = {}
+    def __init__(self, tls: ClientTLS) -> None:
+        self.tls = tls
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
-        # Cached: a context loads the whole trust store.
-        key = (hostname, port)
-        if key not in self._creators:
-            self._creators[key] = optionsForClientTLS(
-                hostname.decode("ascii"), trustRoot=self.trust, extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2}
-            )
-        return self._creators[key]
+        return self.tls.creator_for(hostname.decode("ascii"))
 
 
 # -- the router ----------------------------------------------------------------------------
@@ -532,7 +507,6 @@ def describe_failure(error: BaseException) -> str:
     """Why an HTTP request failed, in an administrator's words (no header values)."""
     from service_identity import VerificationError
 
-    from ..tls import describe_tls_error
 
     reasons = getattr(error, "reasons", None)
     if reasons:
@@ -580,7 +554,10 @@ class HTTPRouter(Service):
         max_connections: int = 10,
         max_wait_retries: int = 10,
         reactor: Any = None,
+        ca_key: str = "router.ca",
     ) -> None:
+        """Raise ValueError for a bad url or header, TLSSetupError for an unusable `ca`
+        (named `ca_key` in the message)."""
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
@@ -595,10 +572,10 @@ class HTTPRouter(Service):
         self.ca = ca
         self.max_wait_retries = max_wait_retries
         self.reactor = reactor
-        self.tls: _VerifiedTLS | None = _VerifiedTLS(load_trust(ca)) if self.url.scheme == "https" else None
+        self.tls = ClientTLS(ca, where=ca_key) if self.url.scheme == "https" else None
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max_connections
-        tls_policy = {"contextFactory": self.tls} if self.tls is not None else {}
+        tls_policy = {"contextFactory": _VerifiedTLS(self.tls)} if self.tls is not None else {}
         self.agent = Agent(reactor, connectTimeout=timeout, pool=self.pool, **tls_policy)
 
     def __repr__(self) -> str:
@@ -645,15 +622,9 @@ class HTTPRouter(Service):
         return Failure(RouterError(f"{self.service}: no answer within {timeout:g}s"))
 
     def reload(self) -> None:
-        if self.tls is None:
-            return
-        try:
-            trust = load_trust(self.ca)
-        except ValueError as e:
-            self.log.error("{service}: ca not reloaded, keeping the old one: {reason}", service=self.service, reason=str(e))
-            return
-        self.tls.trust = trust
-        self.tls._creators.clear()
+        """Read `ca` again (keeping the old one, with an error logged, when it is broken)."""
+        if self.tls is not None:
+            self.tls.reload()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -725,9 +696,10 @@ def parse(table: Table) -> RouterSpec | None:
                 max_connections=max_connections,
                 max_wait_retries=max_wait_retries,
                 reactor=reactor,
+                ca_key=table.key_path("ca"),
             )
-        except ValueError as e:  # the CA file
-            raise ConfigError([f"{table.errors.source}: {table.key_path('ca')}: {e}"]) from None
+        except TLSSetupError as e:
+            raise ConfigError([f"{table.errors.source}: {e}"]) from None
         return router
 
     return RouterSpec("http", description, build)
