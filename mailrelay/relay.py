@@ -161,6 +161,7 @@ class RoutedConnection(SpliceableProtocol):
         """
         factory, session = self.factory, self.session
         assert session is not None
+        session.user = request.user
         guard = factory.guard
         if guard is not None:
             refusal = guard.refusal(request)

@@ -178,6 +178,6 @@ class GuardedSessionTests(ProxyTestCase):
         # Now even the right password gets the temporary refusal, and the router rests.
         self.assertEqual(await self.in_thread(attempt, "right"), b"TEMP throttled\r\n")
         self.assertEqual(router.asked, 3)
-        outcomes = [(e["outcome"], e["reason"]) for e in self.logs.sessions()]
-        self.assertEqual(outcomes[-1], ("throttled", "too many failed logins for this user (3 in 600s)"))
+        outcomes = [(e["user"], e["outcome"], e["reason"]) for e in self.logs.sessions()]
+        self.assertEqual(outcomes[-1], ("alice@example.org", "throttled", "too many failed logins for this user (3 in 600s)"))
         self.assertNotIn("guess", " ".join(self.logs.lines()))
