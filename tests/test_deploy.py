@@ -34,7 +34,7 @@ import trustme
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from tests.support import ThreadedServer, closed_port, connect, exchange, payload, sha
+from tests.support import ThreadedServer, closed_port, connect, exchange, payload, recv_all, sha
 
 pytestmark = pytest.mark.slow
 
@@ -83,15 +83,15 @@ class Process:
         with self._changed:
             return "".join(self._lines)
 
-    def wait_for(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
-        """The first match of `pattern` in the output, waiting for it to appear."""
+    def wait_for(self, pattern: str, timeout: float = WAIT, count: int = 1) -> re.Match[str]:
+        """The `count`th match of `pattern` in the output, waiting for it to appear."""
         deadline = time.monotonic() + timeout
         regex = re.compile(pattern)
         with self._changed:
             while True:
-                match = regex.search("".join(self._lines))
-                if match:
-                    return match
+                matches = list(regex.finditer("".join(self._lines)))
+                if len(matches) >= count:
+                    return matches[count - 1]
                 ended = self._lines and self._lines[-1] == ""
                 left = deadline - time.monotonic()
                 if ended or left <= 0:
@@ -322,6 +322,45 @@ def test_sighup_reloads_certificates_without_touching_open_sessions(tmp_path: Pa
         assert common_name_seen() == "second"
         session.sendall(b"still here\r\n")
         assert recv_exactly(session, 12) == b"still here\r\n"
+    process.signal(signal.SIGTERM)
+    assert_clean_stop(process)
+
+
+def test_a_route_map_file_change_applies_without_a_restart(tmp_path: Path, spawn: Any, servers: Any) -> None:
+    def greets(name: bytes) -> Callable[[socket.socket], None]:
+        return lambda conn: conn.sendall(b"220 " + name + b"\r\n")
+
+    first, second, third = servers(greets(b"first")), servers(greets(b"second")), servers(greets(b"third"))
+    routes = tmp_path / "routes.toml"
+
+    def route_everyone_to(upstream: ThreadedServer) -> None:
+        # Written beside, then renamed over: a check never sees half a file.
+        (tmp_path / "routes.new").write_text(f'[default]\nhost = "127.0.0.1"\nport = {upstream.port}\n')
+        os.replace(tmp_path / "routes.new", routes)
+
+    def greeting() -> bytes:
+        with connect(port) as client:
+            return recv_all(client)  # the upstream greets, then closes
+
+    route_everyone_to(first)
+    toml = splice_toml(1).replace('routes = [{ host = "127.0.0.1", port = 1 }]', 'file = "routes.toml"\ncheck_interval = 0.2')
+    toml = toml.replace('type = "static"', 'type = "map"')
+    process, port = start_mailrelay(spawn, tmp_path, toml)
+    assert greeting() == b"220 first\r\n"
+
+    route_everyone_to(second)  # noticed by the periodic check
+    process.wait_for(r"route map \S+routes\.toml reloaded: 0 rules")
+    assert greeting() == b"220 second\r\n"
+
+    (tmp_path / "routes.toml").write_text("[default\n")  # broken: the previous map stays
+    process.wait_for(r"route map \S+routes\.toml not reloaded, keeping the previous 0 rule\(s\)")
+    assert greeting() == b"220 second\r\n"
+
+    route_everyone_to(third)
+    process.signal(signal.SIGHUP)
+    process.wait_for(r"reload requested: 2 component\(s\) to reload")  # upstream trust, the map
+    process.wait_for(r"route map \S+routes\.toml reloaded: 0 rules", count=2)
+    assert greeting() == b"220 third\r\n"
     process.signal(signal.SIGTERM)
     assert_clean_stop(process)
 
