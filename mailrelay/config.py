@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,15 +21,21 @@ from .configtable import ConfigError, Errors, Table, read_toml
 from .guard import LoginLimits
 from .router import MODES, PROTOCOLS
 from .routers import RouterSpec, parse_router
+from .sasl import MECHANISMS
 from .tls import MIN_VERSIONS, CertificateFiles, ServerTLSConfig
 
 __all__ = ["Config", "ConfigError", "ListenerConfig", "UpstreamConfig", "load_config", "parse_config"]
 
 # Modes and protocols this version serves; the others are named in the SPEC and
 # arrive with their own issues, so a config asking for them gets a clear refusal.
-AVAILABLE_MODES = ("splice", "tls")
-AVAILABLE_PROTOCOLS = {"splice": ("none",), "tls": ("none",)}
+AVAILABLE_MODES = ("splice", "tls", "starttls")
+AVAILABLE_PROTOCOLS = {"splice": ("none",), "tls": ("none", "smtp"), "starttls": ("smtp",)}
 TLS_MODES = ("tls", "starttls")
+FRONT_END_PROTOCOLS = ("smtp", "imap", "pop3")
+
+AUTH_METHODS = {"smtp": (*MECHANISMS, "none"), "imap": MECHANISMS, "pop3": (*MECHANISMS, "apop")}
+"""What a listener's `auth` may name, per protocol."""
+DEFAULT_AUTH = ("plain", "login")
 
 
 TOP_LEVEL_KEYS = frozenset({"drain_timeout"})
@@ -42,6 +49,30 @@ class UpstreamConfig:
     ca: str | None = None
     """PEM file of the CAs upstream certificates are verified against; None: the
     system trust store."""
+
+
+@attrs.frozen(kw_only=True)
+class FrontEndConfig:
+    """What a listener with a mail protocol says and accepts before a client is routed."""
+
+    hostname: str = attrs.field(factory=socket.gethostname)
+    """Mailrelay's name: in the greeting, the EHLO reply, the CRAM-MD5 challenge."""
+    starttls: str = "required"
+    """`starttls` listeners: "required" refuses logins and mail before TLS; "optional"."""
+    auth: tuple[str, ...] = DEFAULT_AUTH
+    """The login mechanisms accepted (and advertised); SMTP's "none" accepts mail without a login."""
+    max_attempts: int = 3
+    """Failed logins after which the connection is closed."""
+    max_errors: int = 5
+    """Unknown or malformed commands after which the connection is closed."""
+    login_timeout: float = 60.0
+    """How long a client may stay silent before it is routed."""
+    capabilities: tuple[str, ...] | None = None
+    """The extensions advertised besides STARTTLS and AUTH; None: the protocol's default."""
+    size: int | None = None
+    """SMTP: the SIZE advertised (0: SIZE without a limit; None: not advertised)."""
+    vet_recipients: str = "first"
+    """SMTP with auth "none": ask the Router about the "first" RCPT only, or "all" of them."""
 
 
 @attrs.frozen
@@ -62,6 +93,8 @@ class ListenerConfig:
     """`splice` listeners: peek the SNI name from a client's ClientHello for the Router."""
     preread_timeout: float = 10.0
     """How long a `preread_sni` listener waits for the client's first bytes."""
+    front_end: FrontEndConfig = FrontEndConfig()
+    """Listeners with a mail protocol: greeting, STARTTLS, authentication."""
 
     @property
     def terminates_tls(self) -> bool:
@@ -135,6 +168,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base_dir: st
         if listener.name in seen:
             errors.add(f"listener[{index}].name", f'"{listener.name}" is already the name of listener[{seen[listener.name]}]')
         seen.setdefault(listener.name, index)
+        if "external" in listener.front_end.auth and (tls is None or tls.client_ca is None):
+            errors.add(f"listener[{index}].auth", '"external" needs client certificates: set [tls] client_ca')
     errors.raise_if_any()
     return Config(
         source=source,
@@ -174,10 +209,14 @@ def _listener(table: Table) -> ListenerConfig | None:
     handshake_timeout = _for_modes(table, mode, TLS_MODES, "handshake_timeout", table.seconds, 30.0)
     preread_sni = _for_modes(table, mode, ("splice",), "preread_sni", table.boolean, False)
     preread_timeout = _for_modes(table, mode, ("splice",), "preread_timeout", table.seconds, 10.0)
+    if mode == "starttls" and protocol == "none":
+        table.error("protocol", 'mode "starttls" needs a mail protocol (smtp, imap or pop3)')
+        protocol = None
+    front_end = _front_end(table, mode, protocol)
     router_table = table.table("router", None)
     router = _router(router_table)
     table.finish()
-    required = (listen, name, mode, protocol, idle_timeout, router_timeout, handshake_timeout, preread_sni, preread_timeout)
+    required = (listen, name, mode, protocol, idle_timeout, router_timeout, handshake_timeout, preread_sni, preread_timeout, front_end)
     if None in required or (router_table and router is None):
         return None
     return ListenerConfig(
@@ -191,7 +230,72 @@ def _listener(table: Table) -> ListenerConfig | None:
         handshake_timeout=handshake_timeout,
         preread_sni=preread_sni,
         preread_timeout=preread_timeout,
+        front_end=front_end,
     )
+
+
+FRONT_END_KEYS = ("hostname", "auth", "max_attempts", "max_errors", "login_timeout", "capabilities")
+
+
+def _front_end(table: Table, mode: str | None, protocol: str | None) -> FrontEndConfig | None:
+    """The keys of listeners with a mail protocol (an error on the others, where they
+    would do nothing)."""
+    if protocol not in FRONT_END_PROTOCOLS:
+        for key in (*FRONT_END_KEYS, "starttls", "size", "vet_recipients"):
+            if table.has(key) and protocol is not None:
+                table.error(key, f'applies only to listeners with a mail protocol (smtp, imap, pop3), not protocol "{protocol}"')
+        return FrontEndConfig() if protocol is not None else None
+    default = FrontEndConfig()
+    values: dict[str, Any] = dict(
+        hostname=table.string("hostname", default.hostname),
+        starttls=_for_modes(table, mode, ("starttls",), "starttls", _choice(table, ("optional", "required")), default.starttls),
+        auth=table.strings("auth", DEFAULT_AUTH),
+        max_attempts=table.integer("max_attempts", default.max_attempts, minimum=1, maximum=1000),
+        max_errors=table.integer("max_errors", default.max_errors, minimum=1, maximum=1000),
+        login_timeout=table.seconds("login_timeout", default.login_timeout),
+        capabilities=table.strings("capabilities", None) if table.has("capabilities") else None,
+        size=_for_protocol(table, protocol, "size", lambda key, d: table.integer(key, d, minimum=0), None),
+        vet_recipients=_for_protocol(table, protocol, "vet_recipients", _choice(table, ("first", "all")), default.vet_recipients),
+    )
+    hostname = values["hostname"]
+    if isinstance(hostname, str) and not _SNI_NAME.fullmatch(hostname):
+        table.error("hostname", f'"{hostname}" is not a host name')
+        values["hostname"] = None
+    auth = values["auth"]
+    if auth is not None:
+        allowed = AUTH_METHODS[protocol]
+        unknown = [m for m in auth if m.lower() not in allowed]
+        if unknown:
+            table.error("auth", f'"{unknown[0]}" is not a {protocol} login method (one of: {", ".join(allowed)})')
+            values["auth"] = None
+        elif not auth:
+            table.error("auth", "must name at least one method")
+            values["auth"] = None
+        else:
+            values["auth"] = tuple(dict.fromkeys(m.lower() for m in auth))
+    capabilities = values["capabilities"]
+    for capability in capabilities or ():
+        if not capability or not capability.isprintable() or capability.split()[0].upper() in ("STARTTLS", "AUTH", "STLS", "SASL"):
+            table.error("capabilities", f'"{capability}" cannot be listed: STARTTLS and AUTH are advertised from `starttls` and `auth`')
+            values["capabilities"] = None
+            break
+    if None in (values[k] for k in ("hostname", "starttls", "auth", "max_attempts", "max_errors", "login_timeout", "vet_recipients")):
+        return None
+    if capabilities is not None and values["capabilities"] is None:
+        return None
+    return FrontEndConfig(**values)
+
+
+def _choice(table: Table, choices: tuple[str, ...]) -> Any:
+    return lambda key, default: table.string(key, default, choices=choices)
+
+
+def _for_protocol(table: Table, protocol: str, key: str, read: Any, default: Any) -> Any:
+    """A key that means something only for SMTP listeners."""
+    value = read(key, default)
+    if table.has(key) and protocol != "smtp":
+        table.error(key, f'applies only to protocol "smtp" listeners, not "{protocol}"')
+    return value
 
 
 def _for_modes(table: Table, mode: str | None, modes: tuple[str, ...], key: str, read: Any, default: Any) -> Any:

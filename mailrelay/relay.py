@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .config import ListenerConfig
-from .connector import LoginStep, StartTLSStep, UpstreamConnector, UpstreamUnavailable
+from .connector import LoginStep, StartTLSStep, Upstream, UpstreamConnector, UpstreamUnavailable
 from .guard import LoginGuard
 from .router import Address, IRouter, Reject, RouteRequest, RouterError, ask_router
 from .session import Session, Sessions
@@ -129,8 +129,14 @@ class RoutedConnection(SpliceableProtocol):
             local=self.local,
             **facts,
         )
-        self._task = Deferred.fromCoroutine(self.route_and_splice(request))
+        login, starttls = self.upstream_steps(request)
+        self._task = Deferred.fromCoroutine(self.route_and_splice(request, login=login, starttls=starttls))
         self._task.addErrback(self._crashed)
+
+    def upstream_steps(self, request: RouteRequest) -> tuple[LoginStep | None, StartTLSStep | None]:
+        """The protocol's upstream login and STARTTLS exchange for `request` (none: splice
+        what the upstream says from its first byte)."""
+        return None, None
 
     def lostBeforeSplice(self, reason: Failure) -> None:
         if self._task is not None and not self._task.called:
@@ -191,10 +197,15 @@ class RoutedConnection(SpliceableProtocol):
             self.unavailable("upstream-unavailable", str(e))
             return
         session.upstream = upstream.route.address
+        self.logged_in(upstream)
         self._splice = Splice(self, upstream.protocol, factory.clock, self.listener.idle_timeout)
         result = await self._splice.start()
         session.bytes_up, session.bytes_down = result.bytes_up, result.bytes_down
         session.finish(result.outcome, f"{result.ended_by} closed first" if result.ended_by else None)
+
+    def logged_in(self, upstream: Upstream) -> None:
+        """The upstream is connected and logged in; the splice starts next. A front-end
+        tells its client here (SMTP's `235`)."""
 
     def refused(self, reject: Reject) -> None:
         """The session was refused (after `reject.wait`); without a protocol, close."""

@@ -25,11 +25,13 @@ Mode = Literal["splice", "tls", "starttls"]
 AuthMethod = Literal["plain", "login", "cram-md5", "apop", "xoauth2", "oauthbearer", "external", "none"]
 UpstreamTLS = Literal["none", "tls", "starttls"]
 Login = Literal["passthrough", "xclient", "none"]
+AuthMechanism = Literal["plain", "login"]
 
 PROTOCOLS: tuple[str, ...] = ("smtp", "imap", "pop3", "none")
 MODES: tuple[str, ...] = ("splice", "tls", "starttls")
 UPSTREAM_TLS: tuple[str, ...] = ("none", "tls", "starttls")
 LOGINS: tuple[str, ...] = ("passthrough", "xclient", "none")
+AUTH_MECHANISMS: tuple[str, ...] = ("plain", "login")
 
 
 def format_address(address: Address) -> str:
@@ -103,9 +105,37 @@ class RouteRequest:
     auth_method: AuthMethod = "none"
     salt: str | None = None
     helo: str | None = None
+    """SMTP: the client's HELO/EHLO argument."""
     mail_from: str | None = None
+    """SMTP with auth "none": the MAIL command as typed (`MAIL FROM:<s@x> SIZE=100`), as
+    nginx passes it to its auth service; `sender` is the address alone."""
     rcpt_to: str | None = None
+    """SMTP with auth "none": the RCPT command being vetted, as typed; `recipient` is the
+    address alone."""
     attempt: int = 1
+
+    @property
+    def sender(self) -> str | None:
+        """The address in `mail_from` (`""` for the null sender `<>`)."""
+        return _path(self.mail_from)
+
+    @property
+    def recipient(self) -> str | None:
+        """The address in `rcpt_to`."""
+        return _path(self.rcpt_to)
+
+
+def _path(command: str | None) -> str | None:
+    if command is None:
+        return None
+    _, colon, rest = command.partition(":")
+    rest = rest.strip()
+    if not colon:
+        return None
+    if rest.startswith("<"):
+        end = rest.find(">")
+        return rest[1:end] if end >= 0 else rest[1:]
+    return rest.split(" ", 1)[0]
 
 
 @attrs.frozen(kw_only=True)
@@ -133,6 +163,10 @@ class Route:
     tls_ca: str | None = None
     """A PEM file of CAs to verify this upstream against, instead of `[upstream] ca` or
     the system trust store."""
+    auth_mechanism: AuthMechanism = attrs.field(default="plain", validator=_one_of(AUTH_MECHANISMS))
+    """`login = "passthrough"` with a password: the SASL mechanism of the upstream login
+    (Exchange wants LOGIN). Token logins (XOAUTH2, OAUTHBEARER) are passed on in their
+    own mechanism unless the Route supplies a password."""
 
     @property
     def address(self) -> str:

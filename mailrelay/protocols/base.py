@@ -1,6 +1,7 @@
 """
 What every line-based front-end (SMTP, IMAP, POP3) shares: reading command lines,
-the STARTTLS hand-over, and handing the connection on to be routed.
+the STARTTLS hand-over, SASL exchanges, counting failed logins and malformed commands,
+the pre-login timeout, and handing the connection on to be routed.
 
 A front-end's life:
 
@@ -17,13 +18,28 @@ Invariants:
   command: the rest of the plaintext buffer is discarded (the CVE-2011-0411 class of
   command injection), and every later byte belongs to the TLS layer.
 - STARTTLS happens at most once, and never on a connection that is already TLS.
+- A login the Router (or the upstream) refuses leaves the client where it was: it may
+  try again, up to the listener's `max_attempts`, and commands it pipelined behind the
+  refused one are read next. A temporary failure (Router down, no upstream reachable)
+  does not count as an attempt.
+- A line longer than `max_line_length` is skipped up to its end and answered as an
+  error; past `max_errors` errors, or `login_timeout` seconds of silence, the
+  connection is closed.
 """
 
 from __future__ import annotations
 
-from twisted.logger import Logger
+from typing import Any
 
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .. import sasl
+from ..config import FrontEndConfig
 from ..relay import RoutedConnection
+from ..router import Reject
 
 
 class LineFrontEnd(RoutedConnection):
@@ -35,6 +51,19 @@ class LineFrontEnd(RoutedConnection):
 
     _reading = False
     _starttls_done = False
+    _discarding = False
+    """Inside an over-long line: skipping to its end."""
+    _silence: IDelayedCall | None = None
+    _sasl: sasl.Exchange | None = None
+    failed_logins = 0
+    errors = 0
+    last_failure: tuple[str, str] | None = None
+    """(outcome, reason) of the last login that did not succeed: what the session line
+    says if the client gives up after it."""
+
+    @property
+    def config(self) -> FrontEndConfig:
+        return self.listener.front_end
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -44,9 +73,35 @@ class LineFrontEnd(RoutedConnection):
             self._greet()
 
     def _greet(self) -> None:
-        self._reading = True
         self.greet()
+        self.resume()
+
+    def resume(self) -> None:
+        """Read command lines (again): after the greeting, a handshake, a failed login."""
+        self._task = None
+        self._reading = True
+        self._listen_for_silence()
         self.pendingReceived()
+
+    def _listen_for_silence(self) -> None:
+        if self._silence is not None and self._silence.active():
+            self._silence.reset(self.config.login_timeout)
+        else:
+            self._silence = self.factory.clock.callLater(self.config.login_timeout, self._silent_too_long)
+
+    def _stop_listening_for_silence(self) -> None:
+        if self._silence is not None and self._silence.active():
+            self._silence.cancel()
+        self._silence = None
+
+    def _silent_too_long(self) -> None:
+        self._silence = None
+        self._reading = False
+        self.timed_out()
+
+    def timed_out(self) -> None:
+        """The client said nothing for `login_timeout` seconds. Front-ends say so first."""
+        self.close("idle-timeout", f"no command within {self.config.login_timeout:g}s before login")
 
     def greet(self) -> None:
         """Say the protocol's greeting."""
@@ -55,9 +110,31 @@ class LineFrontEnd(RoutedConnection):
         """One command line, without its line ending (CRLF, or a bare LF)."""
 
     def line_too_long(self) -> None:
-        """A line longer than `max_line_length` arrived; by default the session ends.
-        Front-ends answer with the protocol's error first."""
+        """A line longer than `max_line_length` arrived (and was skipped); by default
+        the session ends. Front-ends answer with `error()`."""
         self.close("protocol-error", f"command line longer than {self.max_line_length} bytes")
+
+    def error(self, reply: bytes) -> None:
+        """Answer a malformed or unknown command with `reply`; past `max_errors` of them,
+        say `too_many_errors()` and close."""
+        self.errors += 1
+        self.send(reply)
+        if self.errors >= self.config.max_errors:
+            self._reading = False
+            self._stop_listening_for_silence()
+            self.too_many_errors()
+
+    def too_many_errors(self) -> None:
+        """`max_errors` malformed commands: front-ends say goodbye first."""
+        self.close("protocol-error", f"{self.errors} malformed or unknown commands")
+
+    def quit(self, goodbye: bytes) -> None:
+        """The client asked to leave before it was routed."""
+        self._reading = False
+        self._stop_listening_for_silence()
+        self.send(goodbye)
+        outcome, reason = self.last_failure or ("client-gone", "client quit before it was routed")
+        self.close(outcome, reason)
 
     def send(self, data: bytes) -> None:
         self.transport.write(data)
@@ -67,17 +144,32 @@ class LineFrontEnd(RoutedConnection):
             end = self.pending.find(b"\n", 0, self.max_line_length)
             if end < 0:
                 if len(self.pending) >= self.max_line_length:
-                    self._reading = False
-                    self.line_too_long()
+                    # Skip to the end of the line; answer once it is over.
+                    self._discarding = True
+                    end = self.pending.find(b"\n")
+                    del self.pending[: end if end >= 0 else len(self.pending)]
+                    self.pendingConsumed()
+                    if end >= 0:
+                        continue
                 elif self.read_closed:
                     # Nothing more will come, and nothing was asked of an upstream yet.
                     self._reading = False
-                    self.close("client-gone", "client ended its stream before it was routed")
+                    self._stop_listening_for_silence()
+                    outcome, reason = self.last_failure or ("client-gone", "client ended its stream before it was routed")
+                    self.close(outcome, reason)
                 return
             line = bytes(self.pending[: end + 1])
             del self.pending[: end + 1]
             self.pendingConsumed()
-            self.line_received(line[:-2] if line.endswith(b"\r\n") else line[:-1])
+            self._listen_for_silence()
+            if self._discarding:
+                self._discarding = False
+                self._sasl = None
+                self.line_too_long()
+            elif self._sasl is not None:
+                self._sasl_response(line[:-2] if line.endswith(b"\r\n") else line[:-1])
+            else:
+                self.line_received(line[:-2] if line.endswith(b"\r\n") else line[:-1])
 
     def stop_reading(self) -> None:
         """Read no more lines: the session is being handed on (what is left in
@@ -86,7 +178,122 @@ class LineFrontEnd(RoutedConnection):
 
     def begin(self, **facts: object) -> None:
         self.stop_reading()
+        self._stop_listening_for_silence()
         super().begin(**facts)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._stop_listening_for_silence()
+        super().connectionLost(reason)
+
+    def lost_before_routing(self, reason: Failure) -> None:
+        if self.last_failure is not None and self._handshake_timer is None:
+            self.finish(*self.last_failure)
+        else:
+            super().lost_before_routing(reason)
+
+    # Authentication
+
+    def mechanisms(self) -> tuple[str, ...]:
+        """The SASL mechanisms a client may use now (and that are advertised)."""
+        methods = tuple(m for m in self.config.auth if m in sasl.MECHANISMS)
+        if self.tls is None or self.tls.client_cert is None:
+            methods = tuple(m for m in methods if m != "external")
+        return methods
+
+    def authenticate(self, mechanism: str, initial_response: bytes | None) -> None:
+        """Run a SASL exchange; `mechanism` is one of `mechanisms()`. Challenges go out
+        through `sasl_challenge()`, the outcome to `login()` or the failure replies."""
+        context = sasl.Context(hostname=self.config.hostname, client_cert=self.tls.client_cert if self.tls else None)
+        self._sasl = sasl.Exchange(mechanism, initial_response, context)
+        self._sasl_step(self._sasl.start)
+
+    def _sasl_response(self, line: bytes) -> None:
+        assert self._sasl is not None
+        exchange = self._sasl
+        self._sasl_step(lambda: exchange.respond(line))
+
+    def _sasl_step(self, step: Any) -> None:
+        try:
+            result = step()
+        except sasl.SASLCancelled:
+            self._sasl = None
+            self.sasl_cancelled()
+        except sasl.SASLSyntaxError as e:
+            self._sasl = None
+            self.sasl_malformed(str(e))
+        except sasl.SASLRefused as e:
+            self._sasl = None
+            self.refused(Reject(str(e)))
+        else:
+            if isinstance(result, bytes):
+                self.sasl_challenge(result)
+            else:
+                self._sasl = None
+                self.login(result)
+
+    def sasl_challenge(self, challenge: bytes) -> None:
+        """Send a SASL challenge (raw: the front-end encodes it)."""
+        raise NotImplementedError
+
+    def sasl_cancelled(self) -> None:
+        """The client cancelled the exchange with `*`."""
+        raise NotImplementedError
+
+    def sasl_malformed(self, why: str) -> None:
+        """The client's SASL response was malformed (counts as an error)."""
+        raise NotImplementedError
+
+    def login(self, credentials: sasl.Credentials, **facts: Any) -> None:
+        """Route the client as the user it authenticated as."""
+        self.begin(
+            user=credentials.user,
+            password=credentials.password,
+            auth_method=credentials.method,
+            salt=credentials.salt,
+            attempt=self.failed_logins + 1,
+            **facts,
+        )
+
+    def refused(self, reject: Reject) -> None:
+        """A login was refused: say so (`login_failed()`), then let the client try again,
+        unless that was its last attempt."""
+        self.failed_logins += 1
+        self.last_failure = ("rejected", reject.message)
+        assert self.session is not None
+        self.log.info(
+            "session {session_id}: login refused for {user} from {client}: {why} (attempt {attempt} of {max_attempts})",
+            session_id=self.session.id,
+            user=self.session.user or "-",
+            client=self.client[0],
+            why=reject.message,
+            attempt=self.failed_logins,
+            max_attempts=self.config.max_attempts,
+        )
+        self.login_failed(reject)
+        if reject.close or self.failed_logins >= self.config.max_attempts:
+            self.too_many_attempts()
+            self.close("rejected", reject.message)
+        else:
+            self.resume()
+
+    def login_failed(self, reject: Reject) -> None:
+        """Tell the client its login failed."""
+
+    def too_many_attempts(self) -> None:
+        """Tell the client the connection closes after its last failed login."""
+
+    def unavailable(self, outcome: str, reason: str) -> None:
+        """A login or route could not be decided or reached now: say so
+        (`temporarily_failed()`); the client may try again, except when throttled."""
+        self.last_failure = (outcome, reason)
+        self.temporarily_failed(outcome)
+        if outcome == "throttled":
+            self.close(outcome, reason)
+        else:
+            self.resume()
+
+    def temporarily_failed(self, outcome: str) -> None:
+        """Tell the client this failure is temporary (`outcome` says which)."""
 
     # STARTTLS
 
@@ -104,6 +311,7 @@ class LineFrontEnd(RoutedConnection):
         assert self.can_start_tls() and self.factory.tls is not None
         self._starttls_done = True
         self._reading = False
+        self._stop_listening_for_silence()  # the handshake has its own deadline
         if self.pending:
             assert self.session is not None
             self.log.warn(
@@ -120,8 +328,7 @@ class LineFrontEnd(RoutedConnection):
     def handshake_done(self) -> None:
         if self._starttls_done:
             self.tls_started()
-            self._reading = True
-            self.pendingReceived()
+            self.resume()
         else:
             self._greet()
 

@@ -61,6 +61,8 @@ mailrelay's own response headers, which nginx ignores (all apply to every route)
 - `Mailrelay-Server-Name: name`: the name the upstream certificate must carry, sent as SNI.
 - `Mailrelay-Login: passthrough|xclient|none`: how the upstream login happens; the
   default is nginx's: `xclient` for SMTP, `passthrough` otherwise.
+- `Mailrelay-Auth-Mechanism: plain|login`: the SASL mechanism of a passthrough login
+  to an SMTP upstream (default plain; Exchange wants login).
 - `Mailrelay-Proxy-Protocol: 1|2`: send a PROXY protocol header of that version first.
 - `Mailrelay-Fallback: host:port[, host:port...]`: more upstreams, tried in order when
   connecting to `Auth-Server:Auth-Port` fails (an IPv6 address in brackets).
@@ -119,7 +121,7 @@ from zope.interface import implementer
 
 from ..configtable import ConfigError, Table
 from ..interfaces import IReloadable
-from ..router import LOGINS, UPSTREAM_TLS, IRouter, Reject, Route, RouteRequest, RouterError
+from ..router import AUTH_MECHANISMS, LOGINS, UPSTREAM_TLS, IRouter, Reject, Route, RouteRequest, RouterError
 from ..tls import ClientTLS, TLSSetupError, describe_tls_error
 
 if TYPE_CHECKING:
@@ -402,6 +404,7 @@ def parse_auth_response(
         password=password,
         login=login,
         proxy_protocol=answer.choice("Mailrelay-Proxy-Protocol", {"1": 1, "2": 2}, None),
+        auth_mechanism=answer.choice("Mailrelay-Auth-Mechanism", {v: v for v in AUTH_MECHANISMS}, "plain"),
     )
     return [Route(host=h, port=p, **settings) for h, p in addresses]
 

@@ -15,7 +15,8 @@ A rule is a table of conditions and one answer:
 
 Conditions, each one value or a list of values of which any may match:
 
-- `user`: the whole `request.user`, compared case-insensitively;
+- `user`: the whole `request.user`, compared case-insensitively (for SMTP with
+  `auth = ["none"]`, where no one logs in, the recipient being vetted);
 - `domain`: the part of `request.user` after its last `@`, case-insensitively, exactly
   (no subdomains); a user without `@` has no domain;
 - `listener`: `request.listener`, exactly;
@@ -190,7 +191,9 @@ class _Facts:
 
     @classmethod
     def of(cls, request: RouteRequest) -> _Facts:
-        user = request.user.lower() if request.user is not None else None
+        # Without a login (SMTP auth "none"), the recipient being vetted is the user.
+        name = request.user if request.user is not None else request.recipient
+        user = name.lower() if name else None
         domain = user.rpartition("@")[2] if user is not None and "@" in user else None
         addresses: tuple[Address, ...] = ()
         try:

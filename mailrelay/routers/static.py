@@ -9,7 +9,7 @@ import attrs
 from zope.interface import implementer
 
 from ..configtable import Table
-from ..router import LOGINS, UPSTREAM_TLS, IRouter, Route, RouteRequest
+from ..router import AUTH_MECHANISMS, LOGINS, UPSTREAM_TLS, IRouter, Route, RouteRequest
 
 if TYPE_CHECKING:
     from . import RouterSpec
@@ -39,12 +39,13 @@ def route_from_table(table: Table) -> Route | None:
         login=table.string("login", "passthrough", choices=LOGINS),
         proxy_protocol=table.integer("proxy_protocol", None, minimum=1, maximum=2),
         tls_ca=table.file("tls_ca", None),
+        auth_mechanism=table.string("auth_mechanism", "plain", choices=AUTH_MECHANISMS),
     )
     table.finish()
     if fields["host"] == "":
         table.error("host", "must not be empty")
         return None
-    if any(fields[k] is None for k in ("host", "port", "tls", "tls_verify", "login")):
+    if any(fields[k] is None for k in ("host", "port", "tls", "tls_verify", "login", "auth_mechanism")):
         return None
     return Route(**fields)
 

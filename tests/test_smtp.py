@@ -1,0 +1,521 @@
+"""
+The SMTP front-end over real sockets and real TLS, with Python's smtplib (or raw
+bytes where a client library would hide what matters) as the client and a scripted
+SMTP server as the upstream, which records every byte it hears.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import smtplib
+import socket
+import time
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from mailrelay.router import Reject, Route, RouteRequest
+from tests.pki import PKI
+from tests.smtp_support import Heard, ScriptedSMTP, client_context, raw_reply
+from tests.support import WAIT, ProxyTestCase, closed_port, recv_all
+
+PASSWORD = "s3cret-Pa55"
+USER = "alice@example.test"
+
+
+class Router:
+    """Records each request; answers with `answer(request)` (a Route by default)."""
+
+    def __init__(self, port: int = 9, answer: Any = None, **route: Any) -> None:
+        self.requests: list[RouteRequest] = []
+        self.answer = answer or (lambda request: Route(host="127.0.0.1", port=port, **route))
+
+    def route(self, request: RouteRequest) -> Any:
+        self.requests.append(request)
+        return self.answer(request)
+
+
+def password_check(port: int, password: str = PASSWORD, wait: float = 0, **route: Any) -> Any:
+    """An answer that accepts PLAIN/LOGIN with `password`, and CRAM-MD5 computed from it."""
+
+    def answer(request: RouteRequest) -> Route:
+        if request.auth_method == "cram-md5":
+            assert request.salt is not None
+            expected = hmac.new(password.encode(), request.salt.encode(), hashlib.md5).hexdigest()
+            if request.password == expected:
+                return Route(host="127.0.0.1", port=port, password=password, **route)
+        elif request.password == password:
+            return Route(host="127.0.0.1", port=port, **route)
+        raise Reject("Authentication credentials invalid", wait=wait)
+
+    return answer
+
+
+class SMTPTestCase(ProxyTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.pki = PKI(self)
+        self.issued = self.pki.issue("relay", "relay.test", "127.0.0.1")
+        self.context = client_context(self.pki.ca)
+
+    async def proxy(self, router: Any, mode: str = "starttls", **listener: Any) -> int:
+        config = {
+            "tls": {"cert": self.issued.cert, "key": self.issued.key},
+            "listener": [
+                {
+                    "name": "smtp",
+                    "listen": "tcp:0:interface=127.0.0.1",
+                    "mode": mode,
+                    "protocol": "smtp",
+                    "hostname": "relay.test",
+                    **listener,
+                }
+            ],
+        }
+        _, port = await self.start_proxy(config, router=router)
+        return port
+
+    def upstream(self, **options: Any) -> Any:
+        options.setdefault("users", {USER: PASSWORD})
+        return self.server(ScriptedSMTP(**options))
+
+    def smtp(self, port: int, mode: str = "starttls") -> smtplib.SMTP:
+        """An smtplib client, through TLS (STARTTLS or implicit) and EHLO'd."""
+        if mode == "tls":
+            client: smtplib.SMTP = smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="client.example", timeout=WAIT, context=self.context)
+        else:
+            client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=WAIT)
+            client.starttls(context=self.context)
+        client.ehlo()
+        return client
+
+    def raw(self, port: int) -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        self.addCleanup(conn.close)
+        self.assertEqual(raw_reply(conn)[:4], b"220 ")
+        return conn
+
+    async def session_line(self) -> Any:
+        for _ in range(int(WAIT / 0.01)):
+            if self.logs.sessions():
+                return self.logs.sessions()[-1]
+            await deferLater(reactor, 0.01)
+        self.fail("no session line was logged")
+
+
+MESSAGE = (
+    b"From: Alice <alice@example.test>\r\nTo: bob@example.test\r\nSubject: caf\xc3\xa9\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    b"Hello Bob,\r\n.a line that starts with a dot\r\n8-bit: \xe2\x82\xac \xff\xfe\r\n"
+)
+
+
+class LoginTests(SMTPTestCase):
+    async def _send_authenticated(self, mechanism: str, mode: str = "starttls", **route: Any) -> tuple[Router, Heard, Any]:
+        upstream = self.upstream()
+        router = Router(answer=password_check(upstream.port, **route))
+        port = await self.proxy(router, mode=mode, auth=["plain", "login", "cram-md5"])
+
+        def client() -> Any:
+            with self.smtp(port, mode) as smtp:
+                smtp.user, smtp.password = USER, PASSWORD
+                auth = smtp.auth(mechanism, getattr(smtp, "auth_" + mechanism.lower().replace("-", "_")))
+                refused = smtp.sendmail(USER, ["bob@example.test"], MESSAGE)
+                return auth, refused
+
+        result = await self.in_thread(client)
+        heard: Heard = await self.in_thread(upstream.result)
+        return router, heard, result
+
+    async def test_auth_plain_over_starttls_is_passed_through_and_the_message_arrives_intact(self) -> None:
+        router, heard, (auth, refused) = await self._send_authenticated("PLAIN")
+
+        self.assertEqual(auth, (235, b"2.7.0 Authentication successful"))
+        self.assertEqual(refused, {})
+        self.assertEqual(heard.messages, [MESSAGE])
+        self.assertEqual(heard.login, USER)
+        plain = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+        self.assertEqual(heard.lines[:2], [b"EHLO client.example\r\n", b"AUTH PLAIN " + plain + b"\r\n"])
+        [request] = router.requests
+        self.assertEqual(
+            (request.user, request.password, request.auth_method, request.helo, request.tls, request.mode, request.attempt),
+            (USER, PASSWORD, "plain", "client.example", True, "starttls", 1),
+        )
+
+    async def test_auth_login_over_implicit_tls(self) -> None:
+        router, heard, (auth, refused) = await self._send_authenticated("LOGIN", mode="tls")
+
+        self.assertEqual((auth[0], refused, heard.messages, heard.login), (235, {}, [MESSAGE], USER))
+        self.assertEqual(router.requests[0].auth_method, "login")
+        self.assertEqual(router.requests[0].mode, "tls")
+
+    async def test_cram_md5_logs_in_upstream_with_the_password_the_route_supplies(self) -> None:
+        router, heard, (auth, refused) = await self._send_authenticated("CRAM-MD5")
+
+        self.assertEqual((auth[0], heard.messages, heard.login), (235, [MESSAGE], USER))
+        [request] = router.requests
+        self.assertEqual(request.auth_method, "cram-md5")
+        self.assertRegex(request.salt, r"^<[0-9]+\.[0-9]+@relay\.test>$")
+        self.assertRegex(request.password, "^[0-9a-f]{32}$")
+
+    async def test_the_route_can_ask_for_auth_login_upstream(self) -> None:
+        router, heard, (auth, _) = await self._send_authenticated("PLAIN", auth_mechanism="login")
+
+        self.assertEqual(auth[0], 235)
+        self.assertEqual(
+            heard.lines[1:4],
+            [b"AUTH LOGIN\r\n", base64.b64encode(USER.encode()) + b"\r\n", base64.b64encode(PASSWORD.encode()) + b"\r\n"],
+        )
+
+    async def test_xclient_tells_the_upstream_who_the_client_is(self) -> None:
+        upstream = self.upstream(users={})
+        router = Router(answer=password_check(upstream.port, login="xclient"))
+        port = await self.proxy(router)
+
+        def client() -> tuple[int, int]:
+            with self.smtp(port) as smtp:
+                smtp.login(USER, PASSWORD)
+                smtp.sendmail(USER, ["bob@example.test"], MESSAGE)
+                return smtp.sock.getsockname()[1], port
+
+        client_port, proxy_port = await self.in_thread(client)
+        heard = await self.in_thread(upstream.result)
+        self.assertEqual(
+            heard.lines[:3],
+            [
+                b"EHLO relay.test\r\n",
+                b"XCLIENT ADDR=127.0.0.1 PORT=%d NAME=[UNAVAILABLE] HELO=client.example PROTO=ESMTP"
+                b" DESTADDR=127.0.0.1 DESTPORT=%d LOGIN=alice@example.test\r\n" % (client_port, proxy_port),
+                b"EHLO client.example\r\n",
+            ],
+        )
+        self.assertEqual(heard.messages, [MESSAGE])
+
+    async def test_commands_pipelined_behind_auth_reach_the_upstream(self) -> None:
+        upstream = self.upstream()
+        port = await self.proxy(Router(answer=password_check(upstream.port)), mode="tls")
+        plain = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+
+        def client() -> bytes:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+            with self.context.wrap_socket(raw, server_hostname="relay.test") as conn:
+                raw_reply(conn)
+                conn.sendall(b"EHLO c.example\r\n")
+                raw_reply(conn)
+                conn.sendall(b"AUTH PLAIN " + plain + b"\r\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\nQUIT\r\n")
+                return recv_all(conn)
+
+        self.assertEqual(
+            await self.in_thread(client),
+            b"235 2.7.0 Authentication successful\r\n250 2.1.0 sender ok\r\n250 2.1.5 recipient ok\r\n221 2.0.0 bye\r\n",
+        )
+
+    async def test_the_session_line_names_user_and_upstream_and_no_password(self) -> None:
+        router, heard, _ = await self._send_authenticated("PLAIN")
+        line = await self.session_line()
+        self.assertEqual((line["user"], line["outcome"]), (USER, "closed"))
+        everything = "\n".join(self.logs.lines()) + repr([e for e in self.logs.events])
+        self.assertNotIn(PASSWORD, everything)
+        self.assertNotIn(base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode(), everything)
+
+
+class CapabilityTests(SMTPTestCase):
+    async def ehlo(self, port: int, tls: bool) -> bytes:
+        def client() -> bytes:
+            conn = self.raw(port)
+            if tls:
+                conn.sendall(b"STARTTLS\r\n")
+                self.assertEqual(raw_reply(conn), b"220 2.0.0 Ready to start TLS\r\n")
+                conn = self.context.wrap_socket(conn, server_hostname="relay.test")
+            conn.sendall(b"EHLO c.example\r\n")
+            return raw_reply(conn)
+
+        return await self.in_thread(client)
+
+    async def test_before_tls_a_required_listener_offers_starttls_and_no_auth(self) -> None:
+        port = await self.proxy(Router(), auth=["plain", "login", "cram-md5"], size=10485760)
+        self.assertEqual(
+            await self.ehlo(port, tls=False),
+            b"250-relay.test\r\n250-SIZE 10485760\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n",
+        )
+
+    async def test_after_tls_auth_is_offered_and_starttls_is_not(self) -> None:
+        port = await self.proxy(Router(), auth=["plain", "login", "cram-md5"])
+        self.assertEqual(
+            await self.ehlo(port, tls=True),
+            b"250-relay.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 AUTH PLAIN LOGIN CRAM-MD5\r\n",
+        )
+
+    async def test_an_optional_listener_offers_both_and_configured_capabilities(self) -> None:
+        port = await self.proxy(Router(), starttls="optional", capabilities=["PIPELINING", "DSN"])
+        self.assertEqual(
+            await self.ehlo(port, tls=False),
+            b"250-relay.test\r\n250-PIPELINING\r\n250-DSN\r\n250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n",
+        )
+
+    async def test_greeting_and_helo_use_the_configured_host_name(self) -> None:
+        port = await self.proxy(Router())
+
+        def client() -> list[bytes]:
+            conn = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+            with conn:
+                greeting = raw_reply(conn)
+                conn.sendall(b"HELO c.example\r\nNOOP\r\nHELP\r\nVRFY bob\r\nRSET\r\nQUIT\r\n")
+                return [greeting, recv_all(conn)]
+
+        self.assertEqual(
+            await self.in_thread(client),
+            [
+                b"220 relay.test ESMTP ready\r\n",
+                b"250 relay.test\r\n250 2.0.0 Ok\r\n"
+                b"214 2.0.0 Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT\r\n"
+                b"502 5.5.1 Error: command not implemented\r\n250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n",
+            ],
+        )
+
+
+class StartTLSSecurityTests(SMTPTestCase):
+    async def test_auth_and_mail_before_starttls_are_refused_on_a_required_listener(self) -> None:
+        router = Router()
+        port = await self.proxy(router, auth=["plain", "none"])
+
+        def client() -> bytes:
+            with self.raw(port) as conn:
+                conn.sendall(b"EHLO c.example\r\n")
+                raw_reply(conn)
+                conn.sendall(
+                    b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()) + b"\r\n"
+                    b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nQUIT\r\n"
+                )
+                return recv_all(conn)
+
+        self.assertEqual(
+            await self.in_thread(client),
+            b"530 5.7.0 Must issue a STARTTLS command first\r\n" * 3 + b"221 2.0.0 Bye\r\n",
+        )
+        self.assertEqual(router.requests, [])
+
+    async def test_plaintext_pipelined_after_starttls_is_not_executed(self) -> None:
+        port = await self.proxy(Router(), auth=["plain", "none"])
+
+        def client() -> list[bytes]:
+            conn = self.raw(port)
+            conn.sendall(b"EHLO c.example\r\n")
+            raw_reply(conn)
+            conn.sendall(b"STARTTLS\r\nRSET\r\nEHLO injected.example\r\n")
+            go_ahead = raw_reply(conn)
+            with self.context.wrap_socket(conn, server_hostname="relay.test") as tls:
+                # Had EHLO been run, MAIL would be accepted; had RSET, one more reply would come.
+                tls.sendall(b"MAIL FROM:<a@example.test>\r\nQUIT\r\n")
+                return [go_ahead, recv_all(tls)]
+
+        self.assertEqual(
+            await self.in_thread(client),
+            [b"220 2.0.0 Ready to start TLS\r\n", b"503 5.5.1 Error: send HELO/EHLO first\r\n221 2.0.0 Bye\r\n"],
+        )
+        self.assertIn("discarded 29 byte(s) sent in plaintext after STARTTLS", "\n".join(self.logs.lines()))
+
+    async def test_starttls_on_an_implicit_tls_listener_is_refused(self) -> None:
+        port = await self.proxy(Router(), mode="tls")
+
+        def client() -> bytes:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+            with self.context.wrap_socket(raw, server_hostname="relay.test") as conn:
+                raw_reply(conn)
+                conn.sendall(b"STARTTLS\r\nQUIT\r\n")
+                return recv_all(conn)
+
+        self.assertEqual(await self.in_thread(client), b"503 5.5.1 Error: TLS already active\r\n221 2.0.0 Bye\r\n")
+
+
+class FailedLoginTests(SMTPTestCase):
+    async def test_wrong_password_gets_535_after_the_delay_then_421_after_max_attempts(self) -> None:
+        upstream = self.upstream()
+        router = Router(answer=password_check(upstream.port, wait=0.2))
+        port = await self.proxy(router, mode="tls", max_attempts=2)
+
+        def client() -> list[Any]:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+            with self.context.wrap_socket(raw, server_hostname="relay.test") as conn:
+                raw_reply(conn)
+                conn.sendall(b"EHLO c.example\r\n")
+                raw_reply(conn)
+                replies: list[Any] = []
+                for attempt in ("wrong-1", "wrong-2"):
+                    started = time.monotonic()
+                    conn.sendall(b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{attempt}".encode()) + b"\r\n")
+                    replies.append(raw_reply(conn))
+                    replies.append(time.monotonic() - started)
+                replies.append(recv_all(conn))
+                return replies
+
+        first, first_wait, second, second_wait, rest = await self.in_thread(client)
+        self.assertEqual(first, b"535 5.7.8 Authentication credentials invalid\r\n")
+        self.assertEqual(second, b"535 5.7.8 Authentication credentials invalid\r\n")
+        self.assertGreaterEqual(min(first_wait, second_wait), 0.2)
+        self.assertEqual(rest, b"421 4.7.0 relay.test Error: too many failed logins, closing connection\r\n")
+        self.assertEqual([r.attempt for r in router.requests], [1, 2])
+        line = await self.session_line()
+        self.assertEqual((line["outcome"], line["reason"]), ("rejected", "Authentication credentials invalid"))
+        everything = "\n".join(self.logs.lines())
+        self.assertNotIn("wrong-1", everything)
+        self.assertNotIn("wrong-2", everything)
+        self.assertIn("login refused for alice@example.test from 127.0.0.1", everything)
+
+    async def test_after_a_failure_the_client_may_try_again_and_succeed(self) -> None:
+        upstream = self.upstream()
+        port = await self.proxy(Router(answer=password_check(upstream.port)), mode="tls")
+
+        def client() -> Any:
+            with self.smtp(port, "tls") as smtp:
+                smtp.user, smtp.password = USER, "wrong"
+                try:
+                    smtp.auth("PLAIN", smtp.auth_plain)
+                except smtplib.SMTPAuthenticationError as e:
+                    first = e.smtp_code
+                smtp.password = PASSWORD
+                second = smtp.auth("PLAIN", smtp.auth_plain)[0]
+                smtp.sendmail(USER, ["bob@example.test"], MESSAGE)
+                return first, second
+
+        self.assertEqual(await self.in_thread(client), (535, 235))
+        self.assertEqual((await self.in_thread(upstream.result)).messages, [MESSAGE])
+
+    async def test_an_upstream_refusing_the_login_is_a_535_for_the_client(self) -> None:
+        upstream = self.upstream(users={USER: "another password"})
+        port = await self.proxy(Router(answer=password_check(upstream.port)), mode="tls")
+
+        def client() -> Any:
+            with self.smtp(port, "tls") as smtp:
+                smtp.user, smtp.password = USER, PASSWORD
+                try:
+                    smtp.auth("PLAIN", smtp.auth_plain)
+                except smtplib.SMTPAuthenticationError as e:
+                    return e.smtp_code, e.smtp_error
+                return None
+
+        self.assertEqual(await self.in_thread(client), (535, b"5.7.8 Authentication credentials invalid"))
+
+
+class TemporaryFailureTests(SMTPTestCase):
+    async def auth_reply(self, router: Any) -> Any:
+        port = await self.proxy(router, mode="tls")
+
+        def client() -> Any:
+            with self.smtp(port, "tls") as smtp:
+                smtp.user, smtp.password = USER, PASSWORD
+                try:
+                    smtp.auth("PLAIN", smtp.auth_plain)
+                except smtplib.SMTPAuthenticationError as e:
+                    return e.smtp_code, e.smtp_error, smtp.noop()[0]
+                return None
+
+        return await self.in_thread(client)
+
+    async def test_upstream_down_is_451(self) -> None:
+        reply = await self.auth_reply(Router(port=closed_port()))
+        self.assertEqual(reply, (451, b"4.4.1 Mail server temporarily unavailable, try again later", 250))
+        line = await self.session_line()
+        self.assertEqual(line["outcome"], "upstream-unavailable")
+
+    async def test_router_raising_is_451(self) -> None:
+        def broken(request: RouteRequest) -> Route:
+            raise RuntimeError("router bug")
+
+        reply = await self.auth_reply(Router(answer=broken))
+        self.assertEqual(reply, (451, b"4.3.0 Temporary failure, try again later", 250))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)  # logged with its traceback, for the router's author
+
+    async def test_upstream_answering_auth_with_a_temporary_error_is_451(self) -> None:
+        upstream = self.upstream(auth_reply=b"454 4.7.0 Temporary authentication failure")
+        reply = await self.auth_reply(Router(port=upstream.port))
+        self.assertEqual(reply[0], 451)
+        self.assertIn("upstream answered AUTH with 454 4.7.0 Temporary authentication failure", "\n".join(self.logs.lines()))
+
+    async def test_upstream_without_xclient_is_451_and_says_why_in_the_log(self) -> None:
+        upstream = self.upstream(extensions=("PIPELINING",))
+        reply = await self.auth_reply(Router(port=upstream.port, login="xclient"))
+        self.assertEqual(reply[0], 451)
+        self.assertIn("upstream does not offer XCLIENT", "\n".join(self.logs.lines()))
+
+
+class MalformedInputTests(SMTPTestCase):
+    async def exchange(self, send: bytes, **listener: Any) -> bytes:
+        port = await self.proxy(Router(), **listener)
+
+        def client() -> bytes:
+            with self.raw(port) as conn:
+                conn.sendall(send)
+                return recv_all(conn)
+
+        return await self.in_thread(client)
+
+    async def test_over_long_line_nul_and_unknown_commands_get_errors_and_the_session_goes_on(self) -> None:
+        reply = await self.exchange(b"NOOP " + b"x" * 100_000 + b"\r\nNO\0OP\r\nXYZZY\r\nNOOP\r\nQUIT\r\n")
+        self.assertEqual(
+            reply,
+            b"500 5.5.6 Error: line too long\r\n500 5.5.2 Error: NUL character in command\r\n"
+            b"500 5.5.2 Error: command not recognized\r\n250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n",
+        )
+
+    async def test_too_many_errors_close_the_connection(self) -> None:
+        reply = await self.exchange(b"BAD1\r\nBAD2\r\nBAD3\r\nNOOP\r\n", max_errors=3)
+        self.assertEqual(
+            reply,
+            b"500 5.5.2 Error: command not recognized\r\n" * 3 + b"421 4.7.0 relay.test Error: too many errors\r\n",
+        )
+        line = await self.session_line()
+        self.assertEqual(line["outcome"], "protocol-error")
+
+    async def test_silence_before_login_times_out(self) -> None:
+        reply = await self.exchange(b"", login_timeout=0.2)
+        self.assertEqual(reply, b"421 4.4.2 relay.test Error: timeout exceeded\r\n")
+        line = await self.session_line()
+        self.assertEqual(line["outcome"], "idle-timeout")
+
+
+class SASLInputTests(SMTPTestCase):
+    async def after_tls(self, send: bytes, **listener: Any) -> bytes:
+        router = Router()
+        port = await self.proxy(router, mode="tls", **listener)
+
+        def client() -> bytes:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+            with self.context.wrap_socket(raw, server_hostname="relay.test") as conn:
+                raw_reply(conn)
+                conn.sendall(b"EHLO c.example\r\n")
+                raw_reply(conn)
+                conn.sendall(send + b"QUIT\r\n")
+                return recv_all(conn)
+
+        reply = await self.in_thread(client)
+        self.assertEqual(router.requests, [])
+        return reply
+
+    async def test_broken_base64_cancellation_and_bad_mechanisms(self) -> None:
+        reply = await self.after_tls(
+            b"AUTH PLAIN not*base64\r\n"
+            b"AUTH PLAIN\r\n*\r\n"
+            b"AUTH LOGIN\r\n!!!\r\n"
+            b"AUTH PLAIN " + base64.b64encode(b"only-one-part") + b"\r\n"
+            b"AUTH GSSAPI\r\n"
+            b"AUTH\r\n",
+            max_errors=10,
+        )
+        self.assertEqual(
+            reply,
+            b"501 5.5.2 invalid base64 in the response\r\n"
+            b"334 \r\n501 5.7.0 Authentication cancelled\r\n"
+            b"334 VXNlcm5hbWU6\r\n501 5.5.2 invalid base64 in the response\r\n"
+            b"501 5.5.2 PLAIN response is not authzid NUL user NUL password\r\n"
+            b"504 5.5.4 Unrecognized authentication type\r\n"
+            b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"
+            b"221 2.0.0 Bye\r\n",
+        )
+
+    async def test_mechanisms_not_listed_are_refused(self) -> None:
+        reply = await self.after_tls(b"AUTH CRAM-MD5\r\nAUTH XOAUTH2 =\r\n", auth=["plain"])
+        self.assertEqual(reply, b"504 5.5.4 Unrecognized authentication type\r\n" * 2 + b"221 2.0.0 Bye\r\n")
