@@ -519,3 +519,136 @@ class SASLInputTests(SMTPTestCase):
     async def test_mechanisms_not_listed_are_refused(self) -> None:
         reply = await self.after_tls(b"AUTH CRAM-MD5\r\nAUTH XOAUTH2 =\r\n", auth=["plain"])
         self.assertEqual(reply, b"504 5.5.4 Unrecognized authentication type\r\n" * 2 + b"221 2.0.0 Bye\r\n")
+
+
+class RelayTests(SMTPTestCase):
+    """`auth = ["none"]`: MX and relay use, routed at the first RCPT TO."""
+
+    async def relay(self, router: Router, send: bytes, **listener: Any) -> bytes:
+        port = await self.proxy(router, mode="starttls", starttls="optional", auth=["none"], **listener)
+
+        def client() -> bytes:
+            with self.raw(port) as conn:
+                conn.sendall(b"EHLO mx.sender.example\r\n")
+                raw_reply(conn)
+                conn.sendall(send)
+                return recv_all(conn)
+
+        return await self.in_thread(client)
+
+    async def test_the_envelope_is_routed_at_the_first_rcpt_and_replayed_upstream(self) -> None:
+        upstream = self.upstream(refuse_rcpt=("nobody@example.test",))
+        router = Router(port=upstream.port, login="none")
+        reply = await self.relay(
+            router,
+            b"MAIL FROM:<s@sender.example> SIZE=100\r\nRCPT TO:<bob@example.test> NOTIFY=NEVER\r\n"
+            b"RCPT TO:<nobody@example.test>\r\nDATA\r\n" + MESSAGE.replace(b"\r\n.", b"\r\n..") + b".\r\nQUIT\r\n",
+        )
+
+        self.assertEqual(
+            reply,
+            b"250 2.1.0 Ok\r\n250 2.1.5 recipient ok\r\n550 5.1.1 <nobody@example.test> no such user\r\n"
+            b"354 go ahead\r\n250 2.0.0 queued as 1\r\n221 2.0.0 bye\r\n",
+        )
+        heard = await self.in_thread(upstream.result)
+        self.assertEqual(
+            heard.lines,
+            [
+                b"EHLO mx.sender.example\r\n",
+                b"MAIL FROM:<s@sender.example> SIZE=100\r\n",
+                b"RCPT TO:<bob@example.test> NOTIFY=NEVER\r\n",
+                b"RCPT TO:<nobody@example.test>\r\n",
+                b"DATA\r\n",
+                b"QUIT\r\n",
+            ],
+        )
+        self.assertEqual(heard.messages, [MESSAGE])
+        [request] = router.requests
+        self.assertEqual(
+            (request.auth_method, request.user, request.helo, request.mail_from, request.rcpt_to),
+            ("none", None, "mx.sender.example", "MAIL FROM:<s@sender.example> SIZE=100", "RCPT TO:<bob@example.test> NOTIFY=NEVER"),
+        )
+        self.assertEqual((request.sender, request.recipient), ("s@sender.example", "bob@example.test"))
+
+    async def test_a_recipient_the_router_refuses_is_answered_locally_and_the_next_one_routed(self) -> None:
+        upstream = self.upstream()
+
+        def answer(request: RouteRequest) -> Route:
+            if request.recipient == "spam@example.test":
+                raise Reject("5.1.1 Recipient rejected", code=550)
+            return Route(host="127.0.0.1", port=upstream.port, login="none")
+
+        router = Router(answer=answer)
+        reply = await self.relay(
+            router, b"MAIL FROM:<s@sender.example>\r\nRCPT TO:<spam@example.test>\r\nRCPT TO:<bob@example.test>\r\nQUIT\r\n"
+        )
+        self.assertEqual(reply, b"250 2.1.0 Ok\r\n550 5.1.1 Recipient rejected\r\n250 2.1.5 recipient ok\r\n221 2.0.0 bye\r\n")
+        self.assertEqual([r.recipient for r in router.requests], ["spam@example.test", "bob@example.test"])
+
+    async def test_xclient_then_the_envelope(self) -> None:
+        upstream = self.upstream()
+        reply = await self.relay(
+            Router(port=upstream.port, login="xclient"), b"MAIL FROM:<>\r\nRCPT TO:<postmaster@example.test>\r\nQUIT\r\n"
+        )
+        self.assertEqual(reply, b"250 2.1.0 Ok\r\n250 2.1.5 recipient ok\r\n221 2.0.0 bye\r\n")
+        heard = await self.in_thread(upstream.result)
+        self.assertEqual(heard.lines[0], b"EHLO relay.test\r\n")
+        self.assertTrue(heard.lines[1].startswith(b"XCLIENT ADDR=127.0.0.1 PORT="), heard.lines[1])
+        self.assertIn(b" HELO=mx.sender.example PROTO=ESMTP ", heard.lines[1])
+        self.assertNotIn(b"LOGIN=", heard.lines[1])
+        self.assertEqual(heard.lines[2:], [b"EHLO mx.sender.example\r\n", b"MAIL FROM:<>\r\n", b"RCPT TO:<postmaster@example.test>\r\n", b"QUIT\r\n"])
+
+    async def test_sequence_and_syntax_errors_before_routing(self) -> None:
+        router = Router()
+        reply = await self.relay(
+            router,
+            b"RCPT TO:<bob@example.test>\r\nDATA\r\nMAIL FROM:bob\r\nMAIL FROM:<s@x> SIZE=2000\r\n"
+            b"MAIL FROM:<s@x>\r\nMAIL FROM:<t@x>\r\nRCPT TO:\r\nDATA\r\nRSET\r\nRCPT TO:<bob@example.test>\r\nAUTH PLAIN\r\nQUIT\r\n",
+            size=1000,
+        )
+        self.assertEqual(
+            reply,
+            b"503 5.5.1 Error: need MAIL command\r\n"
+            b"503 5.5.1 Error: need MAIL command\r\n"
+            b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"
+            b"552 5.3.4 Message size exceeds fixed limit\r\n"
+            b"250 2.1.0 Ok\r\n"
+            b"503 5.5.1 Error: nested MAIL command\r\n"
+            b"501 5.5.4 Syntax: RCPT TO:<address>\r\n"
+            b"554 5.5.1 Error: no valid recipients\r\n"
+            b"250 2.0.0 Ok\r\n"
+            b"503 5.5.1 Error: need MAIL command\r\n"
+            b"503 5.5.1 Error: authentication not enabled\r\n"
+            b"221 2.0.0 Bye\r\n",
+        )
+        self.assertEqual(router.requests, [])
+
+    async def test_a_required_listener_refuses_the_envelope_before_tls(self) -> None:
+        # nginx's `starttls only` lets MAIL and RCPT through in plaintext; mailrelay does not.
+        router = Router()
+        port = await self.proxy(router, auth=["none"])
+
+        def client() -> bytes:
+            with self.raw(port) as conn:
+                conn.sendall(b"EHLO mx.sender.example\r\nMAIL FROM:<s@x>\r\nRCPT TO:<bob@example.test>\r\nQUIT\r\n")
+                return recv_all(conn)
+
+        reply = await self.in_thread(client)
+        self.assertEqual(
+            reply.split(b"\r\n")[-4:],
+            [b"530 5.7.0 Must issue a STARTTLS command first"] * 2 + [b"221 2.0.0 Bye", b""],
+        )
+        self.assertEqual(router.requests, [])
+
+    async def test_mail_on_a_login_listener_needs_authentication(self) -> None:
+        port = await self.proxy(Router(), mode="tls")
+
+        def client() -> bytes:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+            with self.context.wrap_socket(raw, server_hostname="relay.test") as conn:
+                raw_reply(conn)
+                conn.sendall(b"EHLO c.example\r\nMAIL FROM:<s@x>\r\nRCPT TO:<b@y>\r\nDATA\r\nQUIT\r\n")
+                raw_reply(conn)
+                return recv_all(conn)
+
+        self.assertEqual(await self.in_thread(client), b"530 5.7.0 Authentication required\r\n" * 3 + b"221 2.0.0 Bye\r\n")

@@ -270,7 +270,9 @@ class LineFrontEnd(RoutedConnection):
             max_attempts=self.config.max_attempts,
         )
         self.login_failed(reject)
-        if reject.close or self.failed_logins >= self.config.max_attempts:
+        if reject.close:
+            self.close("rejected", reject.message)
+        elif self.failed_logins >= self.config.max_attempts:
             self.too_many_attempts()
             self.close("rejected", reject.message)
         else:
