@@ -652,3 +652,94 @@ class RelayTests(SMTPTestCase):
                 return recv_all(conn)
 
         self.assertEqual(await self.in_thread(client), b"530 5.7.0 Authentication required\r\n" * 3 + b"221 2.0.0 Bye\r\n")
+
+
+class TokenAndCertificateTests(SMTPTestCase):
+    async def test_xoauth2_is_passed_through_in_its_own_mechanism(self) -> None:
+        token = "ya29.a0-TOKEN_value"
+        upstream = self.upstream(users={USER: token}, mechanisms=("PLAIN", "XOAUTH2"))
+        router = Router(port=upstream.port)
+        port = await self.proxy(router, mode="tls", auth=["xoauth2", "oauthbearer"])
+        initial = base64.b64encode(f"user={USER}\x01auth=Bearer {token}\x01\x01".encode())
+
+        def client() -> bytes:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+            with self.context.wrap_socket(raw, server_hostname="relay.test") as conn:
+                raw_reply(conn)
+                conn.sendall(b"EHLO c.example\r\n")
+                raw_reply(conn)
+                conn.sendall(b"AUTH XOAUTH2 " + initial + b"\r\nQUIT\r\n")
+                return recv_all(conn)
+
+        self.assertEqual(await self.in_thread(client), b"235 2.7.0 Authentication successful\r\n221 2.0.0 bye\r\n")
+        heard = await self.in_thread(upstream.result)
+        self.assertEqual(heard.lines[1], b"AUTH XOAUTH2 " + initial + b"\r\n")
+        self.assertEqual(heard.login, USER)
+        [request] = router.requests
+        self.assertEqual((request.user, request.password, request.auth_method), (USER, token, "xoauth2"))
+
+    async def test_external_authenticates_with_the_verified_client_certificate(self) -> None:
+        upstream = self.upstream()
+        router = Router(port=upstream.port, login="xclient")
+        client_cert = self.pki.ca.issue_cert("alice@example.test", common_name="alice")
+        config = {
+            "tls": {"cert": self.issued.cert, "key": self.issued.key, "client_ca": self.pki.ca_file},
+            "listener": [
+                {"name": "smtp", "listen": "tcp:0:interface=127.0.0.1", "mode": "tls", "protocol": "smtp", "hostname": "relay.test", "auth": ["plain", "external"]}
+            ],
+        }
+        _, port = await self.start_proxy(config, router=router)
+        with_cert = client_context(self.pki.ca)
+        client_cert.configure_cert(with_cert)
+
+        def client(context: Any) -> bytes:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+            with context.wrap_socket(raw, server_hostname="relay.test") as conn:
+                raw_reply(conn)
+                conn.sendall(b"EHLO c.example\r\n")
+                ehlo = raw_reply(conn)
+                conn.sendall(b"AUTH EXTERNAL =\r\nQUIT\r\n")
+                return ehlo.splitlines()[-1] + b"|" + recv_all(conn)
+
+        without = await self.in_thread(client, self.context)
+        self.assertEqual(without, b"250 AUTH PLAIN|504 5.5.4 Unrecognized authentication type\r\n221 2.0.0 Bye\r\n")
+        self.assertEqual(
+            await self.in_thread(client, with_cert),
+            b"250 AUTH PLAIN EXTERNAL|235 2.7.0 Authentication successful\r\n221 2.0.0 bye\r\n",
+        )
+        [request] = router.requests
+        assert request.client_cert is not None
+        self.assertEqual((request.auth_method, request.user), ("external", request.client_cert.subject))
+        self.assertTrue(request.user.startswith("CN=alice,"), request.user)
+        heard = await self.in_thread(upstream.result)
+        self.assertIn(b" LOGIN=CN+3Dalice,", heard.lines[1])  # xtext: `=` is +3D
+
+
+class LoginLimitTests(SMTPTestCase):
+    async def test_past_the_limit_the_router_is_not_asked_and_the_client_gets_421(self) -> None:
+        upstream = self.upstream()
+        router = Router(answer=password_check(upstream.port))
+        config = {
+            "tls": {"cert": self.issued.cert, "key": self.issued.key},
+            "login_limits": {"max_per_user": 2, "max_per_client": 100, "delay": 0},
+            "listener": [{"name": "smtp", "listen": "tcp:0:interface=127.0.0.1", "mode": "tls", "protocol": "smtp", "hostname": "relay.test", "max_attempts": 5}],
+        }
+        _, port = await self.start_proxy(config, router=router)
+
+        def client() -> bytes:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+            with self.context.wrap_socket(raw, server_hostname="relay.test") as conn:
+                raw_reply(conn)
+                conn.sendall(b"EHLO c.example\r\n")
+                raw_reply(conn)
+                for password in ("bad1", "bad2", PASSWORD):
+                    conn.sendall(b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{password}".encode()) + b"\r\n")
+                return recv_all(conn)
+
+        self.assertEqual(
+            await self.in_thread(client),
+            b"535 5.7.8 Authentication credentials invalid\r\n" * 2 + b"421 4.7.0 Too many failed logins, try again later\r\n",
+        )
+        self.assertEqual(len(router.requests), 2)  # the third, right, password never reached it
+        line = await self.session_line()
+        self.assertEqual(line["outcome"], "throttled")
