@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .router import Reject, Route
-from .splice import SpliceableProtocol
+from .splice import LineTooLong, PeerClosed, SpliceableProtocol
 from .tls import ClientTLS, TLSSetupError, describe_tls_error
 
 LoginStep = Callable[["UpstreamProtocol", Route], Awaitable[None]]
@@ -55,20 +55,13 @@ class UpstreamTLSError(Exception):
     """The TLS handshake with the upstream failed (certificate, name, protocol)."""
 
 
-class UpstreamClosed(Exception):
-    """The upstream closed the connection while a login step was reading from it."""
-
-
-class LineTooLong(Exception):
-    """The upstream sent a line longer than the login step accepts."""
-
-
 class UpstreamProtocol(SpliceableProtocol):
     """The upstream leg of a session (see `TLSUpstreamProtocol` for TLS routes)."""
 
+    peer = "upstream"
+
     def __init__(self) -> None:
         super().__init__()
-        self._waiting: Deferred[None] | None = None
         self._handshake: Deferred[None] | None = None
         self.tls = False
         """Whether the TLS handshake with the upstream has completed."""
@@ -98,35 +91,13 @@ class UpstreamProtocol(SpliceableProtocol):
             raise UpstreamTLSError(f"upstream sent {len(self.pending)} byte(s) after its STARTTLS answer, before TLS")
         self.transport.startTLS(creator)
 
-    def pendingReceived(self) -> None:
-        waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            waiting.callback(None)
-
     def lostBeforeSplice(self, reason: Failure) -> None:
-        self.pendingReceived()
         handshake, self._handshake = self._handshake, None
         if handshake is not None:
             handshake.errback(_handshake_failure(reason))
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
-
-    async def read_line(self, max_length: int = 8192) -> bytes:
-        """The next line from the upstream, with its line ending."""
-        while True:
-            end = self.pending.find(b"\n", 0, max_length)
-            if end >= 0:
-                line = bytes(self.pending[: end + 1])
-                del self.pending[: end + 1]
-                self.pendingConsumed()
-                return line
-            if len(self.pending) >= max_length:
-                raise LineTooLong(f"upstream sent a line longer than {max_length} bytes")
-            if self.read_closed or self.lost_reason is not None:
-                raise UpstreamClosed("upstream closed the connection")
-            self._waiting = Deferred()
-            await self._waiting
 
 
 def _handshake_failure(reason: Failure) -> UpstreamTLSError:
@@ -192,7 +163,7 @@ def unsupported(route: Route, starttls: StartTLSStep | None) -> str | None:
 
 def describe_failure(error: BaseException, timeout: float) -> str:
     """A short reason for the log, in an administrator's words."""
-    if isinstance(error, (UpstreamTLSError, TLSSetupError)):
+    if isinstance(error, (UpstreamTLSError, TLSSetupError, PeerClosed, LineTooLong)):
         return str(error)
     if isinstance(error, ConnectionRefusedError):
         return "connection refused"

@@ -26,7 +26,7 @@ from .connector import LoginStep, StartTLSStep, Upstream, UpstreamConnector, Ups
 from .guard import LoginGuard
 from .router import Address, IRouter, Reject, RouteRequest, RouterError, ask_router
 from .session import Session, Sessions
-from .splice import Splice, SpliceableProtocol
+from .splice import Splice, SpliceableProtocol, SpliceResult
 from .tls import TLSFacts, describe_tls_error, tls_facts
 
 
@@ -112,6 +112,13 @@ class RoutedConnection(SpliceableProtocol):
         Route with what is known now, connect, splice. `facts` are RouteRequest fields
         beyond the connection's own (the TLS ones are filled in here).
         """
+        request = self.request(**facts)
+        login, starttls = self.upstream_steps(request)
+        self._task = Deferred.fromCoroutine(self.route_and_splice(request, login=login, starttls=starttls))
+        self._task.addErrback(self._crashed)
+
+    def request(self, **facts: Any) -> RouteRequest:
+        """What to ask the Router: the connection's facts, its TLS facts, and `facts`."""
         if self.tls is not None:
             facts = {
                 "tls": True,
@@ -121,7 +128,7 @@ class RoutedConnection(SpliceableProtocol):
                 "client_cert": self.tls.client_cert,
                 **facts,
             }
-        request = RouteRequest(
+        return RouteRequest(
             listener=self.listener.name,
             protocol=self.listener.protocol,  # type: ignore[arg-type]
             mode=self.listener.mode,  # type: ignore[arg-type]
@@ -129,9 +136,6 @@ class RoutedConnection(SpliceableProtocol):
             local=self.local,
             **facts,
         )
-        login, starttls = self.upstream_steps(request)
-        self._task = Deferred.fromCoroutine(self.route_and_splice(request, login=login, starttls=starttls))
-        self._task.addErrback(self._crashed)
 
     def upstream_steps(self, request: RouteRequest) -> tuple[LoginStep | None, StartTLSStep | None]:
         """The protocol's upstream login and STARTTLS exchange for `request` (none: splice
@@ -198,10 +202,14 @@ class RoutedConnection(SpliceableProtocol):
             return
         session.upstream = upstream.route.address
         self.logged_in(upstream)
-        self._splice = Splice(self, upstream.protocol, factory.clock, self.listener.idle_timeout)
-        result = await self._splice.start()
+        result = await self.relay(upstream)
         session.bytes_up, session.bytes_down = result.bytes_up, result.bytes_down
         session.finish(result.outcome, f"{result.ended_by} closed first" if result.ended_by else None)
+
+    async def relay(self, upstream: Upstream) -> SpliceResult:
+        """Carry the session between client and upstream until it ends: splice it."""
+        self._splice = Splice(self, upstream.protocol, self.factory.clock, self.listener.idle_timeout)
+        return await self._splice.start()
 
     def logged_in(self, upstream: Upstream) -> None:
         """The upstream is connected and logged in; the splice starts next. A front-end

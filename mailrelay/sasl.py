@@ -90,9 +90,12 @@ def decode(data: bytes) -> bytes:
     if len(data) > MAX_RESPONSE * 4 // 3 + 4:
         raise SASLSyntaxError("response too long")
     try:
-        return base64.b64decode(data, validate=True)
+        decoded = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise SASLSyntaxError("invalid base64 in the response") from None
+    if len(decoded) > MAX_RESPONSE:  # the length check above lets up to 2 more bytes through
+        raise SASLSyntaxError("response too long")
+    return decoded
 
 
 def encode(data: bytes) -> bytes:
@@ -130,7 +133,7 @@ def plain(initial: bytes | None, context: Context) -> Steps:
 
 def login(initial: bytes | None, context: Context) -> Steps:
     """The LOGIN mechanism (draft-murchison-sasl-login): user, then password."""
-    user = _text(initial if initial else (yield b"Username:"), "user name")
+    user = _text(initial if initial is not None else (yield b"Username:"), "user name")
     if not user:
         raise SASLSyntaxError("empty user name")
     password = _text((yield b"Password:"), "password")
@@ -187,7 +190,7 @@ def xoauth2(initial: bytes | None, context: Context) -> Steps:
     return Credentials(user=user, password=_bearer(fields, "XOAUTH2"), method="xoauth2")
 
 
-GS2_HEADER = re.compile(rb"([ny]|p=[^,]*),(?:a=([^,]*))?,")
+GS2_HEADER = re.compile(rb"([ny]|p=[^,]*),(?:a=([^,]*))?,\x01")  # with the ^A that ends it (RFC 7628 3.1)
 
 
 def oauthbearer(initial: bytes | None, context: Context) -> Steps:

@@ -52,6 +52,14 @@ def can_half_close(transport: ITransport) -> bool:
     )
 
 
+class PeerClosed(Exception):
+    """The peer closed the connection while a line or bytes were awaited from it."""
+
+
+class LineTooLong(Exception):
+    """The peer sent a longer line than the reader accepts."""
+
+
 @implementer(IHalfCloseableProtocol)
 class SpliceableProtocol(Protocol):
     """
@@ -63,6 +71,8 @@ class SpliceableProtocol(Protocol):
     """
 
     pending_limit = 64 * 1024
+    peer = "peer"
+    """Who is at the other end, for error messages: "client" or "upstream"."""
     transport: Any  # a TCP transport, or any ITransport with pause/resume and abortConnection
 
     def __init__(self) -> None:
@@ -71,6 +81,32 @@ class SpliceableProtocol(Protocol):
         self.lost_reason: Failure | None = None
         self._paused_for_pending = False
         self._side: _Side | None = None
+        self._waiting: Deferred[None] | None = None
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(None)
+
+    async def more(self) -> None:
+        """Wait until more bytes arrive in `pending`; raise PeerClosed if none will."""
+        if self.read_closed or self.lost_reason is not None:
+            raise PeerClosed(f"{self.peer} closed the connection")
+        self._waiting = Deferred()
+        await self._waiting
+
+    async def read_line(self, max_length: int = 8192) -> bytes:
+        """The next line from `pending` (waiting for it), with its line ending."""
+        while True:
+            end = self.pending.find(b"\n", 0, max_length)
+            if end >= 0:
+                line = bytes(self.pending[: end + 1])
+                del self.pending[: end + 1]
+                self.pendingConsumed()
+                return line
+            if len(self.pending) >= max_length:
+                raise LineTooLong(f"{self.peer} sent a line longer than {max_length} bytes")
+            await self.more()
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
@@ -81,6 +117,7 @@ class SpliceableProtocol(Protocol):
             return
         self.pending += data
         self.pendingReceived()
+        self._wake()
         if len(self.pending) >= self.pending_limit and not self._paused_for_pending:
             self._paused_for_pending = True
             self.transport.pauseProducing()
@@ -100,6 +137,7 @@ class SpliceableProtocol(Protocol):
         else:
             self.read_closed = True
             self.pendingReceived()
+            self._wake()
 
     def writeConnectionLost(self) -> None:
         if self._side is not None:
@@ -111,6 +149,7 @@ class SpliceableProtocol(Protocol):
         else:
             self.lost_reason = reason
             self.lostBeforeSplice(reason)
+            self._wake()
 
     def lostBeforeSplice(self, reason: Failure) -> None:
         """The connection ended before any splice adopted it."""

@@ -25,6 +25,8 @@ class Heard:
     messages: list[bytes] = attrs.field(factory=list)
     """The content of each DATA, dot-unstuffed, as received."""
     login: str | None = None
+    chunks: list[bytes] = attrs.field(factory=list)
+    """BDAT chunks of the message in progress."""
 
 
 class ScriptedSMTP:
@@ -134,6 +136,16 @@ class ScriptedSMTP:
                     content.append(data_line[1:] if data_line.startswith(b".") else data_line)
                 heard.messages.append(b"".join(content))
                 send(b"250 2.0.0 queued as %d" % len(heard.messages))
+            elif verb == b"BDAT":
+                size, _, last = arg.partition(b" ")
+                chunk = b""
+                while len(chunk) < int(size):
+                    chunk += stream.read(int(size) - len(chunk))
+                heard.chunks.append(chunk)
+                if last.upper() == b"LAST":
+                    heard.messages.append(b"".join(heard.chunks))
+                    heard.chunks.clear()
+                send(b"250 2.0.0 %d octets received" % len(chunk))
             elif verb in (b"RSET", b"NOOP"):
                 send(b"250 2.0.0 ok")
             elif verb == b"QUIT":

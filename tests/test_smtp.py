@@ -743,3 +743,79 @@ class LoginLimitTests(SMTPTestCase):
         self.assertEqual(len(router.requests), 2)  # the third, right, password never reached it
         line = await self.session_line()
         self.assertEqual(line["outcome"], "throttled")
+
+
+class VetAllRecipientsTests(SMTPTestCase):
+    """`vet_recipients = "all"`: every RCPT is the Router's to accept, not only the first."""
+
+    async def test_every_recipient_is_vetted_and_refused_ones_never_reach_the_upstream(self) -> None:
+        upstream = self.upstream(refuse_rcpt=("gone@example.test",))
+        elsewhere = self.upstream()
+
+        def answer(request: RouteRequest) -> Route:
+            if request.recipient.startswith("spam"):
+                raise Reject("5.7.1 Recipient refused by policy", code=550)
+            if request.recipient.endswith("@other.test"):
+                return Route(host="127.0.0.1", port=elsewhere.port, login="none")
+            return Route(host="127.0.0.1", port=upstream.port, login="none")
+
+        router = Router(answer=answer)
+        port = await self.proxy(router, mode="tls", auth=["none"], vet_recipients="all")
+        big = MESSAGE + b"".join(b"line %06d .. with some text\r\n" % i for i in range(20000)) + b".\r\n"  # ~640 kB
+        stuffed = big.replace(b"\r\n.", b"\r\n..")
+
+        def client() -> bytes:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+            with self.context.wrap_socket(raw, server_hostname="relay.test") as conn:
+                raw_reply(conn)
+                conn.sendall(
+                    b"EHLO mx.sender.example\r\nMAIL FROM:<s@sender.example>\r\nRCPT TO:<bob@example.test>\r\n"
+                    b"RCPT TO:<spam1@example.test>\r\nRCPT TO:<x@other.test>\r\nRCPT TO:<gone@example.test>\r\n"
+                    b"RCPT TO:<carol@example.test>\r\nDATA\r\n"
+                )
+                conn.sendall(stuffed + b".\r\n")
+                # A second transaction in the same session is vetted too.
+                conn.sendall(
+                    b"MAIL FROM:<t@sender.example>\r\nRCPT TO:<spam2@example.test>\r\nRCPT TO:<dave@example.test>\r\n"
+                    b"BDAT 5 LAST\r\nhello"
+                    b"STARTTLS\r\nQUIT\r\n"
+                )
+                return recv_all(conn)
+
+        reply = await self.in_thread(client)
+        self.assertEqual(
+            reply.split(b"\r\n")[4:],
+            [
+                b"250 2.1.0 Ok",
+                b"250 2.1.5 recipient ok",
+                b"550 5.7.1 Recipient refused by policy",
+                b"451 4.3.0 Recipient served elsewhere: send it in a transaction of its own",
+                b"550 5.1.1 <gone@example.test> no such user",
+                b"250 2.1.5 recipient ok",
+                b"354 go ahead",
+                b"250 2.0.0 queued as 1",
+                b"250 2.1.0 sender ok",
+                b"550 5.7.1 Recipient refused by policy",
+                b"250 2.1.5 recipient ok",
+                b"250 2.0.0 5 octets received",
+                b"503 5.5.1 Error: STARTTLS not available in this session",
+                b"221 2.0.0 bye",
+                b"",
+            ],
+        )
+        heard = await self.in_thread(upstream.result)
+        self.assertEqual(heard.messages, [big, b"hello"])  # a content line "." is stuffed and unstuffed
+        recipients = [line for line in heard.lines if line.startswith(b"RCPT")]
+        self.assertEqual(
+            recipients,
+            [b"RCPT TO:<bob@example.test>\r\n", b"RCPT TO:<gone@example.test>\r\n", b"RCPT TO:<carol@example.test>\r\n", b"RCPT TO:<dave@example.test>\r\n"],
+        )
+        self.assertIn(b"BDAT 5 LAST\r\n", heard.lines)
+        self.assertEqual(elsewhere.connections, 0)
+        self.assertEqual(
+            [r.recipient for r in router.requests],
+            ["bob@example.test", "spam1@example.test", "x@other.test", "gone@example.test", "carol@example.test", "spam2@example.test", "dave@example.test"],
+        )
+        self.assertEqual(router.requests[-1].sender, "t@sender.example")
+        line = await self.session_line()
+        self.assertEqual((line["outcome"], line["reason"]), ("closed", "client closed first"))

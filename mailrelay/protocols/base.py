@@ -46,6 +46,7 @@ class LineFrontEnd(RoutedConnection):
     """A client connection that speaks a line protocol until it is routed."""
 
     log = Logger()
+    peer = "client"
     max_line_length = 8192
     """Longest command line accepted, terminator included."""
 

@@ -25,8 +25,10 @@ from typing import Any
 from ..connector import LoginStep, StartTLSStep, Upstream
 from ..router import Reject, RouteRequest
 from ..sasl import encode
+from ..splice import SpliceResult
 from .base import LineFrontEnd
 from .smtp_upstream import ClientFacts, SMTPUpstreamLogin
+from .smtp_vetting import VettingRelay
 
 DEFAULT_CAPABILITIES = ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES")
 
@@ -181,9 +183,9 @@ class SMTPFrontEnd(LineFrontEnd):
         self.error(f"501 5.5.2 {_printable(why)}\r\n".encode())
 
     def login(self, credentials: Any, **facts: Any) -> None:
-        super().login(credentials, helo=self._helo_text(), **facts)
+        super().login(credentials, helo=self.helo_text(), **facts)
 
-    def _helo_text(self) -> str | None:
+    def helo_text(self) -> str | None:
         return self.helo.decode("utf-8", "replace") if self.helo is not None else None
 
     def logged_in(self, upstream: Upstream) -> None:
@@ -222,7 +224,7 @@ class SMTPFrontEnd(LineFrontEnd):
             self.rcpt = b"RCPT " + args
             self.begin(
                 auth_method="none",
-                helo=self._helo_text(),
+                helo=self.helo_text(),
                 mail_from=self.mail.decode("utf-8", "replace"),
                 rcpt_to=self.rcpt.decode("utf-8", "replace"),
             )
@@ -270,11 +272,19 @@ class SMTPFrontEnd(LineFrontEnd):
         )
         return steps.login, steps.starttls
 
+    async def relay(self, upstream: Upstream) -> SpliceResult:
+        if self.config.vet_recipients == "all" and self.mail is not None and not self.authenticating:
+            return await VettingRelay(self, upstream, self.mail).run()
+        return await super().relay(upstream)
+
+    def refuse_recipient(self, reject: Reject) -> None:
+        self.reply(f"{_reply_code(reject.code, '550 5.7.1')} {_printable(reject.message)}")
+
     def refused(self, reject: Reject) -> None:
         if self.rcpt is not None:
             # A refused recipient is not a failed login: the transaction goes on.
             self.rcpt = None
-            self.reply(f"{_reply_code(reject.code, '550 5.7.1')} {_printable(reject.message)}")
+            self.refuse_recipient(reject)
             if reject.close:
                 self.close("rejected", reject.message)
             else:
