@@ -200,6 +200,9 @@ def _listener(table: Table) -> ListenerConfig | None:
         table.error("mode", f'"{mode}" is not available in this version of mailrelay (available: {", ".join(AVAILABLE_MODES)})')
         mode = None
     protocol = table.string("protocol", "none", choices=PROTOCOLS)
+    if mode == "starttls" and protocol == "none":
+        table.error("protocol", 'mode "starttls" needs a mail protocol (smtp, imap or pop3)')
+        protocol = None
     if mode is not None and protocol is not None and protocol not in AVAILABLE_PROTOCOLS[mode]:
         available = ", ".join(AVAILABLE_PROTOCOLS[mode])
         table.error("protocol", f'"{protocol}" is not available with mode "{mode}" in this version (available: {available})')
@@ -209,15 +212,23 @@ def _listener(table: Table) -> ListenerConfig | None:
     handshake_timeout = _for_modes(table, mode, TLS_MODES, "handshake_timeout", table.seconds, 30.0)
     preread_sni = _for_modes(table, mode, ("splice",), "preread_sni", table.boolean, False)
     preread_timeout = _for_modes(table, mode, ("splice",), "preread_timeout", table.seconds, 10.0)
-    if mode == "starttls" and protocol == "none":
-        table.error("protocol", 'mode "starttls" needs a mail protocol (smtp, imap or pop3)')
-        protocol = None
     front_end = _front_end(table, mode, protocol)
     router_table = table.table("router", None)
     router = _router(router_table)
     table.finish()
-    required = (listen, name, mode, protocol, idle_timeout, router_timeout, handshake_timeout, preread_sni, preread_timeout, front_end)
-    if None in required or (router_table and router is None):
+    required = (
+        listen,
+        name,
+        mode,
+        protocol,
+        idle_timeout,
+        router_timeout,
+        handshake_timeout,
+        preread_sni,
+        preread_timeout,
+        front_end,
+    )
+    if None in required or front_end is None or (router_table and router is None):
         return None
     return ListenerConfig(
         name=name,
@@ -244,6 +255,7 @@ def _front_end(table: Table, mode: str | None, protocol: str | None) -> FrontEnd
         for key in (*FRONT_END_KEYS, "starttls", "size", "vet_recipients"):
             if table.has(key) and protocol is not None:
                 table.error(key, f'applies only to listeners with a mail protocol (smtp, imap, pop3), not protocol "{protocol}"')
+            table.consume(key)
         return FrontEndConfig() if protocol is not None else None
     default = FrontEndConfig()
     values: dict[str, Any] = dict(
@@ -275,11 +287,19 @@ def _front_end(table: Table, mode: str | None, protocol: str | None) -> FrontEnd
             values["auth"] = tuple(dict.fromkeys(m.lower() for m in auth))
     capabilities = values["capabilities"]
     for capability in capabilities or ():
-        if not capability or not capability.isprintable() or capability.split()[0].upper() in ("STARTTLS", "AUTH", "STLS", "SASL"):
-            table.error("capabilities", f'"{capability}" cannot be listed: STARTTLS and AUTH are advertised from `starttls` and `auth`')
+        if (
+            not capability
+            or not capability.isprintable()
+            or capability.split()[0].upper() in ("STARTTLS", "AUTH", "STLS", "SASL")
+        ):
+            table.error(
+                "capabilities", f'"{capability}" cannot be listed: STARTTLS and AUTH are advertised from `starttls` and `auth`'
+            )
             values["capabilities"] = None
             break
-    if None in (values[k] for k in ("hostname", "starttls", "auth", "max_attempts", "max_errors", "login_timeout", "vet_recipients")):
+    if None in (
+        values[k] for k in ("hostname", "starttls", "auth", "max_attempts", "max_errors", "login_timeout", "vet_recipients")
+    ):
         return None
     if capabilities is not None and values["capabilities"] is None:
         return None

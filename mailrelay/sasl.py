@@ -108,7 +108,9 @@ def _text(data: bytes, what: str) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise SASLSyntaxError(f"{what} is not UTF-8") from None
-    if "\0" in text or "\r" in text or "\n" in text:
+    if "\0" in text or "\r" in text or "\n" in text or (what == "user name" and any(ord(c) < 32 for c in text)):
+        # A user name with control characters would break the upstream's framing
+        # (XOAUTH2 separates fields with ^A).
         raise SASLSyntaxError(f"{what} contains control characters")
     return text
 
@@ -122,7 +124,9 @@ def plain(initial: bytes | None, context: Context) -> Steps:
     parts = response.split(b"\0")
     if len(parts) != 3:
         raise SASLSyntaxError("PLAIN response is not authzid NUL user NUL password")
-    authzid, user, password = (_text(p, name) for p, name in zip(parts, ("authorization identity", "user name", "password")))
+    authzid, user, password = (
+        _text(p, name) for p, name in zip(parts, ("authorization identity", "user name", "password"), strict=True)
+    )
     if not user:
         raise SASLSyntaxError("empty user name")
     if authzid and authzid != user:
@@ -254,7 +258,7 @@ class Exchange:
         try:
             return self._steps.send(response)  # type: ignore[arg-type]  # None starts it
         except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+            return done.value
 
 
 # -- upstream side: what mailrelay sends --------------------------------------------------
@@ -266,9 +270,14 @@ def plain_response(user: str, password: str) -> bytes:
 
 
 def xoauth2_response(user: str, token: str) -> bytes:
+    """Raises ValueError for a user or token that would break the ^A framing."""
+    if "\x01" in user or "\x01" in token:
+        raise ValueError("XOAUTH2 cannot carry ^A in a user name or token")
     return b"user=" + user.encode() + b"\x01auth=Bearer " + token.encode() + b"\x01\x01"
 
 
 def oauthbearer_response(user: str | None, token: str) -> bytes:
     authzid = (user or "").replace("=", "=3D").replace(",", "=2C")
-    return f"n,a={authzid},\x01auth=Bearer {token}\x01\x01".encode() if authzid else f"n,,\x01auth=Bearer {token}\x01\x01".encode()
+    return (
+        f"n,a={authzid},\x01auth=Bearer {token}\x01\x01".encode() if authzid else f"n,,\x01auth=Bearer {token}\x01\x01".encode()
+    )

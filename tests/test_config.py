@@ -247,12 +247,42 @@ CASES = [
     (
         "protocol-not-available-with-tls",
         ROUTER + LISTENER.replace('mode = "splice"', 'mode = "tls"') + 'protocol = "imap"\n',
-        ['listener[0].protocol: "imap" is not available with mode "tls" in this version (available: none)'],
+        ['listener[0].protocol: "imap" is not available with mode "tls" in this version (available: none, smtp)'],
     ),
     (
-        "mode-starttls-not-available",
+        "mode-starttls-without-protocol",
         ROUTER + LISTENER.replace('mode = "splice"', 'mode = "starttls"'),
-        ['listener[0].mode: "starttls" is not available in this version of mailrelay (available: splice, tls)'],
+        ['listener[0].protocol: mode "starttls" needs a mail protocol (smtp, imap or pop3)'],
+    ),
+    (
+        "front-end-keys-on-a-splice-listener",
+        ROUTER + LISTENER + 'auth = ["plain"]\nmax_attempts = 2\n',
+        [
+            'listener[0].auth: applies only to listeners with a mail protocol (smtp, imap, pop3), not protocol "none"',
+            'listener[0].max_attempts: applies only to listeners with a mail protocol (smtp, imap, pop3), not protocol "none"',
+        ],
+    ),
+    (
+        "smtp-front-end-values",
+        ROUTER
+        + LISTENER.replace('mode = "splice"', 'mode = "tls"')
+        + 'protocol = "smtp"\nauth = ["plain", "apop"]\nstarttls = "optional"\nvet_recipients = "some"\n'
+        + 'hostname = "not a name"\ncapabilities = ["PIPELINING", "AUTH PLAIN"]\nmax_attempts = 0\n',
+        [
+            'listener[0].starttls: applies only to mode "starttls" listeners, not "tls"',
+            "listener[0].max_attempts: must be from 1 to 1000, not 0",
+            'listener[0].vet_recipients: must be one of "first", "all", not "some"',
+            'listener[0].hostname: "not a name" is not a host name',
+            'listener[0].auth: "apop" is not a smtp login method'
+            " (one of: plain, login, cram-md5, xoauth2, oauthbearer, external, none)",
+            'listener[0].capabilities: "AUTH PLAIN" cannot be listed:'
+            " STARTTLS and AUTH are advertised from `starttls` and `auth`",
+        ],
+    ),
+    (
+        "external-needs-client-certificates",
+        ROUTER + LISTENER.replace('mode = "splice"', 'mode = "starttls"') + 'protocol = "smtp"\nauth = ["external"]\n',
+        ['listener[0].auth: "external" needs client certificates: set [tls] client_ca'],
     ),
     (
         "protocol-not-available-with-splice",
@@ -325,7 +355,7 @@ CASES = [
             "router.routes[0].port: must be an integer, not a boolean (True)",
             "router.routes[1].shape: unknown key",
             "router.routes[1].host: must not be empty",
-            'listener[0].mode: "starttls" is not available in this version of mailrelay (available: splice, tls)',
+            'listener[0].protocol: mode "starttls" needs a mail protocol (smtp, imap or pop3)',
             "listener[1].idle_timeout: must be a positive number of seconds, not 0",
             "listener[1].extra: unknown key",
             "colour: unknown key",
@@ -432,7 +462,7 @@ def test_invalid_toml(tmp_path: Path) -> None:
 
 def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
-    path.write_bytes(b'# r\xe9sum\xe9\n' + ROUTER.encode())
+    path.write_bytes(b"# r\xe9sum\xe9\n" + ROUTER.encode())
     assert errors_of(path) == [f"{path}: not valid TOML: not UTF-8 text (byte 3)"]
 
 

@@ -85,7 +85,9 @@ class SMTPTestCase(ProxyTestCase):
     def smtp(self, port: int, mode: str = "starttls") -> smtplib.SMTP:
         """An smtplib client, through TLS (STARTTLS or implicit) and EHLO'd."""
         if mode == "tls":
-            client: smtplib.SMTP = smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="client.example", timeout=WAIT, context=self.context)
+            client: smtplib.SMTP = smtplib.SMTP_SSL(
+                "127.0.0.1", port, local_hostname="client.example", timeout=WAIT, context=self.context
+            )
         else:
             client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=WAIT)
             client.starttls(context=self.context)
@@ -205,7 +207,9 @@ class LoginTests(SMTPTestCase):
                 raw_reply(conn)
                 conn.sendall(b"EHLO c.example\r\n")
                 raw_reply(conn)
-                conn.sendall(b"AUTH PLAIN " + plain + b"\r\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\nQUIT\r\n")
+                conn.sendall(
+                    b"AUTH PLAIN " + plain + b"\r\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\nQUIT\r\n"
+                )
                 return recv_all(conn)
 
         self.assertEqual(
@@ -239,7 +243,8 @@ class CapabilityTests(SMTPTestCase):
         port = await self.proxy(Router(), auth=["plain", "login", "cram-md5"], size=10485760)
         self.assertEqual(
             await self.ehlo(port, tls=False),
-            b"250-relay.test\r\n250-SIZE 10485760\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n",
+            b"250-relay.test\r\n250-SIZE 10485760\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+            b"250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n",
         )
 
     async def test_after_tls_auth_is_offered_and_starttls_is_not(self) -> None:
@@ -566,7 +571,13 @@ class RelayTests(SMTPTestCase):
         [request] = router.requests
         self.assertEqual(
             (request.auth_method, request.user, request.helo, request.mail_from, request.rcpt_to),
-            ("none", None, "mx.sender.example", "MAIL FROM:<s@sender.example> SIZE=100", "RCPT TO:<bob@example.test> NOTIFY=NEVER"),
+            (
+                "none",
+                None,
+                "mx.sender.example",
+                "MAIL FROM:<s@sender.example> SIZE=100",
+                "RCPT TO:<bob@example.test> NOTIFY=NEVER",
+            ),
         )
         self.assertEqual((request.sender, request.recipient), ("s@sender.example", "bob@example.test"))
 
@@ -596,14 +607,18 @@ class RelayTests(SMTPTestCase):
         self.assertTrue(heard.lines[1].startswith(b"XCLIENT ADDR=127.0.0.1 PORT="), heard.lines[1])
         self.assertIn(b" HELO=mx.sender.example PROTO=ESMTP ", heard.lines[1])
         self.assertNotIn(b"LOGIN=", heard.lines[1])
-        self.assertEqual(heard.lines[2:], [b"EHLO mx.sender.example\r\n", b"MAIL FROM:<>\r\n", b"RCPT TO:<postmaster@example.test>\r\n", b"QUIT\r\n"])
+        self.assertEqual(
+            heard.lines[2:],
+            [b"EHLO mx.sender.example\r\n", b"MAIL FROM:<>\r\n", b"RCPT TO:<postmaster@example.test>\r\n", b"QUIT\r\n"],
+        )
 
     async def test_sequence_and_syntax_errors_before_routing(self) -> None:
         router = Router()
         reply = await self.relay(
             router,
             b"RCPT TO:<bob@example.test>\r\nDATA\r\nMAIL FROM:bob\r\nMAIL FROM:<s@x> SIZE=2000\r\n"
-            b"MAIL FROM:<s@x>\r\nMAIL FROM:<t@x>\r\nRCPT TO:\r\nDATA\r\nRSET\r\nRCPT TO:<bob@example.test>\r\nAUTH PLAIN\r\nQUIT\r\n",
+            b"MAIL FROM:<s@x>\r\nMAIL FROM:<t@x>\r\nRCPT TO:\r\nDATA\r\nRSET\r\n"
+            b"RCPT TO:<bob@example.test>\r\nAUTH PLAIN\r\nQUIT\r\n",
             size=1000,
         )
         self.assertEqual(
@@ -685,7 +700,14 @@ class TokenAndCertificateTests(SMTPTestCase):
         config = {
             "tls": {"cert": self.issued.cert, "key": self.issued.key, "client_ca": self.pki.ca_file},
             "listener": [
-                {"name": "smtp", "listen": "tcp:0:interface=127.0.0.1", "mode": "tls", "protocol": "smtp", "hostname": "relay.test", "auth": ["plain", "external"]}
+                {
+                    "name": "smtp",
+                    "listen": "tcp:0:interface=127.0.0.1",
+                    "mode": "tls",
+                    "protocol": "smtp",
+                    "hostname": "relay.test",
+                    "auth": ["plain", "external"],
+                }
             ],
         }
         _, port = await self.start_proxy(config, router=router)
@@ -722,7 +744,16 @@ class LoginLimitTests(SMTPTestCase):
         config = {
             "tls": {"cert": self.issued.cert, "key": self.issued.key},
             "login_limits": {"max_per_user": 2, "max_per_client": 100, "delay": 0},
-            "listener": [{"name": "smtp", "listen": "tcp:0:interface=127.0.0.1", "mode": "tls", "protocol": "smtp", "hostname": "relay.test", "max_attempts": 5}],
+            "listener": [
+                {
+                    "name": "smtp",
+                    "listen": "tcp:0:interface=127.0.0.1",
+                    "mode": "tls",
+                    "protocol": "smtp",
+                    "hostname": "relay.test",
+                    "max_attempts": 5,
+                }
+            ],
         }
         _, port = await self.start_proxy(config, router=router)
 
@@ -808,13 +839,26 @@ class VetAllRecipientsTests(SMTPTestCase):
         recipients = [line for line in heard.lines if line.startswith(b"RCPT")]
         self.assertEqual(
             recipients,
-            [b"RCPT TO:<bob@example.test>\r\n", b"RCPT TO:<gone@example.test>\r\n", b"RCPT TO:<carol@example.test>\r\n", b"RCPT TO:<dave@example.test>\r\n"],
+            [
+                b"RCPT TO:<bob@example.test>\r\n",
+                b"RCPT TO:<gone@example.test>\r\n",
+                b"RCPT TO:<carol@example.test>\r\n",
+                b"RCPT TO:<dave@example.test>\r\n",
+            ],
         )
         self.assertIn(b"BDAT 5 LAST\r\n", heard.lines)
         self.assertEqual(elsewhere.connections, 0)
         self.assertEqual(
             [r.recipient for r in router.requests],
-            ["bob@example.test", "spam1@example.test", "x@other.test", "gone@example.test", "carol@example.test", "spam2@example.test", "dave@example.test"],
+            [
+                "bob@example.test",
+                "spam1@example.test",
+                "x@other.test",
+                "gone@example.test",
+                "carol@example.test",
+                "spam2@example.test",
+                "dave@example.test",
+            ],
         )
         self.assertEqual(router.requests[-1].sender, "t@sender.example")
         line = await self.session_line()

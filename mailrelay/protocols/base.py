@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -182,7 +182,7 @@ class LineFrontEnd(RoutedConnection):
         self._stop_listening_for_silence()
         super().begin(**facts)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_listening_for_silence()
         super().connectionLost(reason)
 

@@ -166,9 +166,7 @@ class SMTPUpstreamLogin:
         assert self._extensions is not None
         offered = self._extensions.get("XCLIENT")
         if offered is None:
-            raise UpstreamProtocolError(
-                "upstream does not offer XCLIENT to mailrelay (Postfix: smtpd_authorized_xclient_hosts)"
-            )
+            raise UpstreamProtocolError("upstream does not offer XCLIENT to mailrelay (Postfix: smtpd_authorized_xclient_hosts)")
         names = {name.upper() for name in offered}
         attributes = [(name, value) for name, value in self._xclient_attributes(route) if name in names]
         for line in _xclient_commands(attributes):

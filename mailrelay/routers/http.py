@@ -510,7 +510,6 @@ def describe_failure(error: BaseException) -> str:
     """Why an HTTP request failed, in an administrator's words (no header values)."""
     from service_identity import VerificationError
 
-
     reasons = getattr(error, "reasons", None)
     if reasons:
         # Twisted wraps the transport's failure; the first one is the cause.
