@@ -109,7 +109,11 @@ class ScriptedSMTP:
                     # Recorded, not checked: the token is the user's password here.
                     response = base64.b64decode(initial)
                     heard.lines.append(b"decoded: " + response + b"\r\n")
-                    user = response.split(b"user=")[-1].split(b"\x01")[0] if mechanism.upper() == b"XOAUTH2" else response.split(b",")[1][2:]
+                    user = (
+                        response.split(b"user=")[-1].split(b"\x01")[0]
+                        if mechanism.upper() == b"XOAUTH2"
+                        else response.split(b",")[1][2:]
+                    )
                     password = response.split(b"Bearer ")[1].split(b"\x01")[0]
                 else:
                     send(b"504 5.5.4 unsupported")

@@ -84,7 +84,10 @@ class ConnectorTests(ProxyTestCase):
         upstream = await Deferred.fromCoroutine(self.connector().connect(routes, login=ehlo_login, session_id="abc"))
         self.assertEqual(upstream.route.port, second.port)
         self.assertTrue(
-            any(f"session abc: upstream 127.0.0.1:{first.port} failed: upstream closed the connection" in line for line in self.logs.lines())
+            any(
+                f"session abc: upstream 127.0.0.1:{first.port} failed: upstream closed the connection" in line
+                for line in self.logs.lines()
+            )
         )
         upstream.protocol.transport.loseConnection()
 
