@@ -43,6 +43,14 @@ def check(path: str) -> int:
             f'listener "{listener.name}": {listener.listen} mode={listener.mode} protocol={listener.protocol}'
             f" idle_timeout={listener.idle_timeout:g}s router_timeout={listener.router_timeout:g}s{extra}"
         )
+        if listener.protocol != "none":
+            front = listener.front_end
+            starttls = f" starttls={front.starttls}" if listener.mode == "starttls" else ""
+            vetting = f" vet_recipients={front.vet_recipients}" if "none" in front.auth else ""
+            print(
+                f"  {listener.protocol}: hostname={front.hostname}{starttls} auth={','.join(front.auth)}{vetting}"
+                f" max_attempts={front.max_attempts} max_errors={front.max_errors} login_timeout={front.login_timeout:g}s"
+            )
         print(f"  router: {listener.router.description if listener.router else 'the default router'}")
     limits = config.login_limits
     print(

@@ -309,3 +309,25 @@ def test_shipped_tls_example_is_valid_but_for_its_certificate_paths() -> None:
     # Its certificates live on a production machine, not here.
     [error] = build_errors(example)
     assert error.startswith(f"{example}: tls.cert: cannot read certificate /etc/mailrelay/mail.example.org/fullchain.pem")
+
+
+@pytest.mark.slow
+def test_the_shipped_smtp_example_checks_and_shows_each_front_end(pems: Path) -> None:
+    root = Path(__file__).resolve().parent.parent / "examples"
+    text = (root / "smtp.toml").read_text()
+    text = text.replace("/etc/mailrelay/mail.example.org/fullchain.pem", "cert.pem")
+    text = text.replace("/etc/mailrelay/mail.example.org/privkey.pem", "key.pem")
+    (pems / "smtp.toml").write_text(text)
+    (pems / "routes.toml").write_bytes((root / "routes.toml").read_bytes())
+    result = run_check(pems, "smtp.toml")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert (
+        "  smtp: hostname=mail.example.org starttls=required auth=plain,login,cram-md5,xoauth2,oauthbearer"
+        " max_attempts=3 max_errors=5 login_timeout=60s"
+    ) in lines
+    assert (
+        "  smtp: hostname=mx.example.org starttls=optional auth=none vet_recipients=all max_attempts=3 max_errors=5 login_timeout=60s"
+        in lines
+    )
+    assert any(line.startswith('listener "smtps": tcp:465:backlog=1024 mode=tls protocol=smtp') for line in lines), lines
