@@ -327,7 +327,7 @@ def test_the_shipped_smtp_example_checks_and_shows_each_front_end(pems: Path) ->
         " max_attempts=3 max_errors=5 login_timeout=60s"
     ) in lines
     assert (
-        "  smtp: hostname=mx.example.org starttls=optional auth=none vet_recipients=all max_attempts=3 max_errors=5 login_timeout=60s"
-        in lines
-    )
+        "  smtp: hostname=mx.example.org starttls=optional auth=none vet_recipients=all"
+        " max_attempts=3 max_errors=5 login_timeout=60s"
+    ) in lines
     assert any(line.startswith('listener "smtps": tcp:465:backlog=1024 mode=tls protocol=smtp') for line in lines), lines
