@@ -863,3 +863,46 @@ class VetAllRecipientsTests(SMTPTestCase):
         self.assertEqual(router.requests[-1].sender, "t@sender.example")
         line = await self.session_line()
         self.assertEqual((line["outcome"], line["reason"]), ("closed", "client closed first"))
+
+
+class UpstreamTLSTests(SMTPTestCase):
+    def upstream_tls(self) -> Any:
+        import ssl
+
+        issued = self.pki.issue("upstream", "upstream.test")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(issued.cert, issued.key)
+        return context
+
+    async def test_upstream_starttls_then_auth_inside_tls(self) -> None:
+        upstream = self.upstream(tls=self.upstream_tls())
+        router = Router(port=upstream.port, tls="starttls", server_name="upstream.test", tls_ca=self.pki.ca_file)
+        port = await self.proxy(router, mode="tls")
+
+        def client() -> Any:
+            with self.smtp(port, "tls") as smtp:
+                smtp.login(USER, PASSWORD)
+                return smtp.sendmail(USER, ["bob@example.test"], MESSAGE)
+
+        self.assertEqual(await self.in_thread(client), {})
+        heard = await self.in_thread(upstream.result)
+        self.assertEqual(heard.lines[:3], [b"EHLO client.example\r\n", b"STARTTLS\r\n", b"EHLO client.example\r\n"])
+        self.assertTrue(heard.lines[3].startswith(b"AUTH PLAIN "))
+        self.assertEqual((heard.login, heard.messages), (USER, [MESSAGE]))
+
+    async def test_an_upstream_certificate_for_another_name_is_refused(self) -> None:
+        upstream = self.upstream(tls=self.upstream_tls())
+        router = Router(port=upstream.port, tls="starttls", server_name="elsewhere.test", tls_ca=self.pki.ca_file)
+        port = await self.proxy(router, mode="tls")
+
+        def client() -> Any:
+            with self.smtp(port, "tls") as smtp:
+                smtp.user, smtp.password = USER, PASSWORD
+                try:
+                    smtp.auth("PLAIN", smtp.auth_plain)
+                except smtplib.SMTPAuthenticationError as e:
+                    return e.smtp_code
+                return None
+
+        self.assertEqual(await self.in_thread(client), 451)
+        self.assertTrue(any("elsewhere.test" in line and "failed: TLS" in line for line in self.logs.lines()), self.logs.lines())

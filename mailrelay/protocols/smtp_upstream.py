@@ -3,10 +3,13 @@ SMTP towards the upstream: what mailrelay says to the server it routed a client 
 before the splice. The connector runs these steps (`connector.LoginStep`,
 `connector.StartTLSStep`); they know the client only through `ClientFacts`.
 
-    greeting 220 -> EHLO mailrelay's name -> [STARTTLS 220 -> TLS -> EHLO again]
-        login = "xclient":      XCLIENT ADDR= PORT= NAME= HELO= PROTO= [LOGIN=] 220 -> EHLO client's name
-        login = "passthrough":  AUTH PLAIN|LOGIN (or the client's token mechanism) 235
-        login = "none":         nothing
+    greeting 220 -> EHLO -> [STARTTLS 220 -> TLS -> EHLO again]
+        login = "xclient":      EHLO was mailrelay's name; XCLIENT ADDR= PORT= NAME= HELO=
+                                PROTO= DESTADDR= DESTPORT= [LOGIN=] (those the upstream
+                                offers) 220 -> EHLO (or HELO) with the client's name
+        login = "passthrough":  EHLO was the client's name; AUTH PLAIN or LOGIN as the
+                                Route says (or the client's token mechanism) 235
+        login = "none":         EHLO was the client's name; nothing more
     auth "none" (MX/relay): then MAIL FROM as the client typed it (250), then its RCPT TO,
         whose reply is the client's: it is left unread and reaches the client spliced.
 
