@@ -543,11 +543,13 @@ def test_malformed_answers_are_router_errors_naming_the_header(headers: Any, mes
 
 
 def test_passthrough_after_cram_md5_or_apop_needs_the_password_from_the_service() -> None:
-    for method, protocol in (("cram-md5", "imap"), ("apop", "pop3"), ("cram-md5", "pop3")):
+    for method, protocol in (("cram-md5", "imap"), ("apop", "pop3"), ("cram-md5", "pop3"), ("cram-md5", "smtp")):
         with pytest.raises(RouterError, match=f"answered OK to a {method} login without the Auth-Pass"):
-            parse_auth_response(OK, request(protocol=protocol, user="u", password="digest", auth_method=method))
-    # With another login, or for SMTP (XCLIENT needs no password), it is not needed.
+            answer = [*OK, ("Mailrelay-Login", "passthrough")]
+            parse_auth_response(answer, request(protocol=protocol, user="u", password="digest", auth_method=method))
+    # With another login, or for SMTP's default (XCLIENT needs no password), it is not needed.
     assert parse_auth_response([*OK, ("Mailrelay-Login", "none")], request(protocol="imap", auth_method="cram-md5"))
+    assert parse_auth_response(OK, request(protocol="smtp", auth_method="cram-md5"))
 
 
 _ANSWER_HEADERS = st.sampled_from(

@@ -45,8 +45,9 @@ Response headers (names case-insensitive, values trimmed, unknown ones ignored):
 - `Auth-Status: OK`: success; `Auth-Server` (an IP address or a host name) and
   `Auth-Port` (1-65535) are required. `Auth-User`/`Auth-Pass` replace the client's
   credentials for the upstream login (taken as sent, not percent-decoded, as nginx).
-  Without `Auth-Pass` an IMAP/POP3 session that logged in with CRAM-MD5/APOP cannot be
-  passed through, so that answer is an error (nginx: "did not send password").
+  Without `Auth-Pass` a session that logged in with CRAM-MD5/APOP cannot be passed
+  through, so that answer is an error (nginx: "did not send password"); SMTP's default
+  login, XCLIENT, needs no password.
 - `Auth-Status: WAIT`: ask again after `Auth-Wait` seconds (default 0), at most
   `max_wait_retries` times.
 - Any other `Auth-Status` text: the session is refused with that text as the client's
@@ -393,7 +394,7 @@ def parse_auth_response(
         raise answer.invalid("Mailrelay-Server-Name", server_name)
     password = answer.get("Auth-Pass")
     login = answer.choice("Mailrelay-Login", {v: v for v in LOGINS}, "xclient" if request.protocol == "smtp" else "passthrough")
-    needs_password = request.auth_method in ("cram-md5", "apop") and request.protocol in ("imap", "pop3")
+    needs_password = request.auth_method in ("cram-md5", "apop")
     if needs_password and login == "passthrough" and password is None:
         raise answer.error(f"answered OK to a {request.auth_method} login without the Auth-Pass the upstream login needs")
     settings = dict(
