@@ -1,0 +1,191 @@
+"""
+The SMTP front-end in front of a real Postfix (Debian's package, started privately by
+`tests.mailservers.Postfix`): what arrives in the mailbox, byte for byte, and what
+XCLIENT made Postfix believe about the client. Clients are smtplib and swaks; the
+client connects from 127.0.0.2 so that Postfix, which sees mailrelay at 127.0.0.1,
+can only learn the client's address through XCLIENT.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+import subprocess
+import tempfile
+from typing import Any
+
+import attrs
+import pytest
+import trustme
+
+from mailrelay.router import Route
+from tests.mailservers import Postfix, split_delivered
+from tests.support import WAIT, payload
+from tests.test_smtp import MESSAGE, PASSWORD, USER, Router, SMTPTestCase, password_check
+
+CLIENT_ADDRESS = "127.0.0.2"
+BOB = "bob@example.test"
+
+pytestmark = pytest.mark.slow
+
+
+def lf(message: bytes) -> bytes:
+    """A message as Postfix stores it in a maildir: LF line ends."""
+    return message.replace(b"\r\n", b"\n")
+
+
+class PostfixTestCase(SMTPTestCase):
+    postfix: Postfix
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.directory = tempfile.mkdtemp(prefix="mailrelay-postfix-")
+        os.chmod(cls.directory, 0o755)  # Postfix's daemons and its delivery agent go through it
+        cls.upstream_ca = trustme.CA(organization_name="upstream CA")
+        leaf = cls.upstream_ca.issue_cert("mx.upstream.test")
+        cert, key = f"{cls.directory}/upstream.crt", f"{cls.directory}/upstream.key"
+        for blob in leaf.cert_chain_pems:
+            blob.write_to_path(cert, append=True)
+        leaf.private_key_pem.write_to_path(key)
+        cls.upstream_ca_file = f"{cls.directory}/upstream-ca.pem"
+        cls.upstream_ca.cert_pem.write_to_path(cls.upstream_ca_file)
+        os.mkdir(f"{cls.directory}/postfix")
+        cls.postfix = Postfix(f"{cls.directory}/postfix", tls=(cert, key), users=(USER, BOB))
+        cls.postfix.start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.postfix.stop()
+        shutil.rmtree(cls.directory, ignore_errors=True)
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.delivered_before = len(self.postfix.messages(BOB))
+
+    def smtp_from(self, port: int, mode: str = "starttls") -> smtplib.SMTP:
+        """smtplib from 127.0.0.2, through TLS, EHLO'd."""
+        source = (CLIENT_ADDRESS, 0)
+        if mode == "tls":
+            client: smtplib.SMTP = smtplib.SMTP_SSL(
+                "127.0.0.1", port, local_hostname="client.example", timeout=WAIT, context=self.context, source_address=source
+            )
+        else:
+            client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=WAIT, source_address=source)
+            client.starttls(context=self.context)
+        client.ehlo()
+        return client
+
+    async def next_delivery(self, count: int = 1) -> list[tuple[bytes, bytes]]:
+        """The next `count` messages delivered to bob: (Postfix's trace fields, message)."""
+        files = await self.in_thread(self.postfix.wait_for_messages, BOB, self.delivered_before + count)
+        return [split_delivered(f) for f in files[self.delivered_before :]]
+
+
+class SubmissionTests(PostfixTestCase):
+    async def test_each_mechanism_over_starttls_delivers_through_xclient(self) -> None:
+        router = Router(answer=password_check(self.postfix.port, login="xclient"))
+        port = await self.proxy(router, auth=["plain", "login", "cram-md5"])
+
+        def client() -> None:
+            for mechanism in ("PLAIN", "LOGIN", "CRAM-MD5"):
+                with self.smtp_from(port) as smtp:
+                    smtp.user, smtp.password = USER, PASSWORD
+                    smtp.auth(mechanism, getattr(smtp, "auth_" + mechanism.lower().replace("-", "_")))
+                    self.assertEqual(smtp.sendmail(USER, [BOB], MESSAGE), {})
+
+        await self.in_thread(client)
+        delivered = await self.next_delivery(3)
+        for trace, message in delivered:
+            self.assertEqual(message, lf(MESSAGE))
+            # Postfix saw mailrelay at 127.0.0.1; XCLIENT told it who the client was.
+            self.assertIn(b"from client.example (unknown [127.0.0.2])", trace)
+            self.assertIn(b"(Authenticated sender: alice@example.test)", trace)
+        self.assertEqual([r.auth_method for r in router.requests], ["plain", "login", "cram-md5"])
+
+    async def test_an_8_mib_8bit_message_over_implicit_tls_arrives_byte_identical(self) -> None:
+        port = await self.proxy(Router(answer=password_check(self.postfix.port, login="xclient")), mode="tls")
+        body = payload(8 << 20, seed=5)
+        # Lines of 76 bytes of any value but CR and LF: 8-bit content, within SMTP's line limit.
+        body = body.replace(b"\r", b"\x8d").replace(b"\n", b"\x8a")
+        lines = b"\r\n".join(body[i : i + 76] for i in range(0, len(body), 76))
+        message = b"From: alice@example.test\r\nTo: bob@example.test\r\nSubject: big\r\n\r\n" + lines + b"\r\n"
+
+        def client() -> Any:
+            with self.smtp_from(port, "tls") as smtp:
+                smtp.login(USER, PASSWORD)
+                return smtp.sendmail(USER, [BOB], message, mail_options=["BODY=8BITMIME"])
+
+        self.assertEqual(await self.in_thread(client), {})
+        [(_, delivered)] = await self.next_delivery()
+        self.assertEqual(len(delivered), len(lf(message)))
+        self.assertTrue(delivered == lf(message))
+
+    async def test_upstream_starttls_and_implicit_tls_to_postfix_are_verified(self) -> None:
+        routes = {
+            "starttls": Route(
+                host="127.0.0.1",
+                port=self.postfix.port,
+                tls="starttls",
+                server_name="mx.upstream.test",
+                tls_ca=self.upstream_ca_file,
+            ),
+            "tls": Route(
+                host="127.0.0.1",
+                port=self.postfix.tls_port or 0,
+                tls="tls",
+                server_name="mx.upstream.test",
+                tls_ca=self.upstream_ca_file,
+            ),
+        }
+        for kind, route in routes.items():
+            port = await self.proxy(Router(answer=lambda request, route=route: attrs.evolve(route, login="xclient")), mode="tls")
+
+            def client(port: int = port) -> Any:
+                with self.smtp_from(port, "tls") as smtp:
+                    smtp.login(USER, PASSWORD)
+                    return smtp.sendmail(USER, [BOB], MESSAGE)
+
+            self.assertEqual(await self.in_thread(client), {}, kind)
+        delivered = await self.next_delivery(2)
+        for trace, message in delivered:
+            self.assertEqual(message, lf(MESSAGE))
+            self.assertIn(b"(using TLSv1.3", trace)  # Postfix notes the TLS of mailrelay's connection
+            self.assertIn(b"[127.0.0.2]", trace)
+
+    async def test_swaks_with_starttls_auth_and_pipelining(self) -> None:
+        port = await self.proxy(Router(answer=password_check(self.postfix.port, login="xclient")))
+        command = [
+            "swaks", "--server", f"127.0.0.1:{port}", "--tls", "--tls-verify", "--tls-ca-path", self.pki.ca_file,
+            "--tls-sni", "relay.test", "--auth", "LOGIN", "--auth-user", USER, "--auth-password", PASSWORD,
+            "--from", USER, "--to", BOB, "--helo", "swaks.example", "--pipeline", "--local-interface", CLIENT_ADDRESS,
+            "--header", "Subject: from swaks", "--body", "sent by swaks through mailrelay",
+        ]  # fmt: skip
+        result = await self.in_thread(subprocess.run, command, capture_output=True, text=True, timeout=WAIT)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("<~  235 2.7.0 Authentication successful", result.stdout)
+        [(trace, message)] = await self.next_delivery()
+        self.assertIn(b"Subject: from swaks", message)
+        self.assertIn(b"sent by swaks through mailrelay", message)
+        self.assertIn(b"from swaks.example (unknown [127.0.0.2])", trace)
+
+
+class RelayTests(PostfixTestCase):
+    async def test_mx_without_login_replays_the_envelope_and_postfix_answers_each_recipient(self) -> None:
+        router = Router(port=self.postfix.port, login="xclient")
+        port = await self.proxy(router, starttls="optional", auth=["none"])
+
+        def client() -> Any:
+            with smtplib.SMTP(
+                "127.0.0.1", port, local_hostname="mx.sender.example", timeout=WAIT, source_address=(CLIENT_ADDRESS, 0)
+            ) as smtp:
+                return smtp.sendmail("s@sender.example", [BOB, "nobody@example.test"], MESSAGE)
+
+        refused = await self.in_thread(client)
+        self.assertEqual(list(refused), ["nobody@example.test"])
+        self.assertEqual(refused["nobody@example.test"][0], 550)
+        [(trace, message)] = await self.next_delivery()
+        self.assertEqual(message, lf(MESSAGE))
+        self.assertIn(b"from mx.sender.example (unknown [127.0.0.2])", trace)
+        [request] = router.requests
+        self.assertEqual((request.auth_method, request.sender, request.recipient), ("none", "s@sender.example", BOB))
