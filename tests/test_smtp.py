@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 from mailrelay.router import Reject, Route, RouteRequest
 from tests.pki import PKI
 from tests.smtp_support import Heard, ScriptedSMTP, client_context, raw_reply
-from tests.support import WAIT, ProxyTestCase, closed_port, recv_all
+from tests.support import WAIT, ProxyTestCase, closed_port, payload, recv_all
 
 PASSWORD = "s3cret-Pa55"
 USER = "alice@example.test"
@@ -906,3 +906,28 @@ class UpstreamTLSTests(SMTPTestCase):
 
         self.assertEqual(await self.in_thread(client), 451)
         self.assertTrue(any("elsewhere.test" in line and "failed: TLS" in line for line in self.logs.lines()), self.logs.lines())
+
+
+class AIOSMTPDUpstreamTests(SMTPTestCase):
+    """Passthrough AUTH to a real SMTP server with its own AUTH (aiosmtpd)."""
+
+    async def test_auth_login_passthrough_of_an_8_mib_8bit_message(self) -> None:
+        from tests.mailservers import SMTPUpstream
+
+        upstream = SMTPUpstream(users={USER: PASSWORD})
+        upstream.start()
+        self.addCleanup(upstream.stop)
+        port = await self.proxy(Router(answer=password_check(upstream.port, auth_mechanism="login")))
+        body = payload(8 << 20, seed=9).replace(b"\r", b"\x8d").replace(b"\n", b"\x8a").replace(b".", b"\xae")
+        message = b"Subject: big\r\n\r\n" + b"\r\n".join(body[i : i + 998] for i in range(0, len(body), 998)) + b"\r\n.\r\n"
+
+        def client() -> Any:
+            with self.smtp(port) as smtp:
+                smtp.user, smtp.password = USER, PASSWORD
+                smtp.auth("LOGIN", smtp.auth_login)
+                return smtp.sendmail(USER, ["bob@example.test"], message, mail_options=["BODY=8BITMIME"])
+
+        self.assertEqual(await self.in_thread(client), {})
+        [received] = await self.in_thread(upstream.wait_for_messages, 1)
+        self.assertEqual((received.login, received.mail_from, received.rcpt_tos), (USER, USER, ("bob@example.test",)))
+        self.assertTrue(received.content == message, "the message arrived altered")
