@@ -94,6 +94,30 @@ class SMTPTestCase(ProxyTestCase):
         client.ehlo()
         return client
 
+    def tls_connect(self, port: int, context: Any = None) -> Any:
+        """A raw client of an implicit-TLS listener, its greeting read."""
+        raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        conn = (context or self.context).wrap_socket(raw, server_hostname="relay.test")
+        self.assertEqual(raw_reply(conn)[:4], b"220 ")
+        return conn
+
+    def tls_exchange(self, port: int, send: bytes) -> bytes:
+        """Over implicit TLS: EHLO, then `send` in one write; everything until the close."""
+        with self.tls_connect(port) as conn:
+            conn.sendall(b"EHLO c.example\r\n")
+            raw_reply(conn)
+            conn.sendall(send)
+            return recv_all(conn)
+
+    def try_auth(self, port: int, mode: str = "tls", password: str = PASSWORD) -> tuple[int, bytes]:
+        """AUTH PLAIN with smtplib: the reply's code and text, success or not."""
+        with self.smtp(port, mode) as smtp:
+            smtp.user, smtp.password = USER, password
+            try:
+                return smtp.auth("PLAIN", smtp.auth_plain)
+            except smtplib.SMTPAuthenticationError as e:
+                return e.smtp_code, e.smtp_error
+
     def raw(self, port: int) -> socket.socket:
         conn = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
         self.addCleanup(conn.close)
@@ -202,9 +226,7 @@ class LoginTests(SMTPTestCase):
         plain = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
 
         def client() -> bytes:
-            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-            with self.context.wrap_socket(raw, server_hostname="relay.test") as conn:
-                raw_reply(conn)
+            with self.tls_connect(port) as conn:
                 conn.sendall(b"EHLO c.example\r\n")
                 raw_reply(conn)
                 conn.sendall(
@@ -327,9 +349,7 @@ class StartTLSSecurityTests(SMTPTestCase):
         port = await self.proxy(Router(), mode="tls")
 
         def client() -> bytes:
-            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-            with self.context.wrap_socket(raw, server_hostname="relay.test") as conn:
-                raw_reply(conn)
+            with self.tls_connect(port) as conn:
                 conn.sendall(b"STARTTLS\r\nQUIT\r\n")
                 return recv_all(conn)
 
@@ -343,9 +363,7 @@ class FailedLoginTests(SMTPTestCase):
         port = await self.proxy(router, mode="tls", max_attempts=2)
 
         def client() -> list[Any]:
-            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-            with self.context.wrap_socket(raw, server_hostname="relay.test") as conn:
-                raw_reply(conn)
+            with self.tls_connect(port) as conn:
                 conn.sendall(b"EHLO c.example\r\n")
                 raw_reply(conn)
                 replies: list[Any] = []
@@ -393,16 +411,7 @@ class FailedLoginTests(SMTPTestCase):
         upstream = self.upstream(users={USER: "another password"})
         port = await self.proxy(Router(answer=password_check(upstream.port)), mode="tls")
 
-        def client() -> Any:
-            with self.smtp(port, "tls") as smtp:
-                smtp.user, smtp.password = USER, PASSWORD
-                try:
-                    smtp.auth("PLAIN", smtp.auth_plain)
-                except smtplib.SMTPAuthenticationError as e:
-                    return e.smtp_code, e.smtp_error
-                return None
-
-        self.assertEqual(await self.in_thread(client), (535, b"5.7.8 Authentication credentials invalid"))
+        self.assertEqual(await self.in_thread(self.try_auth, port), (535, b"5.7.8 Authentication credentials invalid"))
 
 
 class TemporaryFailureTests(SMTPTestCase):
@@ -488,13 +497,7 @@ class SASLInputTests(SMTPTestCase):
         port = await self.proxy(router, mode="tls", **listener)
 
         def client() -> bytes:
-            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-            with self.context.wrap_socket(raw, server_hostname="relay.test") as conn:
-                raw_reply(conn)
-                conn.sendall(b"EHLO c.example\r\n")
-                raw_reply(conn)
-                conn.sendall(send + b"QUIT\r\n")
-                return recv_all(conn)
+            return self.tls_exchange(port, send + b"QUIT\r\n")
 
         reply = await self.in_thread(client)
         self.assertEqual(router.requests, [])
@@ -659,9 +662,7 @@ class RelayTests(SMTPTestCase):
         port = await self.proxy(Router(), mode="tls")
 
         def client() -> bytes:
-            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-            with self.context.wrap_socket(raw, server_hostname="relay.test") as conn:
-                raw_reply(conn)
+            with self.tls_connect(port) as conn:
                 conn.sendall(b"EHLO c.example\r\nMAIL FROM:<s@x>\r\nRCPT TO:<b@y>\r\nDATA\r\nQUIT\r\n")
                 raw_reply(conn)
                 return recv_all(conn)
@@ -678,13 +679,7 @@ class TokenAndCertificateTests(SMTPTestCase):
         initial = base64.b64encode(f"user={USER}\x01auth=Bearer {token}\x01\x01".encode())
 
         def client() -> bytes:
-            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-            with self.context.wrap_socket(raw, server_hostname="relay.test") as conn:
-                raw_reply(conn)
-                conn.sendall(b"EHLO c.example\r\n")
-                raw_reply(conn)
-                conn.sendall(b"AUTH XOAUTH2 " + initial + b"\r\nQUIT\r\n")
-                return recv_all(conn)
+            return self.tls_exchange(port, b"AUTH XOAUTH2 " + initial + b"\r\nQUIT\r\n")
 
         self.assertEqual(await self.in_thread(client), b"235 2.7.0 Authentication successful\r\n221 2.0.0 bye\r\n")
         heard = await self.in_thread(upstream.result)
@@ -715,9 +710,7 @@ class TokenAndCertificateTests(SMTPTestCase):
         client_cert.configure_cert(with_cert)
 
         def client(context: Any) -> bytes:
-            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-            with context.wrap_socket(raw, server_hostname="relay.test") as conn:
-                raw_reply(conn)
+            with self.tls_connect(port, context) as conn:
                 conn.sendall(b"EHLO c.example\r\n")
                 ehlo = raw_reply(conn)
                 conn.sendall(b"AUTH EXTERNAL =\r\nQUIT\r\n")
@@ -758,9 +751,7 @@ class LoginLimitTests(SMTPTestCase):
         _, port = await self.start_proxy(config, router=router)
 
         def client() -> bytes:
-            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-            with self.context.wrap_socket(raw, server_hostname="relay.test") as conn:
-                raw_reply(conn)
+            with self.tls_connect(port) as conn:
                 conn.sendall(b"EHLO c.example\r\n")
                 raw_reply(conn)
                 for password in ("bad1", "bad2", PASSWORD):
@@ -796,9 +787,7 @@ class VetAllRecipientsTests(SMTPTestCase):
         stuffed = big.replace(b"\r\n.", b"\r\n..")
 
         def client() -> bytes:
-            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-            with self.context.wrap_socket(raw, server_hostname="relay.test") as conn:
-                raw_reply(conn)
+            with self.tls_connect(port) as conn:
                 conn.sendall(
                     b"EHLO mx.sender.example\r\nMAIL FROM:<s@sender.example>\r\nRCPT TO:<bob@example.test>\r\n"
                     b"RCPT TO:<spam1@example.test>\r\nRCPT TO:<x@other.test>\r\nRCPT TO:<gone@example.test>\r\n"
@@ -895,16 +884,7 @@ class UpstreamTLSTests(SMTPTestCase):
         router = Router(port=upstream.port, tls="starttls", server_name="elsewhere.test", tls_ca=self.pki.ca_file)
         port = await self.proxy(router, mode="tls")
 
-        def client() -> Any:
-            with self.smtp(port, "tls") as smtp:
-                smtp.user, smtp.password = USER, PASSWORD
-                try:
-                    smtp.auth("PLAIN", smtp.auth_plain)
-                except smtplib.SMTPAuthenticationError as e:
-                    return e.smtp_code
-                return None
-
-        self.assertEqual(await self.in_thread(client), 451)
+        self.assertEqual((await self.in_thread(self.try_auth, port))[0], 451)
         self.assertTrue(any("elsewhere.test" in line and "failed: TLS" in line for line in self.logs.lines()), self.logs.lines())
 
 
