@@ -911,3 +911,68 @@ class AIOSMTPDUpstreamTests(SMTPTestCase):
         [received] = await self.in_thread(upstream.wait_for_messages, 1)
         self.assertEqual((received.login, received.mail_from, received.rcpt_tos), (USER, USER, ("bob@example.test",)))
         self.assertTrue(received.content == message, "the message arrived altered")
+
+
+class RobustnessTests(SMTPTestCase):
+    async def test_random_command_streams_get_only_smtp_replies_and_never_break_the_proxy(self) -> None:
+        import random
+
+        verbs = [
+            b"EHLO",
+            b"HELO",
+            b"AUTH",
+            b"MAIL",
+            b"RCPT",
+            b"DATA",
+            b"BDAT",
+            b"RSET",
+            b"NOOP",
+            b"QUIT",
+            b"STARTTLS",
+            b"XCLIENT",
+        ]
+        pieces = [
+            b"PLAIN",
+            b"LOGIN",
+            b"CRAM-MD5",
+            b"FROM:<a@b>",
+            b"TO:<c@d>",
+            b"=",
+            b"*",
+            b"\x00",
+            b"\xff\xfe",
+            b"<",
+            b" ",
+            b"AAAA",
+        ]
+        randomness = random.Random(20261125)
+        upstream = self.upstream()
+        router = Router(answer=password_check(upstream.port))
+        port = await self.proxy(router, mode="tls", auth=["plain", "login", "cram-md5", "none"], max_errors=1000)
+
+        def stream() -> bytes:
+            lines = []
+            for _ in range(300):
+                words = [randomness.choice(verbs)] + [randomness.choice(pieces) for _ in range(randomness.randrange(3))]
+                if randomness.random() < 0.1:
+                    words = [bytes(randomness.randrange(256) for _ in range(randomness.randrange(1, 40)))]
+                lines.append(b" ".join(words))
+            return b"\r\n".join(lines) + b"\r\n"
+
+        def client() -> list[bytes]:
+            replies = []
+            for _ in range(5):
+                with self.tls_connect(port) as conn:
+                    conn.sendall(stream())
+                    try:
+                        replies.append(recv_all(conn))
+                    except ConnectionResetError:
+                        replies.append(b"")
+            return replies
+
+        for reply in await self.in_thread(client):
+            for line in reply.splitlines():
+                self.assertRegex(line, rb"^[2-5][0-9][0-9][ -]", reply)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        # The proxy still serves a well-behaved client.
+        self.assertEqual((await self.in_thread(self.try_auth, port))[0], 235)
