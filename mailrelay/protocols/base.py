@@ -97,7 +97,6 @@ class LineFrontEnd(RoutedConnection):
 
     def _silent_too_long(self) -> None:
         self._silence = None
-        self._reading = False
         self.timed_out()
 
     def timed_out(self) -> None:
@@ -121,8 +120,6 @@ class LineFrontEnd(RoutedConnection):
         self.errors += 1
         self.send(reply)
         if self.errors >= self.config.max_errors:
-            self._reading = False
-            self._stop_listening_for_silence()
             self.too_many_errors()
 
     def too_many_errors(self) -> None:
@@ -131,11 +128,15 @@ class LineFrontEnd(RoutedConnection):
 
     def quit(self, goodbye: bytes) -> None:
         """The client asked to leave before it was routed."""
+        self.send(goodbye)
+        # A clean goodbye (a monitoring probe's EHLO, QUIT) is no warning, unless a login failed.
+        outcome, reason = self.last_failure or ("closed", "client quit before it was routed")
+        self.close(outcome, reason)
+
+    def close(self, outcome: str, reason: str) -> None:
         self._reading = False
         self._stop_listening_for_silence()
-        self.send(goodbye)
-        outcome, reason = self.last_failure or ("client-gone", "client quit before it was routed")
-        self.close(outcome, reason)
+        super().close(outcome, reason)
 
     def send(self, data: bytes) -> None:
         self.transport.write(data)
@@ -154,8 +155,6 @@ class LineFrontEnd(RoutedConnection):
                         continue
                 elif self.read_closed:
                     # Nothing more will come, and nothing was asked of an upstream yet.
-                    self._reading = False
-                    self._stop_listening_for_silence()
                     outcome, reason = self.last_failure or ("client-gone", "client ended its stream before it was routed")
                     self.close(outcome, reason)
                 return
