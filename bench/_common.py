@@ -4,16 +4,19 @@ starting mailrelay (twistd) and third-party proxies, measuring, and the report.
 
 Run as a script, this module is the upstream process (`Upstream.start` does that):
 
-    python bench/_common.py --procs N [--tls PEM]
+    python bench/_common.py --procs N [--tls PEM [--smtp]]
 
-It prints `ports BULK LINE [TLS_BULK TLS_LINE]` and serves until its stdin closes.
-See bench/README.md.
+It prints `ports bulk=P line=P [tls_bulk=P tls_line=P] [smtp=P auth_http=P]` and serves
+until its stdin closes. See bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import binascii
 import ctypes
+import functools
 import multiprocessing
 import os
 import platform
@@ -34,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import unquote
 
 HOST = "127.0.0.1"
 CHUNK = 4 << 20  # application buffer for bulk transfers, both ends
@@ -259,43 +263,284 @@ def _bulk_server(sock: socket.socket, tls: ssl.SSLContext | None) -> None:
         threading.Thread(target=_bulk_connection, args=(conn, zeros, tls), daemon=True).start()
 
 
-def _line_server_loop(listeners: list[tuple[socket.socket, ssl.SSLContext | None]], parent_pipe: int | None) -> None:
+class LineProtocol(asyncio.Protocol):
     """An SMTP-like server: greeting, `250 ok` per line, `221 bye` + close on QUIT."""
-    import asyncio
 
-    class LineProtocol(asyncio.Protocol):
-        def connection_made(self, transport: Any) -> None:  # asyncio sets TCP_NODELAY (see _reuseport_socket)
-            self.transport = transport
-            self.buffer = b""
-            transport.write(GREETING)
+    def connection_made(self, transport: Any) -> None:  # asyncio sets TCP_NODELAY (see _reuseport_socket)
+        self.transport = transport
+        self.buffer = b""
+        transport.write(GREETING)
 
-        def data_received(self, data: bytes) -> None:
-            self.buffer += data
-            out = []
-            while True:
-                end = self.buffer.find(b"\n")
-                if end < 0:
-                    break
-                line, self.buffer = self.buffer[: end + 1], self.buffer[end + 1 :]
-                if line[:4].upper() == b"QUIT":
-                    out.append(BYE)
-                    self.transport.write(b"".join(out))
-                    self.transport.close()
-                    return
-                out.append(OK)
-            if out:
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        out = []
+        while True:
+            end = self.buffer.find(b"\n")
+            if end < 0:
+                break
+            line, self.buffer = self.buffer[: end + 1], self.buffer[end + 1 :]
+            if line[:4].upper() == b"QUIT":
+                out.append(BYE)
                 self.transport.write(b"".join(out))
+                self.transport.close()
+                return
+            out.append(OK)
+        if out:
+            self.transport.write(b"".join(out))
 
-        def eof_received(self) -> bool:
-            return False
+    def eof_received(self) -> bool:
+        return False
+
+
+# The SMTP upstream of bench/smtp.py (and the account its clients and nginx's auth_http use).
+SMTP_USER = "bench@example.org"
+SMTP_PASSWORD = "bench-Pa55word"
+SMTP_HOSTNAME = "upstream.bench.example"
+SMTP_MAX_LINE = 4096
+_SMTP_EHLO = (
+    b"250-" + SMTP_HOSTNAME.encode() + b"\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SIZE 52428800\r\n"
+)
+SMTP_EHLO_PLAIN = _SMTP_EHLO + b"250-AUTH PLAIN\r\n250 STARTTLS\r\n"
+SMTP_EHLO_TLS = _SMTP_EHLO + b"250 AUTH PLAIN\r\n"
+
+
+def plain_response(user: str, password: str) -> bytes:
+    """The base64 of a SASL PLAIN initial response (no authorization identity)."""
+    return binascii.b2a_base64(b"\0" + user.encode() + b"\0" + password.encode(), newline=False)
+
+
+class SMTPServerProtocol(asyncio.Protocol):
+    """
+    A small, fast SMTP server: ESMTP with STARTTLS (`tls`: the bench certificate) and AUTH
+    PLAIN for SMTP_USER/SMTP_PASSWORD (accepted with or without TLS; with or without an
+    initial response), MAIL (after AUTH only), RCPT, DATA read to the end marker and
+    answered `250 ... (N bytes)` with the size of what it read, RSET, NOOP, QUIT.
+    Commands may be pipelined; nothing is stored.
+    """
+
+    def __init__(self, tls: ssl.SSLContext) -> None:
+        self.tls_context = tls
+        self.transport: Any = None
+        self.buffer = b""
+        self.tls = False
+        self.helo = self.authenticated = self.auth_pending = self.mail = self.in_data = False
+        self.rcpts = 0
+        self.tail = b""  # the last bytes of the message read so far (the end marker may straddle reads)
+        self.size = 0
+        self.task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.write(b"220 " + SMTP_HOSTNAME.encode() + b" ESMTP ready\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        if self.task is not None:
+            # The TLS handshake is done but start_tls() has not returned the TLS transport
+            # yet (the client's first command came with its Finished): wait for it.
+            self.buffer += data
+            return
+        out: list[bytes] = []
+        if self.buffer:
+            data, self.buffer = self.buffer + data, b""
+        while data:
+            if self.in_data:
+                data = self._message(data, out)
+                continue
+            end = data.find(b"\n")
+            if end < 0:
+                if len(data) > SMTP_MAX_LINE:
+                    out.append(b"500 5.5.6 line too long\r\n")
+                    break
+                self.buffer = data
+                break
+            line, data = data[: end + 1], data[end + 1 :]
+            action = self._command(line.rstrip(b"\r\n"), out)
+            if action == "quit":
+                self.transport.write(b"".join(out))
+                self.transport.close()
+                return
+            if action == "starttls":
+                self.transport.write(b"".join(out))
+                if data:  # plaintext pipelined behind STARTTLS (RFC 3207: never to be executed)
+                    self.transport.abort()
+                    return
+                # Not a byte more in plaintext: the ClientHello goes to the TLS layer.
+                self.transport.pause_reading()
+                self.task = asyncio.get_running_loop().create_task(self._start_tls())
+                return
+        if out:
+            self.transport.write(b"".join(out))
+
+    def _message(self, data: bytes, out: list[bytes]) -> bytes:
+        """Message data up to the end marker; what follows it (pipelined commands)."""
+        probe = self.tail + data
+        end = probe.find(b"\r\n.\r\n")
+        if end < 0:
+            self.size += len(data)
+            self.tail = probe[-4:]
+            return b""
+        self.size += end + 2 - len(self.tail)  # up to and including the CRLF before the dot
+        out.append(b"250 2.0.0 Ok: queued (%d bytes)\r\n" % self.size)
+        self.in_data = self.mail = False
+        self.rcpts = 0
+        return data[end + 5 - len(self.tail) :]
+
+    def _command(self, line: bytes, out: list[bytes]) -> str | None:
+        if self.auth_pending:
+            self.auth_pending = False
+            out.append(self._check_plain(line))
+            return None
+        verb = line[:8].split(b" ", 1)[0].upper()
+        if verb == b"EHLO":
+            self.helo, self.mail, self.rcpts = True, False, 0
+            out.append(SMTP_EHLO_TLS if self.tls else SMTP_EHLO_PLAIN)
+        elif verb == b"HELO":
+            self.helo, self.mail, self.rcpts = True, False, 0
+            out.append(b"250 " + SMTP_HOSTNAME.encode() + b"\r\n")
+        elif verb == b"STARTTLS":
+            if self.tls:
+                out.append(b"503 5.5.1 TLS already active\r\n")
+                return None
+            out.append(b"220 2.0.0 Ready to start TLS\r\n")
+            return "starttls"
+        elif verb == b"AUTH":
+            words = line.split()
+            if not self.helo or self.authenticated or self.mail:
+                out.append(b"503 5.5.1 Error: EHLO first, once, and not in a transaction\r\n")
+            elif len(words) < 2 or words[1].upper() != b"PLAIN":
+                out.append(b"504 5.5.4 Unrecognized authentication type\r\n")
+            elif len(words) == 2:
+                self.auth_pending = True
+                out.append(b"334 \r\n")
+            else:
+                out.append(self._check_plain(words[2]))
+        elif verb == b"MAIL":
+            if not self.authenticated:
+                out.append(b"530 5.7.0 Authentication required\r\n")
+            elif self.mail:
+                out.append(b"503 5.5.1 Error: nested MAIL command\r\n")
+            else:
+                self.mail = True
+                out.append(b"250 2.1.0 Ok\r\n")
+        elif verb == b"RCPT":
+            if not self.mail:
+                out.append(b"503 5.5.1 Error: need MAIL command\r\n")
+            else:
+                self.rcpts += 1
+                out.append(b"250 2.1.5 Ok\r\n")
+        elif verb == b"DATA":
+            if not self.rcpts:
+                out.append(b"503 5.5.1 Error: need RCPT command\r\n")
+            else:
+                self.in_data, self.tail, self.size = True, b"\r\n", 0
+                out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        elif verb == b"RSET":
+            self.mail, self.rcpts = False, 0
+            out.append(b"250 2.0.0 Ok\r\n")
+        elif verb == b"NOOP":
+            out.append(b"250 2.0.0 Ok\r\n")
+        elif verb == b"QUIT":
+            out.append(b"221 2.0.0 Bye\r\n")
+            return "quit"
+        else:
+            out.append(b"502 5.5.2 Error: command not recognized\r\n")
+        return None
+
+    def _check_plain(self, response: bytes) -> bytes:
+        if response == b"*":
+            return b"501 5.7.0 Authentication cancelled\r\n"
+        try:
+            _, user, password = binascii.a2b_base64(response).split(b"\0")
+        except (binascii.Error, ValueError):
+            return b"501 5.5.2 Cannot decode the response\r\n"
+        if user == SMTP_USER.encode() and password == SMTP_PASSWORD.encode():
+            self.authenticated = True
+            return b"235 2.7.0 Authentication successful\r\n"
+        return b"535 5.7.8 Authentication credentials invalid\r\n"
+
+    async def _start_tls(self) -> None:
+        try:
+            transport = await asyncio.get_running_loop().start_tls(self.transport, self, self.tls_context, server_side=True)
+        except Exception:  # a client that gave up in the handshake: nothing to report
+            self.transport.abort()
+            return
+        if transport is None:
+            return
+        # RFC 3207: forget everything from before TLS.
+        self.transport, self.tls, self.task = transport, True, None
+        self.helo = self.authenticated = self.mail = False
+        self.rcpts = 0
+        if self.buffer:
+            data, self.buffer = self.buffer, b""
+            self.data_received(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+
+class AuthHTTPProtocol(asyncio.Protocol):
+    """
+    nginx's auth_http for bench/smtp.py: `Auth-Status: OK` with the SMTP upstream's
+    address for SMTP_USER/SMTP_PASSWORD, `Invalid login` otherwise; one request per
+    connection (HTTP/1.0), as nginx asks.
+    """
+
+    def __init__(self, smtp_port: int) -> None:
+        self.smtp_port = smtp_port
+        self.buffer = b""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        head, found, _ = self.buffer.partition(b"\r\n\r\n")
+        if not found:
+            return
+        headers = {}
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = unquote(value.strip().decode("latin-1"))
+        if headers.get(b"auth-user") == SMTP_USER and headers.get(b"auth-pass") == SMTP_PASSWORD:
+            answer = f"Auth-Status: OK\r\nAuth-Server: {HOST}\r\nAuth-Port: {self.smtp_port}\r\n"
+        else:
+            answer = "Auth-Status: Invalid login\r\nAuth-Wait: 1\r\n"
+        self.transport.write(b"HTTP/1.0 200 OK\r\n" + answer.encode() + b"\r\n")
+        self.transport.close()
+
+
+Served = tuple[socket.socket, str, ssl.SSLContext | None]
+"""A listening socket of the asyncio upstream, what it serves (`line`, `smtp`, `auth_http`),
+and its TLS context: a line port speaks TLS from the start; the SMTP port offers STARTTLS."""
+
+
+def _server_loop(listeners: list[Served], parent_pipe: int | None) -> None:
+    """The asyncio servers of one upstream process, until `parent_pipe` closes (if given)."""
+    smtp_port = next((sock.getsockname()[1] for sock, kind, _ in listeners if kind == "smtp"), 0)
+
+    def factory(kind: str, tls: ssl.SSLContext | None) -> Callable[[], asyncio.Protocol]:
+        if kind == "smtp":
+            assert tls is not None
+            return lambda: SMTPServerProtocol(tls)
+        if kind == "auth_http":
+            return lambda: AuthHTTPProtocol(smtp_port)
+        return LineProtocol
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        servers = [await loop.create_server(LineProtocol, sock=sock, ssl=tls, backlog=4096) for sock, tls in listeners]
+        servers = [
+            await loop.create_server(factory(kind, tls), sock=sock, ssl=tls if kind == "line" else None, backlog=4096)
+            for sock, kind, tls in listeners
+        ]
         done = loop.create_future()
+
+        def parent_gone() -> None:
+            if not done.done():
+                done.set_result(None)
+
         if parent_pipe is not None:
             # The parent's end of the pipe closes when it exits, however it exits.
-            loop.add_reader(parent_pipe, lambda: done.done() or done.set_result(None))
+            loop.add_reader(parent_pipe, parent_gone)
         await done
         for server in servers:
             server.close()
@@ -321,52 +566,67 @@ def server_tls_context(pem: str) -> ssl.SSLContext:
     return context
 
 
-def serve_upstream(line_procs: int, tls_pem: str | None) -> None:
+def serve_upstream(line_procs: int, tls_pem: str | None, smtp: bool = False) -> None:
     """Entry point of the upstream process: prints its ports and serves until stdin closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the bench stops us; Ctrl-C is its business
-    contexts: list[ssl.SSLContext | None] = [None] if tls_pem is None else [None, server_tls_context(tls_pem)]
-    bulk = [(socket.create_server((HOST, 0), backlog=128), tls) for tls in contexts]
-    line = [(_reuseport_socket(0), tls) for tls in contexts]
-    line_ports = [sock.getsockname()[1] for sock, _ in line]
-    # More line-server processes on the same ports (SO_REUSEPORT spreads the connections),
-    # so that a single-threaded upstream is not what limits sessions/s.
+    tls = None if tls_pem is None else server_tls_context(tls_pem)
+    contexts: list[ssl.SSLContext | None] = [None] if tls is None else [None, tls]
+    bulk = [(socket.create_server((HOST, 0), backlog=128), context) for context in contexts]
+    served: list[tuple[str, ssl.SSLContext | None]] = [("line", context) for context in contexts]
+    if smtp:
+        if tls is None:
+            raise SystemExit("--smtp needs --tls (the certificate STARTTLS uses)")
+        served += [("smtp", tls), ("auth_http", None)]
+    socks = [_reuseport_socket(0) for _ in served]
+    ports = [sock.getsockname()[1] for sock in socks]
+    # More processes on the same ports (SO_REUSEPORT spreads the connections), so that a
+    # single-threaded upstream is not what limits sessions/s.
     for _ in range(max(0, line_procs - 1)):
         pid = os.fork()
         if pid == 0:
             die_with_parent()
-            for sock, _ in line:
+            for sock in socks:
                 sock.close()
-            own = [(_reuseport_socket(port), tls) for port, (_, tls) in zip(line_ports, line, strict=True)]
-            for sock, _ in own:
+            own = [_reuseport_socket(port) for port in ports]
+            for sock in own:
                 sock.listen(4096)
             try:
-                _line_server_loop(own, None)
+                _server_loop([(sock, kind, context) for sock, (kind, context) in zip(own, served, strict=True)], None)
             finally:
                 os._exit(0)
-    for sock, tls in bulk:
-        threading.Thread(target=_bulk_server, args=(sock, tls), daemon=True).start()
-    for sock, _ in line:
+    for sock, context in bulk:
+        threading.Thread(target=_bulk_server, args=(sock, context), daemon=True).start()
+    for sock in socks:
         sock.listen(4096)
-    ports = [str(sock.getsockname()[1]) for pair in zip(bulk, line, strict=True) for sock, _ in pair]
-    print(f"ports {' '.join(ports)}", flush=True)
-    _line_server_loop(line, sys.stdin.fileno())
+    names = {"bulk": bulk[0][0], "line": socks[0]}
+    if tls is not None:
+        names.update(tls_bulk=bulk[1][0], tls_line=socks[1])
+    if smtp:
+        names.update(smtp=socks[2], auth_http=socks[3])
+    print("ports " + " ".join(f"{name}={sock.getsockname()[1]}" for name, sock in names.items()), flush=True)
+    _server_loop([(sock, kind, context) for sock, (kind, context) in zip(socks, served, strict=True)], sys.stdin.fileno())
 
 
 class Upstream:
-    """The upstream process: plain bulk and line ports, and with `tls_pem` their TLS twins."""
+    """
+    The upstream process: plain bulk and line ports, with `tls_pem` their TLS twins, and
+    with `smtp` too an SMTP server offering STARTTLS and AUTH PLAIN, and nginx's auth_http.
+    """
 
-    def __init__(self, children: Children, line_procs: int, tls_pem: str | None = None) -> None:
+    def __init__(self, children: Children, line_procs: int, tls_pem: str | None = None, smtp: bool = False) -> None:
         # Its own process (group), told to stop when our end of its stdin closes.
         argv = [sys.executable, os.path.abspath(__file__), "--procs", str(line_procs)]
-        self.proc = children.popen(argv + (["--tls", tls_pem] if tls_pem else []), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        argv += (["--tls", tls_pem] if tls_pem else []) + (["--smtp"] if smtp else [])
+        self.proc = children.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], 20)
         line = self.proc.stdout.readline().decode() if ready else ""
         if not line.startswith("ports "):
             raise RuntimeError(f"the upstream process did not start (said {line!r})")
-        ports = [int(p) for p in line.split()[1:]]
-        self.bulk, self.line = ports[0], ports[1]
-        self.tls_bulk, self.tls_line = (ports[2], ports[3]) if len(ports) > 2 else (0, 0)
+        ports = {name: int(port) for name, _, port in (item.partition("=") for item in line.split()[1:])}
+        self.bulk, self.line = ports["bulk"], ports["line"]
+        self.tls_bulk, self.tls_line = ports.get("tls_bulk", 0), ports.get("tls_line", 0)
+        self.smtp, self.auth_http = ports.get("smtp", 0), ports.get("auth_http", 0)
 
 
 # --------------------------------------------------------------------------------------
@@ -399,11 +659,15 @@ class TLSDial:
         return context
 
     def __call__(self, port: int) -> socket.socket:
-        sock = self.context().wrap_socket(connect(port), server_hostname=self.server_name)
-        if sock.session_reused:
-            sock.close()
+        return self.wrap(connect(port))
+
+    def wrap(self, sock: socket.socket) -> ssl.SSLSocket:
+        """The TLS client handshake on a connected socket (at connect, or after STARTTLS)."""
+        tls = self.context().wrap_socket(sock, server_hostname=self.server_name)
+        if tls.session_reused:
+            tls.close()
             raise ConnectionError("TLS session was resumed")
-        return sock
+        return tls
 
 
 def read_line(sock: socket.socket) -> bytes:
@@ -675,7 +939,7 @@ NGINX_STREAM_SSL = """
 
 def start_nginx(children: Children, workdir: Path, binary: str, upstream: Upstream, certs: Certificates | None) -> Target:
     """nginx's stream proxy in front of the plain upstream ports; with `certs`, terminating TLS."""
-    usable, load_module = nginx_stream_module(binary)
+    usable, load_module = nginx_module(binary, "stream")
     if not usable:
         raise RuntimeError(load_module)
     p_bulk, p_line = free_port(), free_port()
@@ -699,31 +963,35 @@ def start_nginx(children: Children, workdir: Path, binary: str, upstream: Upstre
     return launch_proxy(children, workdir, target, argv, how, ["nginx-error.log"])
 
 
-def nginx_stream_module(binary: str) -> tuple[bool, str]:
-    """(usable, load_module line or why not)."""
+def nginx_module(binary: str, name: str) -> tuple[bool, str]:
+    """
+    Whether nginx at `binary` can run its `name` module ("stream", "mail"): built in
+    (`--with-NAME` in `nginx -V`), or as ngx_NAME_module.so in one of the usual module
+    directories. Returns (usable, its load_module line or "" / why not).
+    """
     info = subprocess.run([binary, "-V"], capture_output=True, text=True, timeout=10)
     flags = info.stdout + info.stderr
-    if "--with-stream=dynamic" in flags:
-        paths = re.findall(r"--modules-path=(\S+)", flags)
-        prefix = re.findall(r"--prefix=(\S+)", flags)
-        relocated = Path(binary).resolve().parent.parent / "lib" / "nginx" / "modules"  # e.g. /usr/sbin -> /usr/lib
-        candidates = [
-            *paths,
-            *[p + "/modules" for p in prefix],
-            str(relocated),
-            "/usr/lib/nginx/modules",
-            "/usr/lib64/nginx/modules",
-            "/usr/share/nginx/modules",
-            "/usr/local/nginx/modules",
-        ]
-        for directory in candidates:
-            module = Path(directory) / "ngx_stream_module.so"
-            if module.exists():
-                return True, f"load_module {module};"
-        return False, "nginx has a dynamic stream module but ngx_stream_module.so was not found"
-    if "--with-stream" in flags:
+    if re.search(rf"--with-{name}(?=\s|$)", flags):
         return True, ""
-    return False, "nginx was built without the stream module"
+    paths = re.findall(r"--modules-path=(\S+)", flags)
+    prefix = re.findall(r"--prefix=(\S+)", flags)
+    relocated = Path(binary).resolve().parent.parent / "lib" / "nginx" / "modules"  # e.g. /usr/sbin -> /usr/lib
+    candidates = [
+        *paths,
+        *[p + "/modules" for p in prefix],
+        str(relocated),
+        "/usr/lib/nginx/modules",
+        "/usr/lib64/nginx/modules",
+        "/usr/share/nginx/modules",
+        "/usr/local/nginx/modules",
+    ]
+    for directory in candidates:
+        module = Path(directory) / f"ngx_{name}_module.so"
+        if module.exists():
+            return True, f"load_module {module};"
+    if f"--with-{name}=dynamic" in flags:
+        return False, f"nginx has a dynamic {name} module but ngx_{name}_module.so was not found"
+    return False, f"nginx was built without the {name} module and no ngx_{name}_module.so was found"
 
 
 def nginx_user_line() -> str:
@@ -899,7 +1167,7 @@ class Measurements:
                 lambda w, t: measure_bulk(w, t, direction, size),
                 only=lambda t: t.bulk_port > 0,
             )
-            self.store(direction, results, lambda r, d=direction: {d: statistics.median(r)})
+            self.store(direction, results, functools.partial(_median_of, direction))
 
     def sessions(self, args: argparse.Namespace, children: Children, what: str = "sessions", times: bool = False) -> None:
         """
@@ -907,7 +1175,7 @@ class Measurements:
         rounds); with `times`, also the p50 and p99 of every session's duration (ms), pooled.
         """
         concurrent = f"{args.clients} concurrent"
-        variants = (
+        variants: tuple[tuple[str, str, str, Callable[[Window, Target], SessionsResult]], ...] = (
             (
                 "serial",
                 "1 client",
@@ -928,7 +1196,7 @@ class Measurements:
             if times:
                 self.rows += [(f"{key}_med", f"session p50 ms, {label}"), (f"{key}_p99", f"session p99 ms, {label}")]
             results = self.rounds(key, progress, args.rounds, measure)
-            self.store(key, results, lambda r, k=key: _sessions_values(k, r, times))
+            self.store(key, results, functools.partial(_sessions_values, key, times=times))
 
     def print_session_errors(self) -> None:
         errors = [
@@ -950,10 +1218,14 @@ class Measurements:
         return 1 if self.failures else 0
 
 
+def _median_of(key: str, results: list[float]) -> dict[str, float]:
+    return {key: statistics.median(results)}
+
+
 class SessionsResult(NamedTuple):
     rate: float
     """Sessions per second."""
-    count: int
+    sessions: int
     errors: int
     first_error: str | None
     samples: list[int]
@@ -1203,9 +1475,56 @@ def mailrelay_log_summary(name: str, log_files: list[Path], by_listener: bool = 
     return f"{name} log: sessions {text}; tracebacks/internal errors: {problems}"
 
 
+def mailrelay_warnings(log_files: list[Path], limit: int = 5) -> list[str]:
+    """The distinct warning and error lines of mailrelay's log (session ids and ports folded), with counts."""
+    counts: dict[str, int] = {}
+    for log in log_files:
+        for path in sorted(log.parent.glob(log.name + "*")):
+            for line in path.read_text(errors="replace").splitlines():
+                if " outcome=closed" in line or ("listener " in line and " on " in line):
+                    continue
+                if re.search(r"(?i)warn|error|fail|traceback|unhandled|outcome=", line):
+                    text = re.sub(r"^\S+ \S+ ", "", line)  # the timestamp
+                    text = re.sub(r"\b[0-9a-f]{8}\b", "ID", text)
+                    text = re.sub(r"(\d+\.\d+\.\d+\.\d+):\d+", r"\1:PORT", text)
+                    text = re.sub(r"\b(up|down)=\d+|duration=[0-9.]+s", r"\1=N", text)
+                    counts[text] = counts.get(text, 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    lines = [f"  {n:6d} x {text}" for text, n in ranked[:limit]]
+    if len(ranked) > limit:
+        lines.append(f"  ... and {len(ranked) - limit} more kinds")
+    return lines
+
+
+def print_cpu_per_session(m: Measurements, names: list[str], keys: list[tuple[str, str]]) -> None:
+    """CPU seconds of each party over the measured parts, divided by the sessions in them (in ms)."""
+    print("CPU per session, ms: client / upstream / proxy")
+    table = [["sessions", *names]]
+    for key, label in keys:
+        line = [label]
+        for name in names:
+            win, count = m.windows.get((key, name)), m.values.get((f"{key}_n", name))
+            if win is None or not isinstance(count, int) or not count:
+                line.append("-")
+                continue
+            line.append(" / ".join(f"{1000 * win.totals[party] / count:.2f}" for party in ("client", "upstream", "proxy")))
+        table.append(line)
+    print_grid(table)
+
+
+def pyopenssl_version() -> str:
+    try:
+        from OpenSSL import SSL
+
+        return SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
+    except Exception:
+        return "OpenSSL ?"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="The benchmarks' upstream servers (started by bench/*.py).")
-    parser.add_argument("--procs", type=int, default=2, help="processes of the line servers (SO_REUSEPORT)")
+    parser.add_argument("--procs", type=int, default=2, help="processes of the line (and SMTP) servers (SO_REUSEPORT)")
     parser.add_argument("--tls", help="PEM file with certificate and key: also serve TLS twins of both ports")
+    parser.add_argument("--smtp", action="store_true", help="also serve SMTP (STARTTLS with --tls's certificate, AUTH PLAIN)")
     options = parser.parse_args()
-    serve_upstream(options.procs, options.tls)
+    serve_upstream(options.procs, options.tls, options.smtp)

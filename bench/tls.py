@@ -22,7 +22,6 @@ script shares with bench/splice.py.
 from __future__ import annotations
 
 import argparse
-import re
 import ssl
 import sys
 import time
@@ -116,27 +115,6 @@ def negotiated(target: common.Target) -> str:
     return f"{version} {cipher[0] if cipher else '?'}"
 
 
-def mailrelay_warnings(log_files: list[Path], limit: int = 5) -> list[str]:
-    """The distinct warning and error lines of mailrelay's log (session ids and ports folded), with counts."""
-    counts: dict[str, int] = {}
-    for log in log_files:
-        for path in sorted(log.parent.glob(log.name + "*")):
-            for line in path.read_text(errors="replace").splitlines():
-                if " outcome=closed" in line or ("listener " in line and " on " in line):
-                    continue
-                if re.search(r"(?i)warn|error|fail|traceback|unhandled|outcome=", line):
-                    text = re.sub(r"^\S+ \S+ ", "", line)  # the timestamp
-                    text = re.sub(r"\b[0-9a-f]{8}\b", "ID", text)
-                    text = re.sub(r"(\d+\.\d+\.\d+\.\d+):\d+", r"\1:PORT", text)
-                    text = re.sub(r"\b(up|down)=\d+|duration=[0-9.]+s", r"\1=N", text)
-                    counts[text] = counts.get(text, 0) + 1
-    ranked = sorted(counts.items(), key=lambda item: -item[1])
-    lines = [f"  {n:6d} x {text}" for text, n in ranked[:limit]]
-    if len(ranked) > limit:
-        lines.append(f"  ... and {len(ranked) - limit} more kinds")
-    return lines
-
-
 # --------------------------------------------------------------------------------------
 
 
@@ -178,7 +156,7 @@ def run(args: argparse.Namespace, children: common.Children, workdir: Path, fail
 
     names = [t.name for t in targets]
     common.print_machine("mailrelay TLS benchmark")
-    print(f"OpenSSL: {ssl.OPENSSL_VERSION} (Python ssl: clients, upstream); {_pyopenssl_version()} (pyOpenSSL: mailrelay)")
+    print(f"OpenSSL: {ssl.OPENSSL_VERSION} (Python ssl: clients, upstream); {common.pyopenssl_version()} (pyOpenSSL: mailrelay)")
     print(f"targets: {', '.join(names)}")
     for name in names:
         print(f"  {name:<13} {LEGEND[name]}")
@@ -227,44 +205,19 @@ def run(args: argparse.Namespace, children: common.Children, workdir: Path, fail
     print("(mailrelay's columns are one twistd process serving all its listeners)")
     if "sessions" in args.only:
         print()
-        print_cpu_per_session(m, names, [("serial", "1 client"), ("concurrent", concurrent)])
+        common.print_cpu_per_session(m, names, [("serial", "1 client"), ("concurrent", concurrent)])
 
     print()
     for t in targets:
         if t.log_files:
             print(common.mailrelay_log_summary("mailrelay", t.log_files, by_listener=True))
-            warnings = mailrelay_warnings(t.log_files)
+            warnings = common.mailrelay_warnings(t.log_files)
             if warnings:
                 print("mailrelay log, lines other than closed sessions (most frequent first):")
                 print("\n".join(warnings))
     for note in dict.fromkeys(f"{t.name if t.name in ('haproxy', 'nginx') else 'mailrelay'}: {t.note}" for t in targets[1:]):
         print(note)
     return m.finish()
-
-
-def print_cpu_per_session(m: common.Measurements, names: list[str], keys: list[tuple[str, str]]) -> None:
-    """CPU seconds of each party over the measured parts, divided by the sessions in them (in ms)."""
-    print("CPU per session, ms: client / upstream / proxy")
-    table = [["sessions", *names]]
-    for key, label in keys:
-        line = [label]
-        for name in names:
-            win, count = m.windows.get((key, name)), m.values.get((f"{key}_n", name))
-            if win is None or not isinstance(count, int) or not count:
-                line.append("-")
-                continue
-            line.append(" / ".join(f"{1000 * win.totals[party] / count:.2f}" for party in ("client", "upstream", "proxy")))
-        table.append(line)
-    common.print_grid(table)
-
-
-def _pyopenssl_version() -> str:
-    try:
-        from OpenSSL import SSL
-
-        return SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
-    except Exception:
-        return "OpenSSL ?"
 
 
 if __name__ == "__main__":
