@@ -9,8 +9,11 @@ can only learn the client's address through XCLIENT.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import smtplib
+import ssl
 import subprocess
 import tempfile
 from typing import Any
@@ -22,6 +25,7 @@ import trustme
 from mailrelay.router import Route
 from tests.mailservers import Postfix, split_delivered
 from tests.support import WAIT, payload
+from tests.test_deploy import LISTENING, TWISTD, assert_clean_stop, spawn  # noqa: F401  (spawn: a fixture)
 from tests.test_smtp import MESSAGE, PASSWORD, USER, Router, SMTPTestCase, password_check
 
 CLIENT_ADDRESS = "127.0.0.2"
@@ -189,3 +193,58 @@ class RelayTests(PostfixTestCase):
         self.assertIn(b"from mx.sender.example (unknown [127.0.0.2])", trace)
         [request] = router.requests
         self.assertEqual((request.auth_method, request.sender, request.recipient), ("none", "s@sender.example", BOB))
+
+
+def test_twistd_submission_with_a_route_map_in_front_of_postfix(tmp_path: Any, spawn: Any) -> None:  # noqa: F811
+    """The whole deployment a mail administrator writes: `twistd mailrelay` from the
+    installed package, a STARTTLS submission port, passwords checked by a route map
+    against bcrypt hashes, Postfix told the user by XCLIENT."""
+    import bcrypt
+
+    directory = tempfile.mkdtemp(prefix="mailrelay-postfix-")
+    os.chmod(directory, 0o755)
+    os.mkdir(f"{directory}/postfix")
+    with Postfix(f"{directory}/postfix", users=(USER, BOB)) as postfix:
+        ca = trustme.CA()
+        ca.issue_cert("relay.test", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "relay.pem"))
+        hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+        (tmp_path / "routes.toml").write_text(
+            f'[[rule]]\nuser = "{USER}"\npassword = "{hashed}"\n'
+            f'route = {{ host = "127.0.0.1", port = {postfix.port}, login = "xclient" }}\n'
+            '[default]\nreject = "no such account"\n'
+        )
+        (tmp_path / "mailrelay.toml").write_text(
+            '[tls]\ncert = "relay.pem"\n[router]\ntype = "map"\nfile = "routes.toml"\n'
+            '[[listener]]\nname = "relay"\nlisten = "tcp:0:interface=127.0.0.1"\nmode = "starttls"\nprotocol = "smtp"\n'
+            'hostname = "relay.test"\nmax_attempts = 2\n'
+        )
+        process = spawn(TWISTD, "-n", "--pidfile=", "mailrelay", "--config", "mailrelay.toml")
+        port = int(process.wait_for(LISTENING.format(name="relay")).group(1))
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+
+        with smtplib.SMTP(
+            "127.0.0.1", port, local_hostname="client.example", timeout=WAIT, source_address=(CLIENT_ADDRESS, 0)
+        ) as smtp:
+            smtp.starttls(context=context)
+            smtp.ehlo()
+            smtp.user, smtp.password = USER, "not the password"
+            with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+                smtp.auth("PLAIN", smtp.auth_plain)  # one attempt (smtplib's login() would try each mechanism)
+            assert refused.value.smtp_code == 535
+            smtp.login(USER, PASSWORD)
+            assert smtp.sendmail(USER, [BOB], MESSAGE) == {}
+        [delivered] = postfix.wait_for_messages(BOB)
+        trace, message = split_delivered(delivered)
+        assert message == lf(MESSAGE)
+        assert b"from client.example (unknown [127.0.0.2])" in trace
+        assert b"(Authenticated sender: alice@example.test)" in trace
+        process.wait_for(r"outcome=closed")
+        process.signal(signal.SIGTERM)
+        output = assert_clean_stop(process)
+    shutil.rmtree(directory, ignore_errors=True)
+    assert f"login refused for {USER} from 127.0.0.2" in output
+    assert re.search(rf"session \S+ listener=relay client=127\.0\.0\.2:\d+ user={USER} upstream=127\.0\.0\.1:\d+ ", output), (
+        output
+    )
+    assert PASSWORD not in output and "not the password" not in output
