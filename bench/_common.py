@@ -1528,3 +1528,17 @@ if __name__ == "__main__":
     parser.add_argument("--smtp", action="store_true", help="also serve SMTP (STARTTLS with --tls's certificate, AUTH PLAIN)")
     options = parser.parse_args()
     serve_upstream(options.procs, options.tls, options.smtp)
+
+
+def print_logs_and_notes(targets: list[Target]) -> None:
+    """After the tables: each mailrelay log's session summary and its unusual lines, then
+    how each proxy was run (targets[0] is the direct connection)."""
+    for t in targets:
+        if t.log_files:
+            print(mailrelay_log_summary("mailrelay", t.log_files, by_listener=True))
+            warnings = mailrelay_warnings(t.log_files)
+            if warnings:
+                print("mailrelay log, lines other than closed sessions (most frequent first):")
+                print("\n".join(warnings))
+    for note in dict.fromkeys(f"{t.name if t.name in ('haproxy', 'nginx') else 'mailrelay'}: {t.note}" for t in targets[1:]):
+        print(note)

@@ -362,15 +362,7 @@ def run(args: argparse.Namespace, children: common.Children, workdir: Path, fail
     common.print_cpu_per_session(m, names, [("serial", "1 client"), ("concurrent", concurrent)])
 
     print()
-    for t in targets:
-        if t.log_files:
-            print(common.mailrelay_log_summary("mailrelay", t.log_files, by_listener=True))
-            warnings = common.mailrelay_warnings(t.log_files)
-            if warnings:
-                print("mailrelay log, lines other than closed sessions (most frequent first):")
-                print("\n".join(warnings))
-    for note in dict.fromkeys(f"{t.name if t.name == 'nginx' else 'mailrelay'}: {t.note}" for t in targets[1:]):
-        print(note)
+    common.print_logs_and_notes(targets)
     return m.finish()
 
 
