@@ -798,6 +798,7 @@ class VetAllRecipientsTests(SMTPTestCase):
                 conn.sendall(
                     b"MAIL FROM:<t@sender.example>\r\nRCPT TO:<spam2@example.test>\r\nRCPT TO:<dave@example.test>\r\n"
                     b"BDAT 5 LAST\r\nhello"
+                    b"RCPT TO:<spam3@example.test>\r\n"  # outside a transaction: the upstream's 503, nothing vetted
                     b"STARTTLS\r\nQUIT\r\n"
                 )
                 return recv_all(conn)
@@ -818,6 +819,7 @@ class VetAllRecipientsTests(SMTPTestCase):
                 b"550 5.7.1 Recipient refused by policy",
                 b"250 2.1.5 recipient ok",
                 b"250 2.0.0 5 octets received",
+                b"250 2.1.5 recipient ok",
                 b"503 5.5.1 Error: STARTTLS not available in this session",
                 b"221 2.0.0 bye",
                 b"",
@@ -833,6 +835,7 @@ class VetAllRecipientsTests(SMTPTestCase):
                 b"RCPT TO:<gone@example.test>\r\n",
                 b"RCPT TO:<carol@example.test>\r\n",
                 b"RCPT TO:<dave@example.test>\r\n",
+                b"RCPT TO:<spam3@example.test>\r\n",  # forwarded unvetted: no transaction, a real MTA says 503
             ],
         )
         self.assertIn(b"BDAT 5 LAST\r\n", heard.lines)

@@ -40,7 +40,8 @@ class VettingRelay:
         self.front = front
         self.upstream = upstream
         self.server = upstream.protocol
-        self.mail = mail
+        self.mail: bytes | None = mail
+        """The MAIL command of the transaction in progress, as typed."""
         self.bytes_up = 0
         self.bytes_down = 0
 
@@ -100,10 +101,13 @@ class VettingRelay:
         if verb in _LOCAL_ONLY:
             front.send(b"503 5.5.1 Error: " + verb + b" not available in this session\r\n")
             return
-        if verb == b"RCPT" and not await self._vetted(line):
+        # A RCPT outside a transaction is the upstream's to refuse (503): nothing to vet.
+        if verb == b"RCPT" and self.mail is not None and not await self._vetted(self.mail, line):
             return
         if verb == b"MAIL":
             self.mail = line.rstrip(b"\r\n")
+        elif verb in (b"RSET", b"EHLO", b"HELO"):
+            self.mail = None
         elif verb == b"BDAT":
             match = _BDAT.fullmatch(line)
             if match is None:
@@ -112,20 +116,23 @@ class VettingRelay:
             self._forward(line)
             await self._forward_exactly(int(match[1]))
             await self._relay_reply()
+            if match[2]:
+                self.mail = None  # the transaction is over
             return
         self._forward(line)
         code = await self._relay_reply()
         if verb == b"DATA" and code == 354:
             await self._forward_message()
             await self._relay_reply()
+            self.mail = None  # the transaction is over
 
-    async def _vetted(self, line: bytes) -> bool:
+    async def _vetted(self, mail: bytes, line: bytes) -> bool:
         """Ask the Router about this RCPT; answer it locally unless it may go upstream."""
         front = self.front
         request = front.request(
             auth_method="none",
             helo=front.helo_text(),
-            mail_from=self.mail.decode("utf-8", "replace"),
+            mail_from=mail.decode("utf-8", "replace"),
             rcpt_to=line.rstrip(b"\r\n").decode("utf-8", "replace"),
         )
         factory = front.factory
