@@ -161,6 +161,18 @@ def unsupported(route: Route, starttls: StartTLSStep | None) -> str | None:
     return None
 
 
+def tcp_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    """A TCP client endpoint to `host` (an address or a name) and `port`."""
+    # An address needs no resolution: HostnameEndpoint would still send it through
+    # getaddrinfo on the thread pool and its happy-eyeballs machinery, which cost about a
+    # third of a short session's CPU (bench/README.md), and 0.3 s more on a refusal.
+    if isIPAddress(host):
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    if isIPv6Address(host):
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
 def describe_failure(error: BaseException, timeout: float) -> str:
     """A short reason for the log, in an administrator's words."""
     if isinstance(error, (UpstreamTLSError, TLSSetupError, PeerClosed, LineTooLong)):
@@ -199,14 +211,7 @@ class UpstreamConnector:
         return endpoint
 
     def _tcp_endpoint(self, route: Route) -> IStreamClientEndpoint:
-        # An address needs no resolution: HostnameEndpoint would still send it through
-        # getaddrinfo on the thread pool and its happy-eyeballs machinery, which cost
-        # about a third of a short session's CPU (bench/README.md).
-        if isIPAddress(route.host):
-            return TCP4ClientEndpoint(self.reactor, route.host, route.port, timeout=self.connect_timeout)
-        if isIPv6Address(route.host):
-            return TCP6ClientEndpoint(self.reactor, route.host, route.port, timeout=self.connect_timeout)
-        return HostnameEndpoint(self.reactor, route.host, route.port, timeout=self.connect_timeout)
+        return tcp_endpoint(self.reactor, route.host, route.port, self.connect_timeout)
 
     async def connect(
         self,
