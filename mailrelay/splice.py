@@ -55,9 +55,17 @@ def can_half_close(transport: ITransport) -> bool:
 class PeerClosed(Exception):
     """The peer closed the connection while a line or bytes were awaited from it."""
 
+    def __init__(self, peer: str) -> None:
+        super().__init__(f"{peer} closed the connection")
+        self.peer = peer
+
 
 class LineTooLong(Exception):
     """The peer sent a longer line than the reader accepts."""
+
+    def __init__(self, peer: str, max_length: int) -> None:
+        super().__init__(f"{peer} sent a line longer than {max_length} bytes")
+        self.peer = peer
 
 
 @implementer(IHalfCloseableProtocol)
@@ -91,7 +99,7 @@ class SpliceableProtocol(Protocol):
     async def more(self) -> None:
         """Wait until more bytes arrive in `pending`; raise PeerClosed if none will."""
         if self.read_closed or self.lost_reason is not None:
-            raise PeerClosed(f"{self.peer} closed the connection")
+            raise PeerClosed(self.peer)
         self._waiting = Deferred()
         await self._waiting
 
@@ -105,7 +113,7 @@ class SpliceableProtocol(Protocol):
                 self.pendingConsumed()
                 return line
             if len(self.pending) >= max_length:
-                raise LineTooLong(f"{self.peer} sent a line longer than {max_length} bytes")
+                raise LineTooLong(self.peer, max_length)
             await self.more()
 
     def connectionMade(self) -> None:

@@ -61,10 +61,14 @@ class VettingRelay:
                     ended_by = "client"
                     break
                 await self._command(verb, line)
-        except PeerClosed:
-            ended_by = "upstream" if server.read_closed or server.lost_reason is not None else "client"
-        except LineTooLong:
-            front.send(b"500 5.5.6 Error: line too long\r\n")
+        except PeerClosed as e:
+            ended_by = e.peer
+        except LineTooLong as e:
+            if e.peer == "client":
+                front.send(b"500 5.5.6 Error: line too long\r\n")
+            else:
+                front.send(b"421 4.3.0 " + front.hostname.encode() + b" Error: the mail server misbehaved\r\n")
+                return self._result("protocol-error", None)
             ended_by = "client"
         except _IdleTimeout:
             front.send(b"421 4.4.2 " + front.hostname.encode() + b" Error: timeout exceeded\r\n")
