@@ -383,7 +383,9 @@ class FailedLoginTests(SMTPTestCase):
         self.assertEqual([r.attempt for r in router.requests], [1, 2])
         line = await self.session_line()
         self.assertEqual((line["outcome"], line["reason"]), ("rejected", "Authentication credentials invalid"))
-        everything = "\n".join(self.logs.lines())
+        # Every event of every level (the capture sees debug too), formatted and raw.
+        everything = "\n".join(self.logs.lines()) + repr(self.logs.events)
+        self.assertTrue(any(e["log_level"].name == "info" for e in self.logs.events))
         self.assertNotIn("wrong-1", everything)
         self.assertNotIn("wrong-2", everything)
         self.assertIn("login refused for alice@example.test from 127.0.0.1", everything)
