@@ -917,7 +917,7 @@ def start_haproxy(children: Children, workdir: Path, binary: str, upstream: Upst
     return launch_proxy(children, workdir, target, [binary, "-db", "-f", str(config)], how, [])
 
 
-NGINX_CONFIG = """\
+NGINX_PREAMBLE = """\
 daemon off;
 worker_processes 1;
 pid {workdir}/nginx.pid;
@@ -925,11 +925,18 @@ error_log {workdir}/nginx-error.log;
 {user}
 {load_module}
 events {{ worker_connections 8192; }}
+"""
+"""The start of every nginx configuration the benchmarks write (a format string)."""
+
+NGINX_CONFIG = (
+    NGINX_PREAMBLE
+    + """\
 stream {{{stream_ssl}
     server {{ listen 127.0.0.1:{p_bulk}{ssl}; proxy_pass 127.0.0.1:{u_bulk}; }}
     server {{ listen 127.0.0.1:{p_line}{ssl}; proxy_pass 127.0.0.1:{u_line}; }}
 }}
 """
+)
 
 NGINX_STREAM_SSL = """
     ssl_certificate {chain};

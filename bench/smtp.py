@@ -69,14 +69,9 @@ auth = ["plain"]
 router = {{ type = "static", host = "127.0.0.1", port = {port}, login = "passthrough"{route} }}
 """
 
-NGINX_MAIL_CONFIG = """\
-daemon off;
-worker_processes 1;
-pid {workdir}/nginx.pid;
-error_log {workdir}/nginx-error.log;
-{user}
-{load_module}
-events {{ worker_connections 8192; }}
+NGINX_MAIL_CONFIG = (
+    common.NGINX_PREAMBLE
+    + """\
 mail {{
     auth_http 127.0.0.1:{auth_port}/auth;
     proxy_smtp_auth on;
@@ -93,6 +88,7 @@ mail {{
     }}
 }}
 """
+)
 
 # Column name -> what it is, for the legend under the header.
 LEGEND = {
