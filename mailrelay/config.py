@@ -26,10 +26,6 @@ from .tls import MIN_VERSIONS, CertificateFiles, ServerTLSConfig
 
 __all__ = ["Config", "ConfigError", "ListenerConfig", "UpstreamConfig", "load_config", "parse_config"]
 
-# Modes and protocols this version serves; the others are named in the SPEC and
-# arrive with their own issues, so a config asking for them gets a clear refusal.
-AVAILABLE_MODES = ("splice", "tls", "starttls")
-AVAILABLE_PROTOCOLS = {"splice": ("none",), "tls": ("none", "smtp"), "starttls": ("smtp",)}
 TLS_MODES = ("tls", "starttls")
 FRONT_END_PROTOCOLS = ("smtp", "imap", "pop3")
 
@@ -196,16 +192,12 @@ def _listener(table: Table) -> ListenerConfig | None:
         listen = _check_endpoint(table, listen)
     name = table.string("name", listen)
     mode = table.string("mode", choices=MODES)
-    if mode is not None and mode not in AVAILABLE_MODES:
-        table.error("mode", f'"{mode}" is not available in this version of mailrelay (available: {", ".join(AVAILABLE_MODES)})')
-        mode = None
     protocol = table.string("protocol", "none", choices=PROTOCOLS)
     if mode == "starttls" and protocol == "none":
         table.error("protocol", 'mode "starttls" needs a mail protocol (smtp, imap or pop3)')
         protocol = None
-    if mode is not None and protocol is not None and protocol not in AVAILABLE_PROTOCOLS[mode]:
-        available = ", ".join(AVAILABLE_PROTOCOLS[mode])
-        table.error("protocol", f'"{protocol}" is not available with mode "{mode}" in this version (available: {available})')
+    if mode == "splice" and protocol not in (None, "none"):
+        table.error("protocol", f'mode "splice" reads nothing of the session: "{protocol}" needs mode "tls" or "starttls"')
         protocol = None
     idle_timeout = table.seconds("idle_timeout", 3600.0)
     router_timeout = table.seconds("router_timeout", 30.0)
@@ -290,10 +282,12 @@ def _front_end(table: Table, mode: str | None, protocol: str | None) -> FrontEnd
         if (
             not capability
             or not capability.isprintable()
-            or capability.split()[0].upper() in ("STARTTLS", "AUTH", "STLS", "SASL")
+            or capability.split()[0].upper() in ("STARTTLS", "AUTH", "STLS", "SASL", "USER", "LOGINDISABLED")
+            or capability.upper().startswith("AUTH=")
         ):
             table.error(
-                "capabilities", f'"{capability}" cannot be listed: STARTTLS and AUTH are advertised from `starttls` and `auth`'
+                "capabilities",
+                f'"{capability}" cannot be listed: STARTTLS (STLS) and the login methods are advertised from `starttls` and `auth`',
             )
             values["capabilities"] = None
             break

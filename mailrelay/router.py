@@ -167,6 +167,10 @@ class Route:
     """`login = "passthrough"` with a password: the SASL mechanism of the upstream login
     (Exchange wants LOGIN). Token logins (XOAUTH2, OAUTHBEARER) are passed on in their
     own mechanism unless the Route supplies a password."""
+    forward_client: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    """IMAP and POP3: tell the upstream the client's address before logging in (IMAP `ID`
+    with `x-originating-ip`/`x-originating-port`, POP3 `XCLIENT`), which Dovecot honours
+    from its `login_trusted_networks`. SMTP forwards the client with `login = "xclient"`."""
 
     @property
     def address(self) -> str:

@@ -221,6 +221,15 @@ def external(initial: bytes | None, context: Context) -> Steps:
     return Credentials(user=user, method="external")
 
 
+def password_login(user: bytes, password: bytes) -> Credentials:
+    """The credentials of a protocol's own cleartext login (IMAP LOGIN, POP3 USER and
+    PASS), checked like PLAIN's; the method is reported as "plain", as nginx does."""
+    name = _text(user, "user name")
+    if not name:
+        raise SASLSyntaxError("empty user name")
+    return Credentials(user=name, password=_text(password, "password"), method="plain")
+
+
 MECHANISM_STEPS: dict[str, Callable[[bytes | None, Context], Steps]] = {
     "plain": plain,
     "login": login,

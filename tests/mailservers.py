@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import itertools
 import os
 import pty
 import re
@@ -28,8 +29,8 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Sequence
-from types import TracebackType
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType, TracebackType
 from typing import Any
 
 import attrs
@@ -131,9 +132,9 @@ while True:
 """Runs a command and exits, with its status, once it and every process it left have exited."""
 
 NOBODY = 65534
-"""The uid and gid the virtual delivery agent writes maildirs as."""
+"""The uid and gid Postfix's virtual delivery agent writes maildirs as, and Dovecot's mail processes read them as."""
 
-_running: weakref.WeakSet[Postfix] = weakref.WeakSet()
+_running: weakref.WeakSet[Postfix | Dovecot] = weakref.WeakSet()
 
 
 @atexit.register
@@ -619,6 +620,509 @@ def _greets(port: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
+# Dovecot
+
+
+class DovecotError(RuntimeError):
+    """Dovecot did not start or stop, or doveadm failed."""
+
+
+DOVECOT_DIRECTORIES = ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin", "/sbin")
+
+DOVECOT_USERS: Mapping[str, str] = MappingProxyType({"alice@example.test": "alice-secret", "bob@example.test": "bob-secret"})
+"""Dovecot's default users and their passwords: two, so that a test can tell their mail apart."""
+
+
+def dovecot_command(name: str = "dovecot") -> str:
+    """The `dovecot` master (or, with name="doveadm", its admin tool), wherever this distribution puts it."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for directory in DOVECOT_DIRECTORIES:
+        path = os.path.join(directory, name)
+        if os.access(path, os.X_OK):
+            return path
+    raise DovecotError(
+        f"{name} is not installed: dev/test installs it (the Debian packages dovecot-core dovecot-imapd dovecot-pop3d)"
+    )
+
+
+class Dovecot:
+    """
+    A private Dovecot (IMAP and POP3) for one test or one test module, in `directory`
+    (for instance from `tempfile.mkdtemp()`: its mail processes run as nobody, which
+    must reach the maildirs). The caller removes the directory after `stop()`; it keeps
+    the log until then. Nothing is read from /etc/dovecot.
+
+    - `imap_port`, `pop3_port`: IMAP and POP3 on 127.0.0.1. With `tls=(cert_path,
+      key_path)` both offer STARTTLS (STLS) and `imaps_port`, `pop3s_port` speak TLS from
+      the first byte (otherwise they are None).
+    - `users`: full addresses and their plaintext passwords (scheme PLAIN, so that
+      CRAM-MD5 works besides PLAIN and LOGIN). Plaintext logins are allowed without TLS.
+    - `trusted_networks` (e.g. "127.0.0.0/8"): Dovecot's login_trusted_networks. A client
+      from there may name the real client: IMAP `ID ("x-originating-ip" ...
+      "x-originating-port" ...)` before login, POP3 `XCLIENT ADDR=... PORT=...`; the log's
+      login line then says `rip=` that address, and `who()` lists it. None: nobody may.
+    - `deliver(user, message)` puts a message in a user's maildir as a delivery agent
+      would; IMAP FETCH and POP3 RETR return its bytes (LF line ends become CRLF).
+    - It runs as `dovecot -F` under REAPER; `stop()` ends and collects every process of
+      the instance, `processes()` lists them. Dovecot must be started as root.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        tls: tuple[str, str] | None = None,
+        users: Mapping[str, str] = DOVECOT_USERS,
+        trusted_networks: str | None = None,
+        hostname: str = "imap.upstream.test",
+    ) -> None:
+        self.dir = os.path.abspath(directory)
+        self.tls = tls
+        self.users = dict(users)
+        self.trusted_networks = trusted_networks
+        self.hostname = hostname
+        for user, password in self.users.items():
+            if not re.fullmatch(r"[^@\s/:]+@[^@\s/:]+", user):
+                raise ValueError(f"not a user@domain address: {user!r}")
+            # The fields of Dovecot's passwd-file are separated by colons, one user a line.
+            if re.search(r"[:\r\n\0]", password) or not password:
+                raise ValueError(f"{user}'s password is empty or has a colon, CR, LF or NUL: {password!r}")
+        if not re.fullmatch(r"[A-Za-z0-9.-]+", hostname):
+            raise ValueError(f"not a host name: {hostname!r}")
+        if trusted_networks is not None and not re.fullmatch(r"[0-9A-Fa-f.:/ ]+", trusted_networks):
+            raise ValueError(f"not a list of networks: {trusted_networks!r}")
+        for parent in _ancestors(self.dir):
+            if not os.stat(parent).st_mode & 0o001:
+                raise ValueError(
+                    f"{parent} is closed to other users, so Dovecot's mail processes (user nobody) cannot "
+                    f"reach {self.dir}: use tempfile.mkdtemp()"
+                )
+        self.conf_file = os.path.join(self.dir, "dovecot.conf")
+        self.users_file = os.path.join(self.dir, "users")
+        self.base_dir = os.path.join(self.dir, "run")
+        self.state_dir = os.path.join(self.dir, "state")
+        self.mail_dir = os.path.join(self.dir, "mail")
+        self.log_file = os.path.join(self.dir, "dovecot.log")
+        self.output_file = os.path.join(self.dir, "dovecot.out")
+        # Dovecot's instance_name: the processes' titles start with it ("NAME/imap-login").
+        self.name = "dovecot-" + re.sub(r"[^A-Za-z0-9]", "-", os.path.basename(self.dir))
+        self._ports: tuple[int, int, int | None, int | None] | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._session: int | None = None
+        self._sequence = itertools.count()
+        self._command = dovecot_command()
+
+    # -- the interface
+
+    @property
+    def imap_port(self) -> int:
+        return self._started_ports()[0]
+
+    @property
+    def pop3_port(self) -> int:
+        return self._started_ports()[1]
+
+    @property
+    def imaps_port(self) -> int | None:
+        return self._started_ports()[2]
+
+    @property
+    def pop3s_port(self) -> int | None:
+        return self._started_ports()[3]
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None
+
+    def log_text(self) -> str:
+        """Dovecot's log so far, errors and info alike ('' before it writes one). Each
+        login has a line like "imap-login: Info: Login: user=<alice@example.test>,
+        method=PLAIN, rip=192.0.2.7, lip=127.0.0.1, ..." (rip: the client's address)."""
+        return _read_text(self.log_file)
+
+    def home(self, user: str) -> str:
+        local, domain = user.rsplit("@", 1)
+        return os.path.join(self.mail_dir, domain, local)
+
+    def maildir(self, user: str) -> str:
+        return os.path.join(self.home(user), "Maildir")
+
+    def deliver(self, user: str, message: bytes) -> str:
+        """
+        Put `message` (bytes exactly as given, CRLF or LF line ends) in `user`'s INBOX the
+        maildir way: written in tmp/, owned by nobody, then renamed into new/. Returns the
+        file's path in new/, where it stays until a session of the user sees it (Dovecot
+        then moves it to cur/). Works whether or not Dovecot runs.
+        """
+        if user not in self.users:
+            raise ValueError(f"{user} is not one of this instance's users {sorted(self.users)}")
+        self._make_maildir(user)
+        now = time.time_ns() // 1000
+        name = f"{now // 1_000_000}.M{now % 1_000_000}P{os.getpid()}Q{next(self._sequence)}.{self.hostname}"
+        temporary = os.path.join(self.maildir(user), "tmp", name)
+        final = os.path.join(self.maildir(user), "new", name)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fchown(fd, NOBODY, NOBODY)
+            with open(fd, "wb", closefd=False) as f:
+                f.write(message)
+        finally:
+            os.close(fd)
+        os.rename(temporary, final)
+        return final
+
+    def who(self) -> list[str]:
+        """
+        The logged-in sessions, from `doveadm who -1`: one line per session, "USER PROTO
+        PID IP" (fields separated by one space, no header), e.g. "alice@example.test imap
+        4711 192.0.2.7". IP is the client's address as Dovecot knows it (the forwarded one
+        from a trusted network). A session is listed from its login until its mail
+        process exits, which is a moment after the client's LOGOUT or QUIT.
+        """
+        if self._process is None:
+            raise DovecotError("Dovecot is not running")
+        try:
+            result = subprocess.run(
+                [dovecot_command("doveadm"), "-c", self.conf_file, "who", "-1"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=WAIT,
+                env=_environment(),
+            )
+        except subprocess.TimeoutExpired as error:
+            raise DovecotError(f"doveadm who did not answer within {WAIT} s") from error
+        if result.returncode != 0:
+            raise DovecotError(f"doveadm who failed with status {result.returncode}: {result.stdout}{result.stderr}")
+        lines = [" ".join(line.split()) for line in result.stdout.splitlines() if line.strip()]
+        if not lines or lines[0].split()[:2] != ["username", "proto"]:
+            raise DovecotError(f"doveadm who answered without its header: {result.stdout!r}")
+        return lines[1:]
+
+    def start(self) -> None:
+        """Start Dovecot (a no-op when it runs) and wait until it greets on its IMAP port."""
+        if self._process is not None:
+            return
+        self._prepare()
+        failures = []
+        for _ in range(5):
+            if self._ports is None:
+                ports = free_ports(4 if self.tls else 2)
+                self._ports = (ports[0], ports[1], ports[2], ports[3]) if self.tls else (ports[0], ports[1], None, None)
+            self._write_config()
+            try:
+                self._launch()
+                return
+            except DovecotError as error:
+                # Another process took one of the ports between our choice and Dovecot's bind.
+                if "Address already in use" not in str(error):
+                    raise
+                failures.append(str(error))
+                self._ports = None
+        raise DovecotError("no free ports found for Dovecot:\n" + "\n".join(failures))
+
+    def stop(self) -> None:
+        """Stop Dovecot and every process it started (a no-op when it is not running)."""
+        if self._process is None:
+            return
+        process, self._process = self._process, None
+        _running.discard(self)
+        master = self._master_pid()
+        if master is not None:
+            # What `doveadm stop` does: the master tells its children to exit and waits for
+            # them, and REAPER exits once it collected every process.
+            try:
+                os.kill(master, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 10
+            while process.poll() is None and time.monotonic() < deadline:
+                if self._only_master_and_log_left(process.pid, master):
+                    # The master waited for the others and sent the log process SIGQUIT. It
+                    # now sleeps a second "to make sure" that was processed, then closes the
+                    # log pipes and removes its PID file: nothing a test needs. Killed, it
+                    # closes the pipes at once; the log process writes what is in them and
+                    # exits.
+                    try:
+                        os.kill(master, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    break
+                time.sleep(0.005)
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+        # Whatever is left (of a start that failed half way, or that did not stop) is killed.
+        deadline = time.monotonic() + 10
+        while leftovers := self.processes():
+            for pid in leftovers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if time.monotonic() > deadline:
+                raise DovecotError(f"Dovecot processes {leftovers} are still running")
+            time.sleep(0.02)
+        process.wait()
+        self._session = None
+
+    def processes(self) -> list[int]:
+        """
+        This instance's live processes: REAPER, the master and its children. Dovecot's
+        children write their titles ("NAME/imap-login") over their command line and
+        environment, so no mark in the environment survives. They are found by their
+        session (REAPER starts one, no Dovecot process leaves it, and its ID is not reused
+        while REAPER is not collected), by their title and, for the master, by the
+        configuration file in its command line.
+        """
+        session = self._session
+        title = os.fsencode(self.name + "/")
+        conf = os.fsencode(self.conf_file)
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat", "rb") as f:
+                        stat = f.read()
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        command = f.read()
+                except OSError:
+                    continue  # gone
+                # After the command name in parentheses: state, ppid, process group, session.
+                fields = stat.rsplit(b")", 1)[1].split()
+                if fields[0] == b"Z":
+                    continue  # a zombie has nothing left to stop
+                if int(fields[3]) == session or command.startswith(title) or conf in command.split(b"\0"):
+                    found.append(int(entry))
+        return found
+
+    def _only_master_and_log_left(self, reaper: int, master: int) -> bool:
+        for pid in self.processes():
+            if pid not in (reaper, master):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        title = f.read().split(b"\0")[0]
+                except OSError:
+                    continue
+                if title != os.fsencode(self.name + "/log"):
+                    return False
+        return True
+
+    def __enter__(self) -> Dovecot:
+        self.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    # -- the configuration
+
+    def passwd_file(self) -> str:
+        """The users for the passwd-file passdb and userdb: user:{PLAIN}password:uid:gid::home."""
+        return "".join(
+            f"{user}:{{PLAIN}}{password}:{NOBODY}:{NOBODY}::{self.home(user)}\n" for user, password in self.users.items()
+        )
+
+    def dovecot_conf(self) -> str:
+        imap, pop3, imaps, pop3s = self._ports or (0, 0, None, None)
+        lines = [
+            "# A private Dovecot for tests (tests/mailservers.py). Nothing comes from /etc/dovecot.",
+            f"instance_name = {self.name}",
+            f"base_dir = {self.base_dir}",
+            f"state_dir = {self.state_dir}",
+            "protocols = imap pop3",
+            "listen = 127.0.0.1",
+            f"hostname = {self.hostname}",
+            f"login_greeting = {self.hostname} Dovecot ready.",
+            # No syslog here. Login lines (with rip=, the client's address) are info.
+            f"log_path = {self.log_file}",
+            f"info_log_path = {self.log_file}",
+            "auth_verbose = yes",
+            # The proxy in front may speak plaintext to it; CRAM-MD5 needs the plaintext
+            # passwords of the passwd-file.
+            "disable_plaintext_auth = no",
+            "auth_mechanisms = plain login cram-md5",
+            # A failed login is answered at once. Dovecot would wait up to 2 s (auth_failure_delay,
+            # in 0.5 s steps) and raise the address's penalty: every later login from there,
+            # trusted or not, would wait 2 to 15 s. A passdb field nodelay prevents both, but
+            # the fields of a passdb that failed are dropped: this one, which authenticates
+            # nobody (result "next"), keeps it.
+            "passdb {",
+            "  driver = static",
+            "  args = noauthenticate nodelay=yes",
+            "}",
+            "passdb {",
+            "  driver = passwd-file",
+            f"  args = scheme=PLAIN {self.users_file}",
+            "}",
+            "userdb {",
+            "  driver = passwd-file",
+            f"  args = {self.users_file}",
+            "}",
+            "mail_location = maildir:~/Maildir",
+            # The users are nobody (65534); the default refuses uids below 500 only.
+            "first_valid_uid = 1",
+            # Load tests log in as one user from one address many times over (the default is 10).
+            "mail_max_userip_connections = 1000",
+            # And open many connections at once: a process per login connection and per session.
+            "default_process_limit = 1000",
+            "default_client_limit = 5000",
+            # Its default chroot is an empty directory that Dovecot makes only on a system install.
+            "service anvil {",
+            "  chroot =",
+            "}",
+        ]
+        if self.trusted_networks is not None:
+            # Clients from there may forward the real client's address (IMAP ID, POP3 XCLIENT).
+            lines.append(f"login_trusted_networks = {self.trusted_networks}")
+        if self.tls:
+            cert, key = self.tls
+            lines += ["ssl = yes", f"ssl_cert = <{os.path.abspath(cert)}", f"ssl_key = <{os.path.abspath(key)}"]
+        else:
+            lines.append("ssl = no")
+        # Dovecot's built-in listeners are imap 143, imaps 993, pop3 110 and pop3s 995:
+        # each is given its port here, and port 0 turns the TLS ones off.
+        for service, plain, plain_port, secure, secure_port in (
+            ("imap-login", "imap", imap, "imaps", imaps),
+            ("pop3-login", "pop3", pop3, "pop3s", pop3s),
+        ):
+            lines += [
+                f"service {service} {{",
+                f"  inet_listener {plain} {{",
+                "    address = 127.0.0.1",
+                f"    port = {plain_port}",
+                "  }",
+                f"  inet_listener {secure} {{",
+                "    address = 127.0.0.1",
+                f"    port = {secure_port or 0}",
+                "    ssl = yes",
+                "  }",
+                "}",
+            ]
+        return "\n".join(lines) + "\n"
+
+    # -- the work
+
+    def _started_ports(self) -> tuple[int, int, int | None, int | None]:
+        if self._ports is None:
+            raise DovecotError("Dovecot has not been started")
+        return self._ports
+
+    def _prepare(self) -> None:
+        # The mail processes run as nobody and go through here.
+        os.chmod(self.dir, 0o755)
+        os.makedirs(self.mail_dir, 0o755, exist_ok=True)
+        for user in self.users:
+            self._make_maildir(user)
+
+    def _make_maildir(self, user: str) -> None:
+        """The user's home and maildir, owned by nobody (the mail processes' user)."""
+        home = self.home(user)
+        domain = os.path.dirname(home)
+        maildir = self.maildir(user)
+        for path in (self.mail_dir, domain, home, maildir, *(os.path.join(maildir, sub) for sub in ("cur", "new", "tmp"))):
+            if not os.path.isdir(path):
+                os.mkdir(path, 0o755 if path in (self.mail_dir, domain) else 0o700)
+                if path not in (self.mail_dir, domain):
+                    os.chown(path, NOBODY, NOBODY)
+
+    def _write_config(self) -> None:
+        # The auth process runs as user dovecot and reads the passwd-file.
+        for path, text in ((self.users_file, self.passwd_file()), (self.conf_file, self.dovecot_conf())):
+            with open(path, "w") as f:
+                f.write(text)
+            os.chmod(path, 0o644)
+
+    def _launch(self) -> None:
+        _remove(self._pid_file)
+        with open(self.output_file, "ab") as output:
+            process = subprocess.Popen(
+                [sys.executable, "-c", REAPER, self._command, "-F", "-c", self.conf_file],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=_environment(),
+            )
+        self._process = process
+        self._session = process.pid
+        _running.add(self)
+        deadline = time.monotonic() + WAIT
+        try:
+            # Our master is up and holds the listening sockets of our ports (not some other
+            # server that has one of them), and imap-login greets.
+            while not self._listening() or not _imap_greets(self.imap_port):
+                if process.poll() is not None:
+                    # For instance "Error: service(imap-login): listen(127.0.0.1, N) failed:
+                    # Address already in use" (on stderr, and in the log).
+                    raise DovecotError(f"Dovecot exited with status {process.returncode}")
+                if time.monotonic() > deadline:
+                    raise DovecotError(f"Dovecot did not greet on port {self.imap_port} within {WAIT} s")
+                time.sleep(0.02)
+        except (DovecotError, OSError) as error:
+            self.stop()
+            raise DovecotError(f"{error}\noutput:\n{_read_text(self.output_file)}\nlog:\n{self.log_text()}") from None
+
+    def _listening(self) -> bool:
+        """Whether our master holds a listening socket for each of our ports."""
+        master = self._master_pid()
+        if master is None:
+            return False
+        try:
+            held = {os.readlink(f"/proc/{master}/fd/{fd}") for fd in os.listdir(f"/proc/{master}/fd")}
+        except OSError:
+            return False
+        for port in self._started_ports():
+            if port is not None and not {f"socket:[{inode}]" for inode in _listening_inodes(port)} & held:
+                return False
+        return True
+
+    @property
+    def _pid_file(self) -> str:
+        return os.path.join(self.base_dir, "master.pid")
+
+    def _master_pid(self) -> int | None:
+        """The PID of this instance's running master, from its PID file."""
+        try:
+            with open(self._pid_file) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        return pid if os.fsencode(self.conf_file) in command else None
+
+
+def _listening_inodes(port: int) -> list[int]:
+    """The inodes of the TCP sockets that listen on the port (any IPv4 address), from /proc/net/tcp."""
+    inodes = []
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                inodes.append(int(fields[9]))
+    return inodes
+
+
+def _imap_greets(port: int) -> bool:
+    """Whether an IMAP server on the port answers with an untagged OK greeting."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+            greeting = conn.recv(512)
+            if greeting.startswith(b"* OK"):
+                conn.sendall(b"a LOGOUT\r\n")
+                return True
+            return False
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------
 # aiosmtpd
 
 
@@ -809,10 +1313,14 @@ class _Handler:
 
 
 __all__ = [
+    "DOVECOT_USERS",
+    "Dovecot",
+    "DovecotError",
     "Postfix",
     "PostfixError",
     "ReceivedMessage",
     "SMTPUpstream",
+    "dovecot_command",
     "free_ports",
     "postfix_command",
     "split_delivered",

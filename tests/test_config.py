@@ -245,9 +245,9 @@ CASES = [
         ['listener[0].mode: must be one of "splice", "tls", "starttls", not "bogus"'],
     ),
     (
-        "protocol-not-available-with-tls",
-        ROUTER + LISTENER.replace('mode = "splice"', 'mode = "tls"') + 'protocol = "imap"\n',
-        ['listener[0].protocol: "imap" is not available with mode "tls" in this version (available: none, smtp)'],
+        "protocol-with-splice",
+        ROUTER + LISTENER + 'protocol = "imap"\n',
+        ['listener[0].protocol: mode "splice" reads nothing of the session: "imap" needs mode "tls" or "starttls"'],
     ),
     (
         "mode-starttls-without-protocol",
@@ -276,7 +276,7 @@ CASES = [
             'listener[0].auth: "apop" is not a smtp login method'
             " (one of: plain, login, cram-md5, xoauth2, oauthbearer, external, none)",
             'listener[0].capabilities: "AUTH PLAIN" cannot be listed:'
-            " STARTTLS and AUTH are advertised from `starttls` and `auth`",
+            " STARTTLS (STLS) and the login methods are advertised from `starttls` and `auth`",
         ],
     ),
     (
@@ -285,9 +285,9 @@ CASES = [
         ['listener[0].auth: "external" needs client certificates: set [tls] client_ca'],
     ),
     (
-        "protocol-not-available-with-splice",
+        "protocol-with-splice-smtp",
         ROUTER + LISTENER + 'protocol = "smtp"\n',
-        ['listener[0].protocol: "smtp" is not available with mode "splice" in this version (available: none)'],
+        ['listener[0].protocol: mode "splice" reads nothing of the session: "smtp" needs mode "tls" or "starttls"'],
     ),
     (
         "unknown-router-type",

@@ -267,7 +267,7 @@ class StartTLSTests(ProxyTestCase):
         def client() -> list[bytes]:
             with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
                 read_line(conn)
-                conn.sendall(b"NOOP " + b"x" * 20000 + b"\r\n")  # skipped to its end, then answered
+                conn.sendall(b"NOOP " + b"x" * 100_000 + b"\r\n")  # skipped to its end, then answered
                 return [read_line(conn), recv_all(conn)]
 
         self.assertEqual(await self.in_thread(client), [b"BAD line too long\r\n", b""])

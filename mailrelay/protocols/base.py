@@ -25,6 +25,8 @@ Invariants:
 - A line longer than `max_line_length` is skipped up to its end and answered as an
   error; past `max_errors` errors, or `login_timeout` seconds of silence, the
   connection is closed.
+- A front-end may take a counted run of bytes instead of a line (`read_bytes()`, an
+  IMAP literal); line reading goes on after it.
 """
 
 from __future__ import annotations
@@ -47,14 +49,17 @@ class LineFrontEnd(RoutedConnection):
 
     log = Logger()
     peer = "client"
-    max_line_length = 8192
-    """Longest command line accepted, terminator included."""
+    max_line_length = 32 * 1024
+    """Longest command line accepted, terminator included: a SASL response of
+    `sasl.MAX_RESPONSE` bytes (an OAuth token) fits in base64."""
 
     _reading = False
     _starttls_done = False
     _discarding = False
     """Inside an over-long line: skipping to its end."""
     _silence: IDelayedCall | None = None
+    _bytes_wanted: int | None = None
+    """Set by `read_bytes()`: the next bytes are taken as they are, not as a line."""
     _sasl: sasl.Exchange | None = None
     failed_logins = 0
     errors = 0
@@ -141,8 +146,28 @@ class LineFrontEnd(RoutedConnection):
     def send(self, data: bytes) -> None:
         self.transport.write(data)
 
+    def read_bytes(self, count: int) -> None:
+        """Take the next `count` bytes as they are (an IMAP literal): `bytes_received()`
+        gets them, then lines are read again. Call it from `line_received()`."""
+        self._bytes_wanted = count
+
+    def bytes_received(self, data: bytes) -> None:
+        """The bytes `read_bytes()` asked for."""
+
     def pendingReceived(self) -> None:
         while self._reading and self.lost_reason is None:
+            if self._bytes_wanted is not None:
+                if len(self.pending) < self._bytes_wanted:
+                    if self.read_closed:
+                        self._client_ended()
+                    return
+                data = bytes(self.pending[: self._bytes_wanted])
+                del self.pending[: self._bytes_wanted]
+                self._bytes_wanted = None
+                self.pendingConsumed()
+                self._listen_for_silence()
+                self.bytes_received(data)
+                continue
             end = self.pending.find(b"\n", 0, self.max_line_length)
             if end < 0:
                 if len(self.pending) >= self.max_line_length:
@@ -155,8 +180,7 @@ class LineFrontEnd(RoutedConnection):
                         continue
                 elif self.read_closed:
                     # Nothing more will come, and nothing was asked of an upstream yet.
-                    outcome, reason = self.last_failure or ("client-gone", "client ended its stream before it was routed")
-                    self.close(outcome, reason)
+                    self._client_ended()
                 return
             line = bytes(self.pending[: end + 1])
             del self.pending[: end + 1]
@@ -170,6 +194,10 @@ class LineFrontEnd(RoutedConnection):
                 self._sasl_response(line[:-2] if line.endswith(b"\r\n") else line[:-1])
             else:
                 self.line_received(line[:-2] if line.endswith(b"\r\n") else line[:-1])
+
+    def _client_ended(self) -> None:
+        outcome, reason = self.last_failure or ("client-gone", "client ended its stream before it was routed")
+        self.close(outcome, reason)
 
     def stop_reading(self) -> None:
         """Read no more lines: the session is being handed on (what is left in
@@ -313,6 +341,7 @@ class LineFrontEnd(RoutedConnection):
         assert self.can_start_tls() and self.factory.tls is not None
         self._starttls_done = True
         self._reading = False
+        self._bytes_wanted = None
         self._stop_listening_for_silence()  # the handshake has its own deadline
         if self.pending:
             assert self.session is not None

@@ -26,6 +26,7 @@ import attrs
 from .. import sasl
 from ..connector import UpstreamProtocol
 from ..router import Address, Reject, Route, RouteRequest
+from .upstream import UpstreamProtocolError, upstream_credentials
 
 MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 100
@@ -33,10 +34,6 @@ XCLIENT_MAX = 512
 """Longest XCLIENT command Postfix accepts, CRLF included; longer ones are split."""
 
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]?)(.*?)\r?\n", re.DOTALL)
-
-
-class UpstreamProtocolError(Exception):
-    """The upstream said something that is not SMTP, or not what this step needs."""
 
 
 @attrs.frozen
@@ -199,28 +196,20 @@ class SMTPUpstreamLogin:
     # AUTH
 
     async def _authenticate(self, upstream: UpstreamProtocol, route: Route) -> None:
-        request = self.facts.request
-        user = route.user or request.user or ""
-        secret = route.password if route.password is not None else request.password
-        mechanism = route.auth_mechanism if route.password is not None else _passthrough_mechanism(request, route)
+        credentials = upstream_credentials(self.facts.request, route, ', or use login = "xclient"')
+        user, secret, mechanism = credentials.user, credentials.secret, credentials.mechanism
         assert self._extensions is not None
         offered = {m.upper() for m in self._extensions.get("AUTH", ())}
         if not offered:
             raise UpstreamProtocolError("upstream offers no AUTH (does it want TLS first?)")
         if mechanism.upper() not in offered:
             raise UpstreamProtocolError(f"upstream does not offer AUTH {mechanism.upper()}")
-        secret = secret or ""
         if mechanism == "login":
             await command(upstream, b"AUTH LOGIN", (334,), "AUTH LOGIN")
             await command(upstream, sasl.encode(user.encode()), (334,), "the AUTH LOGIN user name")
             upstream.write(sasl.encode(secret.encode()) + b"\r\n")
         else:
-            response = {
-                "plain": lambda: sasl.plain_response(user, secret),
-                "xoauth2": lambda: sasl.xoauth2_response(user, secret),
-                "oauthbearer": lambda: sasl.oauthbearer_response(user or None, secret),
-            }[mechanism]()
-            upstream.write(b"AUTH " + mechanism.upper().encode() + b" " + sasl.encode(response) + b"\r\n")
+            upstream.write(b"AUTH " + mechanism.upper().encode() + b" " + sasl.encode(credentials.sasl_response()) + b"\r\n")
         reply = await read_reply(upstream)
         if reply.code == 334:  # a token mechanism's error challenge: answer it to get the verdict
             upstream.write(b"\r\n" if mechanism == "xoauth2" else sasl.encode(b"\x01") + b"\r\n")
@@ -242,17 +231,6 @@ class SMTPUpstreamLogin:
             # The client already heard 250 for its MAIL: the upstream's refusal answers its RCPT.
             raise Reject(reply.text or "sender refused", code=reply.code)
         upstream.write(rcpt + b"\r\n")  # its reply is for the client
-
-
-def _passthrough_mechanism(request: RouteRequest, route: Route) -> str:
-    method = request.auth_method
-    if method in ("xoauth2", "oauthbearer"):
-        return method
-    if method in ("plain", "login"):
-        return route.auth_mechanism
-    raise UpstreamProtocolError(
-        f'a {method} login cannot be passed through: the Route must supply the upstream password, or use login = "xclient"'
-    )
 
 
 def _xclient_address(host: str) -> bytes:

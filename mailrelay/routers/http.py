@@ -62,9 +62,12 @@ mailrelay's own response headers, which nginx ignores (all apply to every route)
 - `Mailrelay-Server-Name: name`: the name the upstream certificate must carry, sent as SNI.
 - `Mailrelay-Login: passthrough|xclient|none`: how the upstream login happens; the
   default is nginx's: `xclient` for SMTP, `passthrough` otherwise.
-- `Mailrelay-Auth-Mechanism: plain|login`: the SASL mechanism of a passthrough login
-  to an SMTP upstream (default plain; Exchange wants login).
+- `Mailrelay-Auth-Mechanism: plain|login`: the mechanism of a passthrough login (default
+  plain; Exchange's SMTP wants login; for IMAP and POP3, login means the LOGIN command
+  or USER and PASS).
 - `Mailrelay-Proxy-Protocol: 1|2`: send a PROXY protocol header of that version first.
+- `Mailrelay-Forward-Client: on|off`: IMAP and POP3, tell the upstream the client's
+  address before logging in (Dovecot's `login_trusted_networks`; default off).
 - `Mailrelay-Fallback: host:port[, host:port...]`: more upstreams, tried in order when
   connecting to `Auth-Server:Auth-Port` fails (an IPv6 address in brackets).
 
@@ -408,6 +411,7 @@ def parse_auth_response(
         login=login,
         proxy_protocol=answer.choice("Mailrelay-Proxy-Protocol", {"1": 1, "2": 2}, None),
         auth_mechanism=answer.choice("Mailrelay-Auth-Mechanism", {v: v for v in AUTH_MECHANISMS}, "plain"),
+        forward_client=answer.choice("Mailrelay-Forward-Client", {"on": True, "off": False}, False),
     )
     return [Route(host=h, port=p, **settings) for h, p in addresses]
 

@@ -40,12 +40,13 @@ def route_from_table(table: Table) -> Route | None:
         proxy_protocol=table.integer("proxy_protocol", None, minimum=1, maximum=2),
         tls_ca=table.file("tls_ca", None),
         auth_mechanism=table.string("auth_mechanism", "plain", choices=AUTH_MECHANISMS),
+        forward_client=table.boolean("forward_client", False),
     )
     table.finish()
     if fields["host"] == "":
         table.error("host", "must not be empty")
         return None
-    if any(fields[k] is None for k in ("host", "port", "tls", "tls_verify", "login", "auth_mechanism")):
+    if any(fields[k] is None for k in ("host", "port", "tls", "tls_verify", "login", "auth_mechanism", "forward_client")):
         return None
     return Route(**fields)
 
@@ -71,4 +72,6 @@ def _describe(route: Route) -> str:
     extras = [f"tls={route.tls}"] if route.tls != "none" else []
     if route.proxy_protocol:
         extras.append(f"proxy_protocol={route.proxy_protocol}")
+    if route.forward_client:
+        extras.append("forward_client")
     return route.address + (f" ({', '.join(extras)})" if extras else "")

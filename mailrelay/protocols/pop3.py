@@ -1,0 +1,228 @@
+"""
+The POP3 front-end: what a mail client (on 110 or 995) hears from mailrelay before it is
+routed.
+
+    +OK greeting [<timestamp> for APOP] -> [STLS -> TLS] -> USER/PASS | APOP | AUTH
+        -> routed, logged in upstream (`pop3_upstream`) -> the upstream's +OK -> spliced
+
+Before login a client may say CAPA, STLS, USER, PASS, APOP, AUTH, NOOP and QUIT; anything
+else is `-ERR` and counts towards `max_errors`. Replies carry RFC 2449/3206 response
+codes: `-ERR [AUTH]` for a refused login (after the Reject's delay; the connection closes
+after `max_attempts` of them), `-ERR [SYS/TEMP]` for a temporary failure. Command lines
+may be as long as OAuth tokens need (`max_line_length`), not nginx's 128 bytes.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+
+from .. import sasl
+from ..connector import LoginStep, StartTLSStep, Upstream
+from ..router import Reject, RouteRequest
+from .base import LineFrontEnd
+from .pop3_upstream import POP3ClientFacts, POP3UpstreamLogin
+
+DEFAULT_CAPABILITIES = ("TOP", "UIDL")
+"""Words advertised in CAPA that describe the upstream (the `capabilities` default)."""
+OWN_CAPABILITIES = ("RESP-CODES", "AUTH-RESP-CODE")
+"""What mailrelay's POP3 front-end itself implements before login."""
+
+_APOP = re.compile(rb"(.+) ([0-9a-fA-F]{32})", re.DOTALL)
+_RESPONSE_CODE = re.compile(r"[A-Z][A-Z0-9/-]{0,39}")
+
+
+def _printable(text: str, limit: int = 200) -> bytes:
+    cleaned = "".join(c if c.isprintable() and c.isascii() else " " for c in text)[:limit].strip()
+    return (cleaned or "-").encode("ascii")
+
+
+class POP3FrontEnd(LineFrontEnd):
+    """One POP3 client before it is routed."""
+
+    user: bytes | None = None
+    """The name a USER command gave, awaiting its PASS."""
+    timestamp: str | None = None
+    """The greeting's APOP timestamp, when APOP is allowed."""
+    _upstream_login: POP3UpstreamLogin | None = None
+
+    COMMANDS = {
+        b"CAPA": "pop3_CAPA",
+        b"STLS": "pop3_STLS",
+        b"USER": "pop3_USER",
+        b"PASS": "pop3_PASS",
+        b"APOP": "pop3_APOP",
+        b"AUTH": "pop3_AUTH",
+        b"NOOP": "pop3_NOOP",
+        b"QUIT": "pop3_QUIT",
+    }
+
+    def reply(self, line: bytes) -> None:
+        self.send(line + b"\r\n")
+
+    def tls_required(self) -> bool:
+        return self.tls is None and self.listener.mode == "starttls" and self.config.starttls == "required"
+
+    def password_logins(self) -> bool:
+        """USER and PASS carry a cleartext password, as PLAIN and LOGIN do: allowed when either is."""
+        return any(m in self.config.auth for m in ("plain", "login"))
+
+    def greet(self) -> None:
+        greeting = b"+OK " + self.config.hostname.encode() + b" POP3 ready"
+        if "apop" in self.config.auth:
+            # RFC 1939 7: unique per greeting; nginx's form, which auth services know.
+            self.timestamp = f"<{secrets.randbits(63)}.{int(time.time())}@{self.config.hostname}>"
+            greeting += b" " + self.timestamp.encode()
+        self.reply(greeting)
+
+    def capabilities(self) -> list[str]:
+        listed = [*(DEFAULT_CAPABILITIES if self.config.capabilities is None else self.config.capabilities), *OWN_CAPABILITIES]
+        if not self.tls_required():
+            if self.password_logins():
+                listed.append("USER")
+            mechanisms = self.mechanisms()
+            if mechanisms:
+                listed.append("SASL " + " ".join(m.upper() for m in mechanisms))
+        if self.can_start_tls():
+            listed.append("STLS")
+        return listed
+
+    def line_received(self, line: bytes) -> None:
+        verb, _, args = line.partition(b" ")
+        method = self.COMMANDS.get(verb.upper())
+        if b"\0" in line:
+            self.error(b"-ERR NUL character in command\r\n")
+        elif method is None:
+            self.error(b"-ERR Unknown command or not valid before login\r\n")
+        else:
+            getattr(self, method)(args)
+
+    def line_too_long(self) -> None:
+        self.error(b"-ERR Line too long\r\n")
+
+    def _refuse_plaintext(self) -> bool:
+        if self.tls_required():
+            self.reply(b"-ERR [AUTH] Use STLS first: logins are not accepted before TLS")
+            return True
+        return False
+
+    # Commands
+
+    def pop3_CAPA(self, args: bytes) -> None:
+        self.send(b"+OK Capability list follows\r\n" + b"".join(c.encode() + b"\r\n" for c in self.capabilities()) + b".\r\n")
+
+    def pop3_NOOP(self, args: bytes) -> None:
+        self.reply(b"+OK")
+
+    def pop3_QUIT(self, args: bytes) -> None:
+        self.quit(b"+OK Bye\r\n")
+
+    def pop3_STLS(self, args: bytes) -> None:
+        if self.tls is not None:
+            self.reply(b"-ERR TLS is already active")
+        elif not self.can_start_tls():
+            self.reply(b"-ERR STLS is not available")
+        else:
+            self.start_tls(b"+OK Begin TLS negotiation now\r\n")
+
+    def tls_started(self) -> None:
+        self.user = None
+
+    def pop3_USER(self, args: bytes) -> None:
+        if self._refuse_plaintext():
+            return
+        if not self.password_logins():
+            self.reply(b"-ERR USER is disabled: use AUTH")
+        elif not args:
+            self.error(b"-ERR USER takes a user name\r\n")
+        else:
+            self.user = args
+            self.reply(b"+OK")
+
+    def pop3_PASS(self, args: bytes) -> None:
+        if self._refuse_plaintext():
+            return
+        if self.user is None:
+            self.reply(b"-ERR Send USER first")
+            return
+        user, self.user = self.user, None
+        try:
+            credentials = sasl.password_login(user, args)
+        except sasl.SASLSyntaxError as e:
+            self.error(b"-ERR " + _printable(f"Invalid login: {e}") + b"\r\n")
+            return
+        self.login(credentials)
+
+    def pop3_APOP(self, args: bytes) -> None:
+        if self._refuse_plaintext():
+            return
+        match = _APOP.fullmatch(args)
+        if self.timestamp is None:
+            self.reply(b"-ERR APOP is not available")
+        elif match is None:
+            self.error(b"-ERR APOP takes a user name and a 32-digit hexadecimal digest\r\n")
+        else:
+            try:
+                user = sasl.password_login(match[1], b"").user
+            except sasl.SASLSyntaxError as e:
+                self.error(b"-ERR " + _printable(f"Invalid APOP: {e}") + b"\r\n")
+                return
+            self.login(sasl.Credentials(user=user, password=match[2].decode().lower(), method="apop", salt=self.timestamp))
+
+    def pop3_AUTH(self, args: bytes) -> None:
+        if self._refuse_plaintext():
+            return
+        mechanisms = self.mechanisms()
+        if not args:
+            # Not in RFC 5034, but what clients probe with (and nginx and Dovecot answer).
+            self.send(b"+OK\r\n" + b"".join(m.upper().encode() + b"\r\n" for m in mechanisms) + b".\r\n")
+            return
+        name, _, initial = args.partition(b" ")
+        mechanism = name.decode("ascii", "replace").lower()
+        if mechanism not in mechanisms:
+            self.reply(b"-ERR Unsupported authentication mechanism")
+            return
+        self.authenticate(mechanism, initial.strip(b" ") or None)
+
+    def sasl_challenge(self, challenge: bytes) -> None:
+        self.reply(b"+ " + sasl.encode(challenge))
+
+    def sasl_cancelled(self) -> None:
+        self.reply(b"-ERR Authentication cancelled")
+
+    def sasl_malformed(self, why: str) -> None:
+        self.error(b"-ERR " + _printable(f"Invalid authentication: {why}") + b"\r\n")
+
+    # Routing
+
+    def upstream_steps(self, request: RouteRequest) -> tuple[LoginStep | None, StartTLSStep | None]:
+        assert self.session is not None
+        self._upstream_login = POP3UpstreamLogin(
+            POP3ClientFacts(client=self.client, local=self.local, request=request, session_id=self.session.id)
+        )
+        return self._upstream_login.login, self._upstream_login.starttls
+
+    def logged_in(self, upstream: Upstream) -> None:
+        assert self._upstream_login is not None
+        self.send(self._upstream_login.client_reply)
+
+    def login_failed(self, reject: Reject) -> None:
+        code = reject.code if isinstance(reject.code, str) and _RESPONSE_CODE.fullmatch(reject.code.upper()) else "AUTH"
+        self.reply(b"-ERR [" + code.upper().encode() + b"] " + _printable(reject.message))
+
+    def temporarily_failed(self, outcome: str) -> None:
+        if outcome == "throttled":
+            self.reply(b"-ERR [SYS/TEMP] Too many failed logins, try again later")
+        elif outcome == "upstream-unavailable":
+            self.reply(b"-ERR [SYS/TEMP] Mail server temporarily unavailable, try again later")
+        else:
+            self.reply(b"-ERR [SYS/TEMP] Temporary failure, try again later")
+
+    def timed_out(self) -> None:
+        self.reply(b"-ERR Disconnected for inactivity")
+        super().timed_out()
+
+    def too_many_errors(self) -> None:
+        self.reply(b"-ERR Too many invalid commands")
+        super().too_many_errors()
