@@ -168,9 +168,10 @@ class Route:
     (Exchange wants LOGIN). Token logins (XOAUTH2, OAUTHBEARER) are passed on in their
     own mechanism unless the Route supplies a password."""
     forward_client: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
-    """IMAP and POP3: tell the upstream the client's address before logging in (IMAP `ID`
-    with `x-originating-ip`/`x-originating-port`, POP3 `XCLIENT`), which Dovecot honours
-    from its `login_trusted_networks`. SMTP forwards the client with `login = "xclient"`."""
+    """Tell the upstream the client's address before logging in: IMAP `ID` with
+    `x-originating-ip`/`x-originating-port`, POP3 `XCLIENT` (Dovecot honours both from
+    its `login_trusted_networks`), SMTP `XCLIENT` without `LOGIN=` before the AUTH
+    (Postfix's `smtpd_authorized_xclient_hosts`; `login = "xclient"` always sends it)."""
 
     @property
     def address(self) -> str:

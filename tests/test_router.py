@@ -217,6 +217,8 @@ def test_static_router_from_a_table_with_every_route_field() -> None:
             "password": "s3cret",
             "login": "xclient",
             "proxy_protocol": 2,
+            "auth_mechanism": "login",
+            "forward_client": True,
         }
     )
     assert errors == []
@@ -231,9 +233,12 @@ def test_static_router_from_a_table_with_every_route_field() -> None:
             password="s3cret",
             login="xclient",
             proxy_protocol=2,
+            auth_mechanism="login",
+            forward_client=True,
         ),
     )
     assert "s3cret" not in spec.description
+    assert "forward_client" in spec.description
 
 
 def test_static_router_table_errors_name_their_key() -> None:

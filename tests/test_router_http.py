@@ -454,6 +454,8 @@ OK = [("Auth-Status", "OK"), ("Auth-Server", "10.0.0.5"), ("Auth-Port", "143")]
         ([*OK, ("Mailrelay-Login", "none")], SMTP, [Route(host="10.0.0.5", port=143, login="none")]),
         ([*OK, ("Mailrelay-Login", "xclient")], IMAP, [Route(host="10.0.0.5", port=143, login="xclient")]),
         ([*OK, ("Mailrelay-Proxy-Protocol", "2")], IMAP, [Route(host="10.0.0.5", port=143, proxy_protocol=2)]),
+        ([*OK, ("Mailrelay-Forward-Client", "on")], IMAP, [Route(host="10.0.0.5", port=143, forward_client=True)]),
+        ([*OK, ("Mailrelay-Auth-Mechanism", "login")], IMAP, [Route(host="10.0.0.5", port=143, auth_mechanism="login")]),
         (
             [*OK, ("Mailrelay-Fallback", "10.0.0.6:143, [2001:db8::6]:1143,backup.example:143"), ("Mailrelay-TLS", "tls")],
             IMAP,
@@ -527,6 +529,7 @@ def test_other_statuses_are_the_services_refusal(headers: Any, expected: Reject)
         ([*OK, ("Mailrelay-TLS-Verify", "yes")], 'invalid Mailrelay-TLS-Verify: "yes"'),
         ([*OK, ("Mailrelay-Login", "magic")], 'invalid Mailrelay-Login: "magic"'),
         ([*OK, ("Mailrelay-Proxy-Protocol", "3")], 'invalid Mailrelay-Proxy-Protocol: "3"'),
+        ([*OK, ("Mailrelay-Forward-Client", "yes")], 'invalid Mailrelay-Forward-Client: "yes"'),
         ([*OK, ("Mailrelay-Server-Name", "two words")], 'invalid Mailrelay-Server-Name: "two words"'),
         ([*OK, ("Mailrelay-Fallback", "10.0.0.6")], 'invalid Mailrelay-Fallback: "10.0.0.6"'),
         ([*OK, ("Mailrelay-Fallback", "10.0.0.6:25,")], 'invalid Mailrelay-Fallback: "10.0.0.6:25,"'),

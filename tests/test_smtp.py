@@ -220,6 +220,32 @@ class LoginTests(SMTPTestCase):
         )
         self.assertEqual(heard.messages, [MESSAGE])
 
+    async def test_forward_client_sends_xclient_without_login_before_the_passthrough_auth(self) -> None:
+        upstream = self.upstream()
+        router = Router(answer=password_check(upstream.port, forward_client=True))
+        port = await self.proxy(router)
+
+        def client() -> tuple[int, int]:
+            with self.smtp(port) as smtp:
+                smtp.login(USER, PASSWORD)
+                smtp.sendmail(USER, ["bob@example.test"], MESSAGE)
+                return smtp.sock.getsockname()[1], port
+
+        client_port, proxy_port = await self.in_thread(client)
+        heard = await self.in_thread(upstream.result)
+        plain = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+        self.assertEqual(
+            heard.lines[:4],
+            [
+                b"EHLO relay.test\r\n",
+                b"XCLIENT ADDR=127.0.0.1 PORT=%d NAME=[UNAVAILABLE] HELO=client.example PROTO=ESMTP"
+                b" DESTADDR=127.0.0.1 DESTPORT=%d\r\n" % (client_port, proxy_port),
+                b"EHLO client.example\r\n",
+                b"AUTH PLAIN " + plain + b"\r\n",
+            ],
+        )
+        self.assertEqual((heard.login, heard.messages), (USER, [MESSAGE]))
+
     async def test_commands_pipelined_behind_auth_reach_the_upstream(self) -> None:
         upstream = self.upstream()
         port = await self.proxy(Router(answer=password_check(upstream.port)), mode="tls")

@@ -8,7 +8,8 @@ before the splice. The connector runs these steps (`connector.LoginStep`,
                                 PROTO= DESTADDR= DESTPORT= [LOGIN=] (those the upstream
                                 offers) 220 -> EHLO (or HELO) with the client's name
         login = "passthrough":  EHLO was the client's name; AUTH PLAIN or LOGIN as the
-                                Route says (or the client's token mechanism) 235
+                                Route says (or the client's token mechanism) 235; with
+                                forward_client, XCLIENT (without LOGIN=) and EHLO first
         login = "none":         EHLO was the client's name; nothing more
     auth "none" (MX/relay): then MAIL FROM as the client typed it (250), then its RCPT TO,
         whose reply is the client's: it is left unread and reaches the client spliced.
@@ -129,7 +130,7 @@ class SMTPUpstreamLogin:
         """The EHLO name: the client's, but mailrelay's own until XCLIENT has said who
         the client is (an upstream may check the name against the connecting address)."""
         facts = self.facts
-        return facts.hostname if route.login == "xclient" or not facts.helo else facts.helo
+        return facts.hostname if _sends_xclient(route) or not facts.helo else facts.helo
 
     async def _start(self, upstream: UpstreamProtocol, route: Route) -> None:
         """Greeting and EHLO, once per connection."""
@@ -153,9 +154,9 @@ class SMTPUpstreamLogin:
         await self._start(upstream, route)
         if self._extensions is None:  # after STARTTLS
             await self._hello(upstream, self._name(route))
-        if route.login == "xclient":
+        if _sends_xclient(route):
             await self._xclient(upstream, route)
-        elif route.login == "passthrough" and self.facts.request.auth_method != "none":
+        if route.login == "passthrough" and self.facts.request.auth_method != "none":
             await self._authenticate(upstream, route)
         if self.facts.envelope is not None:
             await self._replay(upstream, route)
@@ -189,7 +190,7 @@ class SMTPUpstreamLogin:
             ("DESTPORT", b"%d" % facts.local[1] if facts.local[1] else b"[UNAVAILABLE]"),
         ]
         login = route.user or request.user
-        if request.auth_method != "none" and login:
+        if route.login == "xclient" and request.auth_method != "none" and login:
             attributes.append(("LOGIN", xtext(login.encode())))
         return attributes
 
@@ -231,6 +232,12 @@ class SMTPUpstreamLogin:
             # The client already heard 250 for its MAIL: the upstream's refusal answers its RCPT.
             raise Reject(reply.text or "sender refused", code=reply.code)
         upstream.write(rcpt + b"\r\n")  # its reply is for the client
+
+
+def _sends_xclient(route: Route) -> bool:
+    """XCLIENT tells the upstream who the client is: instead of a login (`login =
+    "xclient"`, with LOGIN=), or before the passthrough AUTH (`forward_client`)."""
+    return route.login == "xclient" or (route.forward_client and route.login == "passthrough")
 
 
 def _xclient_address(host: str) -> bytes:
