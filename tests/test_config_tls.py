@@ -331,3 +331,27 @@ def test_the_shipped_smtp_example_checks_and_shows_each_front_end(pems: Path) ->
         " max_attempts=3 max_errors=5 login_timeout=60s"
     ) in lines
     assert any(line.startswith('listener "smtps": tcp:465:backlog=1024 mode=tls protocol=smtp') for line in lines), lines
+
+
+@pytest.mark.slow
+def test_the_shipped_imap_example_checks_and_shows_each_front_end(pems: Path) -> None:
+    root = Path(__file__).resolve().parent.parent / "examples"
+    text = (root / "imap.toml").read_text()
+    text = text.replace("/etc/mailrelay/mail.example.org/fullchain.pem", "cert.pem")
+    text = text.replace("/etc/mailrelay/mail.example.org/privkey.pem", "key.pem")
+    (pems / "imap.toml").write_text(text)
+    result = run_check(pems, "imap.toml")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert (
+        "  imap: hostname=mail.example.org starttls=required auth=plain,login,xoauth2,oauthbearer"
+        " max_attempts=3 max_errors=5 login_timeout=60s"
+    ) in lines
+    assert "  pop3: hostname=mail.example.org auth=plain,login max_attempts=3 max_errors=5 login_timeout=60s" in lines
+    assert "router: static: imap.internal.example.org:143 (tls=starttls, forward_client)" in lines
+    assert [line.split(":")[0] for line in lines if line.startswith("listener")] == [
+        'listener "imap"',
+        'listener "imaps"',
+        'listener "pop3"',
+        'listener "pop3s"',
+    ]
