@@ -287,7 +287,8 @@ def _front_end(table: Table, mode: str | None, protocol: str | None) -> FrontEnd
         ):
             table.error(
                 "capabilities",
-                f'"{capability}" cannot be listed: STARTTLS (STLS) and the login methods are advertised from `starttls` and `auth`',
+                f'"{capability}" cannot be listed: STARTTLS (STLS) and the login methods are advertised'
+                " from `starttls` and `auth`",
             )
             values["capabilities"] = None
             break

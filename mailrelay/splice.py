@@ -116,6 +116,15 @@ class SpliceableProtocol(Protocol):
                 raise LineTooLong(self.peer, max_length)
             await self.more()
 
+    async def read_exactly(self, count: int) -> bytes:
+        """The next `count` bytes from `pending` (waiting for them)."""
+        while len(self.pending) < count:
+            await self.more()
+        data = bytes(self.pending[:count])
+        del self.pending[:count]
+        self.pendingConsumed()
+        return data
+
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
 

@@ -26,7 +26,7 @@ import attrs
 from .. import sasl
 from ..connector import UpstreamProtocol
 from ..router import Address, Reject, Route, RouteRequest
-from .imap_syntax import Status, id_list, quoted, status, untagged_capabilities
+from .imap_syntax import LITERAL, Status, id_list, quoted, status, untagged_capabilities
 from .upstream import MAX_RESPONSE_LINE, MAX_RESPONSE_LINES, UpstreamProtocolError, unusable_login, upstream_credentials
 
 ClientID = Sequence[tuple[str, str | None]]
@@ -106,7 +106,7 @@ class IMAPUpstreamLogin:
         while len(lines) < MAX_RESPONSE_LINES:
             line = await upstream.read_line(MAX_RESPONSE_LINE)
             if line.startswith(b"* "):
-                lines.append(line)
+                lines.append(await self._with_literals(upstream, line))
                 continue
             if line.startswith(b"+") and mechanism is not None:
                 upstream.write(b"\r\n" if mechanism == "xoauth2" else sasl.encode(b"\x01") + b"\r\n")
@@ -117,6 +117,18 @@ class IMAPUpstreamLogin:
                 raise UpstreamProtocolError(f"upstream sent {_shown(line)} where the answer to its command was due")
             return Answer(answer, tuple(lines), line)
         raise UpstreamProtocolError(f"upstream sent more than {MAX_RESPONSE_LINES} lines before its answer")
+
+    async def _with_literals(self, upstream: UpstreamProtocol, line: bytes) -> bytes:
+        """An untagged response whole: a line that announces a literal (`* ID ("name"
+        {7}`) goes on after the literal's bytes, up to the line that does not."""
+        whole = line
+        while (literal := LITERAL.search(line.rstrip(b"\r\n"))) is not None:
+            size = int(literal[1])
+            if len(whole) + size > MAX_RESPONSE_LINE:
+                raise UpstreamProtocolError(f"upstream sent a response of more than {MAX_RESPONSE_LINE} bytes")
+            line = await upstream.read_exactly(size) + await upstream.read_line(MAX_RESPONSE_LINE)
+            whole += line
+        return whole
 
     # The connector's steps
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import time
 
 from .. import sasl
 from ..connector import LoginStep, StartTLSStep, Upstream
@@ -72,7 +71,7 @@ class POP3FrontEnd(LineFrontEnd):
         greeting = b"+OK " + self.config.hostname.encode() + b" POP3 ready"
         if "apop" in self.config.auth:
             # RFC 1939 7: unique per greeting; nginx's form, which auth services know.
-            self.timestamp = f"<{secrets.randbits(63)}.{int(time.time())}@{self.config.hostname}>"
+            self.timestamp = f"<{secrets.randbits(63)}.{int(self.factory.clock.seconds())}@{self.config.hostname}>"
             greeting += b" " + self.timestamp.encode()
         self.reply(greeting)
 

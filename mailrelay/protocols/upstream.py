@@ -65,7 +65,7 @@ def upstream_credentials(request: RouteRequest, route: Route, alternative: str =
 def unusable_login(route: Route, protocol: str) -> str | None:
     """Why `route.login` cannot be done in `protocol` (IMAP and POP3 always log in)."""
     if route.login == "xclient":
-        return f'login = "xclient" is SMTP\'s; for {protocol} use forward_client = true to pass the client\'s address'
+        return f"login = \"xclient\" is SMTP's; for {protocol} use forward_client = true to pass the client's address"
     if route.login == "none":
         return f'login = "none": a {protocol} upstream needs a login (give the Route a user and password for a master login)'
     return None
