@@ -1,15 +1,20 @@
 """
-Real SMTP upstreams for tests, on loopback and free ports.
+Real SMTP, IMAP and POP3 upstreams for tests, on loopback and free ports.
 
 `Postfix` runs a private Postfix (the Debian package, installed by dev/test) in the
 foreground with its own configuration, queue and maildirs in a temp directory: STARTTLS
 and implicit TLS when given a certificate, XCLIENT from loopback, and delivery to maildirs
 whose files the test reads byte for byte.
 
+`Dovecot` runs a private Dovecot (the Debian packages, installed by dev/test) the same
+way: IMAP and POP3, with STARTTLS and implicit TLS when given a certificate, users from a
+passwd-file, maildirs the test delivers to, and the client's address forwarded by a
+trusted proxy (IMAP ID, POP3 XCLIENT) when asked.
+
 `SMTPUpstream` is an aiosmtpd server in its own thread that records what it was sent,
 for tests that need AUTH or want to see the exact envelope and DATA bytes.
 
-Both start with `start()` or `with`, and `stop()` (idempotent) leaves nothing running.
+All start with `start()` or `with`, and `stop()` (idempotent) leaves nothing running.
 """
 
 from __future__ import annotations
@@ -665,6 +670,8 @@ class Dovecot:
       login line then says `rip=` that address, and `who()` lists it. None: nobody may.
     - `deliver(user, message)` puts a message in a user's maildir as a delivery agent
       would; IMAP FETCH and POP3 RETR return its bytes (LF line ends become CRLF).
+    - A failed login is answered at once, and costs later logins nothing (no delay, no
+      penalty for the address). `log_text()` is Dovecot's log, `who()` lists the sessions.
     - It runs as `dovecot -F` under REAPER; `stop()` ends and collects every process of
       the instance, `processes()` lists them. Dovecot must be started as root.
     """
@@ -742,6 +749,23 @@ class Dovecot:
         method=PLAIN, rip=192.0.2.7, lip=127.0.0.1, ..." (rip: the client's address)."""
         return _read_text(self.log_file)
 
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = WAIT) -> list[str]:
+        """
+        Wait until at least `count` lines of the log contain `text`, and return all of
+        them, oldest first. Dovecot's processes log through its log process: a line may
+        reach the file a moment after the client saw what it tells of. This blocks: from
+        the reactor thread of a trial test, call it through deferToThread.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log_text()
+            lines = [line for line in log.splitlines() if text in line]
+            if len(lines) >= count:
+                return lines
+            if time.monotonic() > deadline:
+                raise DovecotError(f"{len(lines)} of {count} log lines with {text!r} after {timeout} s\nlog:\n{log}")
+            time.sleep(0.02)
+
     def home(self, user: str) -> str:
         local, domain = user.rsplit("@", 1)
         return os.path.join(self.mail_dir, domain, local)
@@ -778,8 +802,9 @@ class Dovecot:
         The logged-in sessions, from `doveadm who -1`: one line per session, "USER PROTO
         PID IP" (fields separated by one space, no header), e.g. "alice@example.test imap
         4711 192.0.2.7". IP is the client's address as Dovecot knows it (the forwarded one
-        from a trusted network). A session is listed from its login until its mail
-        process exits, which is a moment after the client's LOGOUT or QUIT.
+        from a trusted network). A session is listed from a moment after its login (its
+        mail process tells anvil, which doveadm asks, after the client was told OK: see
+        wait_for_session()) until a moment after the client's LOGOUT or QUIT.
         """
         if self._process is None:
             raise DovecotError("Dovecot is not running")
@@ -801,10 +826,33 @@ class Dovecot:
             raise DovecotError(f"doveadm who answered without its header: {result.stdout!r}")
         return lines[1:]
 
+    def wait_for_session(self, user: str, proto: str | None = None, ip: str | None = None, timeout: float = WAIT) -> str:
+        """
+        Wait until who() lists a session of `user` (with that protocol, "imap" or "pop3",
+        and from that address, when given) and return its line. This blocks: from the
+        reactor thread of a trial test, call it through deferToThread.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            sessions = self.who()
+            for line in sessions:
+                fields = line.split(" ")
+                if fields[0] == user and proto in (None, fields[1]) and ip in (None, fields[-1]):
+                    return line
+            if time.monotonic() > deadline:
+                raise DovecotError(
+                    f"no session of {user} (proto {proto}, address {ip}) after {timeout} s\n"
+                    f"doveadm who:\n" + "\n".join(sessions) + f"\nlog:\n{self.log_text()}"
+                )
+            time.sleep(0.02)
+
     def start(self) -> None:
         """Start Dovecot (a no-op when it runs) and wait until it greets on its IMAP port."""
         if self._process is not None:
             return
+        if os.geteuid() != 0:
+            # Its login processes run as dovenull, its mail processes as nobody.
+            raise DovecotError("Dovecot must be started as root, to run its processes as dovenull, dovecot and nobody")
         self._prepare()
         failures = []
         for _ in range(5):
@@ -824,49 +872,61 @@ class Dovecot:
         raise DovecotError("no free ports found for Dovecot:\n" + "\n".join(failures))
 
     def stop(self) -> None:
-        """Stop Dovecot and every process it started (a no-op when it is not running)."""
+        """Stop Dovecot and every process it started (a no-op when it is not running): the
+        clients of open sessions are told "Server shutting down" and disconnected."""
         if self._process is None:
             return
         process, self._process = self._process, None
         _running.discard(self)
+        reaper = process.pid
         master = self._master_pid()
+        # What `doveadm stop` does is SIGTERM to the master, which then leaves the processes
+        # of open sessions (and the auth, anvil... they use) running for as long as their
+        # clients stay. So the sessions, and the login processes of clients that did not
+        # log in, are stopped first: they say "* BYE Server shutting down." or "-ERR Server
+        # shutting down." and exit.
+        for pid, service in self._services(self.processes()).items():
+            if service in SESSION_SERVICES:
+                _kill(pid, signal.SIGTERM)
         if master is not None:
-            # What `doveadm stop` does: the master tells its children to exit and waits for
-            # them, and REAPER exits once it collected every process.
-            try:
-                os.kill(master, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + 10
-            while process.poll() is None and time.monotonic() < deadline:
-                if self._only_master_and_log_left(process.pid, master):
-                    # The master waited for the others and sent the log process SIGQUIT. It
-                    # now sleeps a second "to make sure" that was processed, then closes the
-                    # log pipes and removes its PID file: nothing a test needs. Killed, it
-                    # closes the pipes at once; the log process writes what is in them and
-                    # exits.
-                    try:
-                        os.kill(master, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    break
-                time.sleep(0.005)
-            try:
-                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                pass
-        # Whatever is left (of a start that failed half way, or that did not stop) is killed.
+            _kill(master, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while leftovers := self.processes():
-            for pid in leftovers:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        terminated = set()
+        while process.poll() is None and time.monotonic() < deadline:
+            running = self.processes()
+            services = self._services(running)
+            if master in running:
+                if set(services.values()) <= {"log"}:
+                    # The master waited for the others and told the log process to quit.
+                    # It now sleeps a second "to make sure" that was processed, then closes
+                    # the log pipes and removes its PID file: nothing a test needs. Killed,
+                    # it closes the pipes at once; the log process writes what is in them
+                    # and exits.
+                    _kill(master, signal.SIGKILL)
+            else:
+                # The master has exited and left processes (of a session that began while
+                # it stopped, and those it uses): they are stopped too, but for the log
+                # process, which exits once the others have.
+                for pid, service in services.items():
+                    if service != "log" and pid not in terminated:
+                        _kill(pid, signal.SIGTERM)
+                        terminated.add(pid)
+            time.sleep(0.005)
+        # Whatever is left (of a start that failed half way, or that did not stop) is
+        # killed, REAPER last: it collects the others as they exit (were it gone, they
+        # would be zombies of PID 1, which may never collect them).
+        deadline = time.monotonic() + 10
+        while True:
+            leftovers = [pid for pid in self.processes() if pid != reaper]
+            if process.poll() is not None and not leftovers:
+                break
             if time.monotonic() > deadline:
-                raise DovecotError(f"Dovecot processes {leftovers} are still running")
-            time.sleep(0.02)
-        process.wait()
+                if leftovers:
+                    raise DovecotError(f"Dovecot processes {leftovers} are still running")
+                process.kill()
+            for pid in leftovers:
+                _kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
         self._session = None
 
     def processes(self) -> list[int]:
@@ -899,17 +959,19 @@ class Dovecot:
                     found.append(int(entry))
         return found
 
-    def _only_master_and_log_left(self, reaper: int, master: int) -> bool:
-        for pid in self.processes():
-            if pid not in (reaper, master):
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        title = f.read().split(b"\0")[0]
-                except OSError:
-                    continue
-                if title != os.fsencode(self.name + "/log"):
-                    return False
-        return True
+    def _services(self, pids: list[int]) -> dict[int, str]:
+        """Which of these processes run a Dovecot service (all but REAPER and the master), and which ("log", "imap"...)."""
+        prefix = os.fsencode(self.name + "/")
+        services = {}
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    title = f.read().split(b"\0")[0]
+            except OSError:
+                continue
+            if title.startswith(prefix):
+                services[pid] = os.fsdecode(title[len(prefix) :]).split(" ")[0]
+        return services
 
     def __enter__(self) -> Dovecot:
         self.start()
@@ -1094,6 +1156,17 @@ class Dovecot:
         except (OSError, ValueError):
             return None
         return pid if os.fsencode(self.conf_file) in command else None
+
+
+SESSION_SERVICES = frozenset({"imap", "pop3", "imap-login", "pop3-login"})
+"""Dovecot's services that serve a client each: the processes of open sessions."""
+
+
+def _kill(pid: int, signal_number: int) -> None:
+    try:
+        os.kill(pid, signal_number)
+    except ProcessLookupError:
+        pass
 
 
 def _listening_inodes(port: int) -> list[int]:

@@ -347,12 +347,15 @@ def test_postfix_needs_a_directory_others_can_reach() -> None:
 
 # -- Dovecot
 
-PASSWORDS = {ALICE: "alice-secret", BOB: "bob-secret", CAROL: "carol-secret", DAVE: "dave-secret", ERIN: "erin-secret"}
+FRANK = "frank@example.test"
+GRACE = "grace@example.test"
+
+PASSWORDS = {user: user.split("@")[0] + "-secret" for user in (ALICE, BOB, CAROL, DAVE, ERIN, FRANK, GRACE)}
 
 
 @pytest.fixture(scope="module")
 def dovecot(certificate: tuple[str, str]) -> Iterator[Dovecot]:
-    """One Dovecot with TLS for the module's tests, trusting no proxy: each test reads its own users' mail."""
+    """One Dovecot with TLS for the module's tests, trusting no proxy: each test has its own user."""
     directory = tempfile.mkdtemp(prefix="mailrelay-dovecot-")
     os.chmod(directory, 0o755)
     try:
@@ -423,8 +426,9 @@ class LineClient:
         self.sock.close()
 
 
-def login_lines(server: Dovecot, user: str) -> list[str]:
-    return [line for line in server.log_text().splitlines() if "-login: Info: Login: " in line and f"user=<{user}>" in line]
+def login_lines(server: Dovecot, user: str, count: int = 1) -> list[str]:
+    """The log's lines for the logins of `user`, once there are `count` of them."""
+    return server.wait_for_log(f"-login: Info: Login: user=<{user}>,", count)
 
 
 def test_dovecot_imap_fetches_a_delivered_message_byte_for_byte(dovecot: Dovecot) -> None:
@@ -444,7 +448,8 @@ def test_dovecot_imap_fetches_a_delivered_message_byte_for_byte(dovecot: Dovecot
         dovecot.deliver(ALICE, message_8bit("imap lf").replace(b"\r\n", b"\n"))
         client.noop()
         assert fetch(client, 2) == message_8bit("imap lf")
-    assert "rip=127.0.0.1" in login_lines(dovecot, ALICE)[0]
+    [line] = login_lines(dovecot, ALICE)
+    assert "rip=127.0.0.1, lip=127.0.0.1" in line
 
 
 def test_dovecot_imaps_with_a_verified_certificate(dovecot: Dovecot, ca: trustme.CA) -> None:
@@ -458,7 +463,8 @@ def test_dovecot_imaps_with_a_verified_certificate(dovecot: Dovecot, ca: trustme
         client.login(BOB, PASSWORDS[BOB])
         client.select("INBOX")
         assert fetch(client, 1) == sent
-    assert "TLS" in login_lines(dovecot, BOB)[0]
+    [line] = login_lines(dovecot, BOB)
+    assert ", TLS, " in line
 
 
 def test_dovecot_imap_starttls_and_authenticate(dovecot: Dovecot, ca: trustme.CA) -> None:
@@ -476,9 +482,9 @@ def test_dovecot_imap_starttls_and_authenticate(dovecot: Dovecot, ca: trustme.CA
         assert client.login_cram_md5(CAROL, PASSWORDS[CAROL])[0] == "OK"
         client.select("INBOX")
         assert fetch(client, 1) == sent
-    first, second = login_lines(dovecot, CAROL)
-    assert "method=PLAIN" in first and "TLS" in first
-    assert "method=CRAM-MD5" in second and "TLS" not in second
+    first, second = login_lines(dovecot, CAROL, 2)
+    assert "method=PLAIN" in first and ", TLS, " in first
+    assert "method=CRAM-MD5" in second and ", secured, " in second
 
 
 def test_dovecot_pop3_retrieves_a_delivered_message_byte_for_byte(dovecot: Dovecot) -> None:
@@ -519,25 +525,27 @@ def test_dovecot_pop3_stls_and_pop3s(dovecot: Dovecot, ca: trustme.CA) -> None:
         client.pass_(PASSWORDS[ERIN])
         assert retr(client, 1) == sent
         client.quit()
-    assert ["TLS" in line for line in login_lines(dovecot, ERIN)] == [True, True]
+    assert [", TLS, " in line for line in login_lines(dovecot, ERIN, 2)] == [True, True]
 
 
 def test_dovecot_refuses_a_wrong_password(dovecot: Dovecot) -> None:
     with imap(dovecot.imap_port) as client:
-        for user, password in ((ALICE, "wrong"), (ALICE, PASSWORDS[BOB]), ("nobody@example.test", "wrong")):
+        for user, password in ((FRANK, "wrong"), (FRANK, PASSWORDS[GRACE]), ("nobody@example.test", "wrong")):
             with pytest.raises(imaplib.IMAP4.error, match=r"\[AUTHENTICATIONFAILED\] Authentication failed"):
                 client.login(user, password)
         # Answered at once, and no penalty for the address: the right password works now.
-        assert client.login(ALICE, PASSWORDS[ALICE])[0] == "OK"
+        assert client.login(FRANK, PASSWORDS[FRANK])[0] == "OK"
     with contextlib.closing(pop3(dovecot.pop3_port)) as client:
-        client.user(BOB)
+        client.user(FRANK)
         with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\] Authentication failed"):
             client.pass_("wrong")
-        client.user(BOB)
-        assert client.pass_(PASSWORDS[BOB]).startswith(b"+OK")
+        client.user(FRANK)
+        assert client.pass_(PASSWORDS[FRANK]).startswith(b"+OK")
         client.quit()
-    assert "passwd-file(alice@example.test,127.0.0.1,<" in dovecot.log_text()
-    assert "): Password mismatch" in dovecot.log_text()
+    mismatches = dovecot.wait_for_log(f"auth: Info: passwd-file({FRANK},127.0.0.1,<", 3)
+    assert all(line.endswith(">): Password mismatch") for line in mismatches)
+    dovecot.wait_for_log("auth: Info: passwd-file(nobody@example.test,127.0.0.1,<")
+    assert len(login_lines(dovecot, FRANK, 2)) == 2
 
 
 def test_dovecot_trusts_the_forwarded_client_address_from_a_trusted_network(dovecot_trusted: Dovecot) -> None:
@@ -547,7 +555,9 @@ def test_dovecot_trusts_the_forwarded_client_address_from_a_trusted_network(dove
         typ, _ = client.xatom("ID", '("x-originating-ip" "192.0.2.7" "x-originating-port" "4242")')
         assert typ == "OK"
         client.login(ALICE, "alice-secret")
-        assert any(line.startswith(f"{ALICE} imap ") and line.endswith(" 192.0.2.7") for line in dovecot_trusted.who())
+        session = dovecot_trusted.wait_for_session(ALICE, "imap")
+        assert session.endswith(" 192.0.2.7")
+        assert session in dovecot_trusted.who()
     [line] = login_lines(dovecot_trusted, ALICE)
     assert "rip=192.0.2.7, lip=127.0.0.1" in line
     # POP3: Dovecot's XCLIENT, which the greeting announces (CAPA does not list it).
@@ -559,8 +569,7 @@ def test_dovecot_trusts_the_forwarded_client_address_from_a_trusted_network(dove
         assert client.command(b"XCLIENT ADDR=192.0.2.8 PORT=4243") == b"+OK Updated"
         assert client.command(b"USER bob@example.test").startswith(b"+OK")
         assert client.command(b"PASS bob-secret") == b"+OK Logged in."
-        assert f"{BOB} pop3 " in "\n".join(dovecot_trusted.who())
-        assert any(line.startswith(f"{BOB} pop3 ") and line.endswith(" 192.0.2.8") for line in dovecot_trusted.who())
+        assert dovecot_trusted.wait_for_session(BOB, "pop3").endswith(" 192.0.2.8")
         assert client.command(b"QUIT").startswith(b"+OK")
     finally:
         client.close()
@@ -572,21 +581,23 @@ def test_dovecot_trusts_the_forwarded_client_address_from_a_trusted_network(dove
 def test_dovecot_ignores_forwarded_addresses_from_others(dovecot: Dovecot) -> None:
     with imap(dovecot.imap_port) as client:
         assert client.xatom("ID", '("x-originating-ip" "192.0.2.99" "x-originating-port" "4242")')[0] == "OK"
-        client.login(DAVE, PASSWORDS[DAVE])
-        sessions = [line for line in dovecot.who() if line.startswith(f"{DAVE} imap ")]
-        assert sessions and all(line.endswith(" 127.0.0.1") for line in sessions)
+        client.login(GRACE, PASSWORDS[GRACE])
+        assert dovecot.wait_for_session(GRACE, "imap").endswith(" 127.0.0.1")
+        assert not [line for line in dovecot.who() if not line.endswith(" 127.0.0.1")]
     client = LineClient(dovecot.pop3_port)
     try:
         assert client.line() == b"+OK imap.upstream.test Dovecot ready."  # no [XCLIENT]
         assert client.command(b"XCLIENT ADDR=192.0.2.98 PORT=4243") == b"+OK You are not from trusted IP - ignoring"
-        client.command(b"USER " + ERIN.encode())
-        assert client.command(b"PASS " + PASSWORDS[ERIN].encode()) == b"+OK Logged in."
+        client.command(b"USER " + GRACE.encode())
+        assert client.command(b"PASS " + PASSWORDS[GRACE].encode()) == b"+OK Logged in."
         client.command(b"QUIT")
     finally:
         client.close()
+    imap_login, pop3_login = login_lines(dovecot, GRACE, 2)
+    assert imap_login.split(": Info: ")[0].endswith("imap-login")
+    assert pop3_login.split(": Info: ")[0].endswith("pop3-login")
+    assert "rip=127.0.0.1" in imap_login and "rip=127.0.0.1" in pop3_login
     assert "192.0.2.9" not in dovecot.log_text()
-    assert "rip=127.0.0.1" in login_lines(dovecot, DAVE)[-1]
-    assert "rip=127.0.0.1" in login_lines(dovecot, ERIN)[-1]
 
 
 def test_dovecot_stops_every_process_and_restarts() -> None:
