@@ -1,0 +1,517 @@
+"""
+The IMAP and POP3 front-ends in front of a real Dovecot (Debian's packages, started
+privately by `tests.mailservers.Dovecot`): what the client reads, byte for byte, what
+Dovecot believes about the client, and logins it refuses. Clients are imaplib, poplib
+and curl; they connect from 127.0.0.2, so that Dovecot, which sees mailrelay at
+127.0.0.1, can only learn the client's address from what mailrelay forwards.
+"""
+
+from __future__ import annotations
+
+import base64
+import imaplib
+import os
+import poplib
+import shutil
+import socket
+import subprocess
+import tempfile
+from typing import Any
+
+import pytest
+import trustme
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from mailrelay.router import Route, RouteRequest
+from tests.mailservers import Dovecot
+from tests.pki import PKI
+from tests.smtp_support import client_context
+from tests.support import WAIT, ProxyTestCase, payload
+
+CLIENT_ADDRESS = "127.0.0.2"
+
+# One user per test, so that no test sees another's messages or sessions. The
+# password has a space, a double quote and a backslash: imaplib sends it as a quoted
+# string with escapes, which mailrelay must read back exactly.
+PASSWORD = 'pa ss"w\\rd'
+USERS = {
+    f"{name}@example.test": PASSWORD
+    for name in (
+        "fetch",
+        "auth",
+        "append",
+        "idle",
+        "pop",
+        "popauth",
+        "pops",
+        "fwd",
+        "nofwd",
+        "popfwd",
+        "wrong",
+        "up-starttls",
+        "up-tls",
+        "curl",
+        "literal",
+    )
+}
+
+MESSAGE = (
+    b"From: Alice <alice@example.test>\r\nTo: fetch@example.test\r\nSubject: caf\xc3\xa9\r\n"
+    b"Message-ID: <dovecot-test@example.test>\r\n\r\n"
+    b"Hello,\r\n.a line that starts with a dot\r\n8-bit: \xe2\x82\xac \xff\xfe\r\n"
+)
+
+pytestmark = pytest.mark.slow
+
+imaplib.Commands.setdefault("ID", ("NONAUTH", "AUTH", "SELECTED"))
+
+
+class IMAPFrom(imaplib.IMAP4):
+    """imaplib connecting from 127.0.0.2."""
+
+    def _create_socket(self, timeout: Any) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, source_address=(CLIENT_ADDRESS, 0))
+
+
+class IMAPSFrom(imaplib.IMAP4_SSL):
+    def _create_socket(self, timeout: Any) -> Any:
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=(CLIENT_ADDRESS, 0))
+        return self.ssl_context.wrap_socket(sock, server_hostname="relay.test")
+
+
+class POP3From(poplib.POP3):
+    def _create_socket(self, timeout: Any) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, source_address=(CLIENT_ADDRESS, 0))
+
+
+class POP3SFrom(poplib.POP3_SSL):
+    def _create_socket(self, timeout: Any) -> Any:
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=(CLIENT_ADDRESS, 0))
+        return self.context.wrap_socket(sock, server_hostname="relay.test")
+
+
+class Router:
+    """Routes every login to one Dovecot port; records the requests."""
+
+    def __init__(self, port: int, **route: Any) -> None:
+        self.port = port
+        self.route_options = route
+        self.requests: list[RouteRequest] = []
+
+    def route(self, request: RouteRequest) -> Route:
+        self.requests.append(request)
+        return Route(host="127.0.0.1", port=self.port, **self.route_options)
+
+
+class DovecotTestCase(ProxyTestCase):
+    dovecot: Dovecot
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.directory = tempfile.mkdtemp(prefix="mailrelay-dovecot-")
+        os.chmod(cls.directory, 0o755)  # Dovecot's mail processes (nobody) go through it
+        cls.upstream_ca = trustme.CA(organization_name="upstream CA")
+        leaf = cls.upstream_ca.issue_cert("imap.upstream.test")
+        cert, key = f"{cls.directory}/upstream.crt", f"{cls.directory}/upstream.key"
+        for blob in leaf.cert_chain_pems:
+            blob.write_to_path(cert, append=True)
+        leaf.private_key_pem.write_to_path(key)
+        cls.upstream_ca_file = f"{cls.directory}/upstream-ca.pem"
+        cls.upstream_ca.cert_pem.write_to_path(cls.upstream_ca_file)
+        os.mkdir(f"{cls.directory}/dovecot")
+        # Dovecot trusts loopback: it takes the client's address from mailrelay's ID or
+        # XCLIENT, and without them logs mailrelay's own (127.0.0.1).
+        cls.dovecot = Dovecot(f"{cls.directory}/dovecot", tls=(cert, key), users=USERS, trusted_networks="127.0.0.0/8")
+        cls.dovecot.start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.dovecot.stop()
+        shutil.rmtree(cls.directory, ignore_errors=True)
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.pki = PKI(self)
+        self.issued = self.pki.issue("relay", "relay.test", "127.0.0.1")
+        self.context = client_context(self.pki.ca)
+
+    async def proxy(self, router: Any, protocol: str = "imap", mode: str = "starttls", **listener: Any) -> int:
+        config = {
+            "tls": {"cert": self.issued.cert, "key": self.issued.key},
+            "listener": [
+                {
+                    "name": protocol,
+                    "listen": "tcp:0:interface=127.0.0.1",
+                    "mode": mode,
+                    "protocol": protocol,
+                    "hostname": "relay.test",
+                    **listener,
+                }
+            ],
+        }
+        _, port = await self.start_proxy(config, router=router)
+        return port
+
+    def imap(self, port: int, mode: str = "starttls") -> imaplib.IMAP4:
+        """imaplib from 127.0.0.2, through TLS (STARTTLS or implicit)."""
+        if mode == "tls":
+            return IMAPSFrom("127.0.0.1", port, ssl_context=self.context, timeout=WAIT)
+        client = IMAPFrom("127.0.0.1", port, timeout=WAIT)
+        client.starttls(self.context)
+        return client
+
+    def pop3(self, port: int, mode: str = "starttls") -> poplib.POP3:
+        if mode == "tls":
+            return POP3SFrom("127.0.0.1", port, context=self.context, timeout=WAIT)
+        client = POP3From("127.0.0.1", port, timeout=WAIT)
+        client.stls(self.context)
+        return client
+
+    async def session_line(self) -> Any:
+        for _ in range(int(WAIT / 0.01)):
+            if self.logs.sessions():
+                return self.logs.sessions()[-1]
+            await deferLater(reactor, 0.01)
+        self.fail("no session line was logged")
+
+    def logged(self) -> str:
+        """Everything mailrelay logged in this test, formatted."""
+        return "\n".join(self.logs.lines())
+
+
+class IMAPTests(DovecotTestCase):
+    async def test_login_select_and_fetch_through_starttls_byte_exact(self) -> None:
+        user = "fetch@example.test"
+        self.dovecot.deliver(user, MESSAGE)
+        router = Router(self.dovecot.imap_port)
+        port = await self.proxy(router)
+
+        def client() -> Any:
+            with self.imap(port) as imap:
+                status, login = imap.login(user, PASSWORD)
+                selected = imap.select("INBOX")
+                _, fetched = imap.fetch("1", "(BODY.PEEK[])")
+                return status, login, selected, fetched
+
+        status, login, selected, fetched = await self.in_thread(client)
+        # The client's tagged OK is Dovecot's own, with its post-login capabilities.
+        self.assertEqual(status, "OK")
+        self.assertRegex(login[0], rb"^\[CAPABILITY IMAP4rev1 .*\bIDLE\b.*\] Logged in$")
+        self.assertEqual(selected, ("OK", [b"1"]))
+        self.assertEqual(fetched[0][1], MESSAGE)
+        [request] = router.requests
+        self.assertEqual((request.user, request.password, request.auth_method), (user, PASSWORD, "plain"))
+        self.assertEqual((request.protocol, request.tls, request.client[0]), ("imap", True, CLIENT_ADDRESS))
+        self.assertNotIn(PASSWORD, self.logged())
+
+    async def test_authenticate_plain_through_implicit_tls(self) -> None:
+        user = "auth@example.test"
+        self.dovecot.deliver(user, MESSAGE)
+        router = Router(self.dovecot.imap_port)
+        port = await self.proxy(router, mode="tls")
+
+        def client() -> Any:
+            with self.imap(port, "tls") as imap:
+                status = imap.authenticate("PLAIN", lambda _: f"\0{user}\0{PASSWORD}".encode())
+                imap.select("INBOX", readonly=True)
+                return status, imap.fetch("1", "(BODY.PEEK[])")[1][0][1]
+
+        (status, _), fetched = await self.in_thread(client)
+        self.assertEqual((status, fetched), ("OK", MESSAGE))
+        self.assertEqual(router.requests[0].mode, "tls")
+
+    async def test_login_with_literals_reaches_dovecot(self) -> None:
+        user = "literal@example.test"
+        self.dovecot.deliver(user, MESSAGE)
+        port = await self.proxy(Router(self.dovecot.imap_port))
+
+        def client() -> list[bytes]:
+            imap = self.imap(port)
+            try:
+                # A synchronising literal for the user name, LITERAL+ for the password.
+                imap.send(b"a1 LOGIN {%d}\r\n" % len(user))
+                continuation = imap.readline()
+                imap.send(user.encode() + b" {%d+}\r\n" % len(PASSWORD) + PASSWORD.encode() + b"\r\n")
+                answer = imap.readline()
+                imap.send(b"a2 LOGOUT\r\n")
+                return [continuation, answer, imap.readline(), imap.readline()]
+            finally:
+                imap.shutdown()
+
+        continuation, answer, bye, logout = await self.in_thread(client)
+        self.assertEqual(continuation, b"+ OK\r\n")
+        self.assertRegex(answer, rb"^a1 OK \[CAPABILITY IMAP4rev1 [^\]]*\] Logged in\r\n$")
+        self.assertEqual(bye[:6], b"* BYE ")
+        self.assertEqual(logout[:5], b"a2 OK")
+
+    async def test_append_of_a_10_mib_literal_then_fetch_it_back(self) -> None:
+        user = "append@example.test"
+        port = await self.proxy(Router(self.dovecot.imap_port))
+        body = payload(10 << 20, seed=11)
+        # 8-bit lines of 76 bytes without CR or LF: a message IMAP stores as it is.
+        body = body.replace(b"\r", b"\x8d").replace(b"\n", b"\x8a")
+        lines = b"\r\n".join(body[i : i + 76] for i in range(0, len(body), 76))
+        message = b"From: append@example.test\r\nSubject: big\r\n\r\n" + lines + b"\r\n"
+
+        def client() -> Any:
+            with self.imap(port) as imap:
+                imap.login(user, PASSWORD)
+                appended = imap.append("INBOX", None, None, message)
+                imap.select("INBOX")
+                return appended, imap.fetch("1", "(BODY.PEEK[])")[1][0][1]
+
+        (status, _), fetched = await self.in_thread(client)
+        self.assertEqual(status, "OK")
+        self.assertEqual(len(fetched), len(message))
+        self.assertTrue(fetched == message, "the message came back altered")
+        session = await self.session_line()
+        self.assertGreater(session["bytes_up"], 10 << 20)
+        self.assertGreater(session["bytes_down"], 10 << 20)
+
+    async def test_idle_is_woken_by_a_delivery(self) -> None:
+        user = "idle@example.test"
+        self.dovecot.deliver(user, MESSAGE)
+        port = await self.proxy(Router(self.dovecot.imap_port))
+
+        def client() -> list[bytes]:
+            with self.imap(port) as imap:
+                imap.login(user, PASSWORD)
+                imap.select("INBOX")
+                imap.send(b"i1 IDLE\r\n")
+                idling = imap.readline()
+                self.dovecot.deliver(user, MESSAGE.replace(b"caf\xc3\xa9", b"second"))
+                exists = imap.readline()
+                while b"EXISTS" not in exists:  # Dovecot may say RECENT first
+                    exists = imap.readline()
+                imap.send(b"DONE\r\n")
+                done = imap.readline()
+                while not done.startswith(b"i1 "):
+                    done = imap.readline()
+                return [idling, exists, done]
+
+        idling, exists, done = await self.in_thread(client)
+        self.assertEqual(idling[:2], b"+ ")
+        self.assertEqual(exists, b"* 2 EXISTS\r\n")
+        self.assertEqual(done[:6], b"i1 OK ")
+
+    async def test_wrong_password_is_refused_by_dovecot_and_the_client_may_retry(self) -> None:
+        user = "wrong@example.test"
+        router = Router(self.dovecot.imap_port)
+        port = await self.proxy(router, max_attempts=2)
+
+        def client() -> Any:
+            with self.imap(port) as imap:
+                try:
+                    imap.login(user, "not-the-password")
+                except imaplib.IMAP4.error as e:
+                    refused = str(e)
+                else:
+                    refused = "accepted"
+                return refused, imap.login(user, PASSWORD)[0]
+
+        refused, status = await self.in_thread(client)
+        self.assertIn("[AUTHENTICATIONFAILED]", refused)
+        self.assertEqual(status, "OK")
+        self.assertEqual([r.attempt for r in router.requests], [1, 2])
+        self.assertNotIn("not-the-password", self.logged())
+        self.assertIn(f"login refused for {user} from {CLIENT_ADDRESS}", self.logged())
+
+    async def test_upstream_starttls_verified(self) -> None:
+        user = "up-starttls@example.test"
+        self.dovecot.deliver(user, MESSAGE)
+        router = Router(self.dovecot.imap_port, tls="starttls", tls_ca=self.upstream_ca_file, server_name="imap.upstream.test")
+        port = await self.proxy(router)
+
+        def client() -> bytes:
+            with self.imap(port) as imap:
+                imap.login(user, PASSWORD)
+                imap.select("INBOX", readonly=True)
+                return imap.fetch("1", "(BODY.PEEK[])")[1][0][1]
+
+        self.assertEqual(await self.in_thread(client), MESSAGE)
+        lines = await self.in_thread(self.dovecot.wait_for_log, f"user=<{user}>")
+        self.assertIn("TLS", lines[-1])
+
+    async def test_upstream_implicit_tls_verified(self) -> None:
+        user = "up-tls@example.test"
+        self.dovecot.deliver(user, MESSAGE)
+        assert self.dovecot.imaps_port is not None
+        router = Router(self.dovecot.imaps_port, tls="tls", tls_ca=self.upstream_ca_file, server_name="imap.upstream.test")
+        port = await self.proxy(router, mode="tls")
+
+        def client() -> bytes:
+            with self.imap(port, "tls") as imap:
+                imap.login(user, PASSWORD)
+                imap.select("INBOX", readonly=True)
+                return imap.fetch("1", "(BODY.PEEK[])")[1][0][1]
+
+        self.assertEqual(await self.in_thread(client), MESSAGE)
+
+    async def test_an_upstream_certificate_for_another_name_is_refused(self) -> None:
+        router = Router(self.dovecot.imap_port, tls="starttls", tls_ca=self.upstream_ca_file, server_name="other.test")
+        port = await self.proxy(router)
+
+        def client() -> str:
+            with self.imap(port) as imap:
+                try:
+                    imap.login("fetch@example.test", PASSWORD)
+                except imaplib.IMAP4.error as e:
+                    return str(e)
+                return "accepted"
+
+        self.assertIn("[UNAVAILABLE]", await self.in_thread(client))
+
+
+class ForwardingTests(DovecotTestCase):
+    async def test_imap_forward_client_makes_dovecot_see_the_client_address(self) -> None:
+        user = "fwd@example.test"
+        port = await self.proxy(Router(self.dovecot.imap_port, forward_client=True))
+
+        def client() -> str:
+            with self.imap(port) as imap:
+                imap.login(user, PASSWORD)
+                return self.dovecot.wait_for_session(user, "imap")
+
+        who = await self.in_thread(client)
+        self.assertTrue(who.endswith(" " + CLIENT_ADDRESS), who)
+        [line] = await self.in_thread(self.dovecot.wait_for_log, f"Login: user=<{user}>")
+        self.assertIn(f"rip={CLIENT_ADDRESS},", line)
+        # mailrelay's session id is Dovecot's: one id for the session in both logs.
+        session = await self.session_line()
+        self.assertIn(f"session=<{session['session_id']}>", line)
+
+    async def test_without_forward_client_dovecot_sees_mailrelay(self) -> None:
+        user = "nofwd@example.test"
+        port = await self.proxy(Router(self.dovecot.imap_port))
+
+        def client() -> str:
+            with self.imap(port) as imap:
+                imap.login(user, PASSWORD)
+                return self.dovecot.wait_for_session(user, "imap")
+
+        who = await self.in_thread(client)
+        self.assertTrue(who.endswith(" 127.0.0.1"), who)
+
+    async def test_a_client_cannot_claim_another_address_with_its_own_id(self) -> None:
+        user = "nofwd@example.test"
+        port = await self.proxy(Router(self.dovecot.imap_port))
+
+        def client() -> str:
+            with self.imap(port) as imap:
+                imap._simple_command("ID", '("name" "spoofer" "x-originating-ip" "192.0.2.66")')
+                imap.login(user, PASSWORD)
+                return self.dovecot.wait_for_session(user, "imap")
+
+        who = await self.in_thread(client)
+        self.assertNotIn("192.0.2.66", who)
+        self.assertNotIn("192.0.2.66", self.dovecot.log_text())
+
+    async def test_pop3_forward_client_uses_xclient(self) -> None:
+        user = "popfwd@example.test"
+        port = await self.proxy(Router(self.dovecot.pop3_port, forward_client=True), protocol="pop3")
+
+        def client() -> str:
+            pop = self.pop3(port)
+            try:
+                pop.user(user)
+                pop.pass_(PASSWORD)
+                return self.dovecot.wait_for_session(user, "pop3")
+            finally:
+                pop.quit()
+
+        who = await self.in_thread(client)
+        self.assertTrue(who.endswith(" " + CLIENT_ADDRESS), who)
+
+
+class POP3Tests(DovecotTestCase):
+    async def test_stls_user_pass_list_and_retr_byte_exact(self) -> None:
+        user = "pop@example.test"
+        self.dovecot.deliver(user, MESSAGE)
+        router = Router(self.dovecot.pop3_port)
+        port = await self.proxy(router, protocol="pop3")
+
+        def client() -> Any:
+            pop = self.pop3(port)
+            try:
+                welcome = pop.getwelcome()
+                pop.user(user)
+                logged_in = pop.pass_(PASSWORD)
+                listing = pop.list()
+                _, lines, octets = pop.retr(1)
+                return welcome, logged_in, listing, lines, octets
+            finally:
+                pop.quit()
+
+        welcome, logged_in, listing, lines, octets = await self.in_thread(client)
+        self.assertEqual(welcome, b"+OK relay.test POP3 ready")
+        self.assertEqual(logged_in, b"+OK Logged in.")  # Dovecot's own words
+        self.assertEqual(listing[1], [b"1 %d" % len(MESSAGE)])
+        self.assertEqual(b"\r\n".join(lines) + b"\r\n", MESSAGE)
+        self.assertEqual(octets, len(MESSAGE))
+        self.assertEqual(router.requests[0].protocol, "pop3")
+
+    async def test_auth_plain_over_implicit_tls(self) -> None:
+        user = "popauth@example.test"
+        self.dovecot.deliver(user, MESSAGE)
+        port = await self.proxy(Router(self.dovecot.pop3_port), protocol="pop3", mode="tls")
+
+        def client() -> Any:
+            pop = self.pop3(port, "tls")
+            try:
+                response = base64.b64encode(f"\0{user}\0{PASSWORD}".encode())
+                authenticated = pop._shortcmd("AUTH PLAIN " + response.decode())
+                return authenticated, pop.retr(1)[1]
+            finally:
+                pop.quit()
+
+        authenticated, lines = await self.in_thread(client)
+        self.assertEqual(authenticated, b"+OK Logged in.")
+        self.assertEqual(b"\r\n".join(lines) + b"\r\n", MESSAGE)
+
+    async def test_upstream_stls_and_a_wrong_password(self) -> None:
+        user = "pops@example.test"
+        self.dovecot.deliver(user, MESSAGE)
+        router = Router(self.dovecot.pop3_port, tls="starttls", tls_ca=self.upstream_ca_file, server_name="imap.upstream.test")
+        port = await self.proxy(router, protocol="pop3")
+
+        def client() -> Any:
+            pop = self.pop3(port)
+            try:
+                pop.user(user)
+                try:
+                    pop.pass_("wrong-password")
+                except poplib.error_proto as e:
+                    refused = e.args[0]
+                pop.user(user)
+                pop.pass_(PASSWORD)
+                return refused, pop.retr(1)[1]
+            finally:
+                pop.quit()
+
+        refused, lines = await self.in_thread(client)
+        self.assertTrue(refused.startswith(b"-ERR [AUTH] "), refused)
+        self.assertEqual(b"\r\n".join(lines) + b"\r\n", MESSAGE)
+        self.assertNotIn("wrong-password", self.logged())
+
+
+class CurlTests(DovecotTestCase):
+    """curl, a client with its own IMAP and POP3 code, through implicit TLS."""
+
+    async def test_curl_fetches_a_message_over_imaps_and_pop3s(self) -> None:
+        curl = shutil.which("curl")
+        assert curl is not None, "curl is not installed (dev/test installs it)"
+        user = "curl@example.test"
+        self.dovecot.deliver(user, MESSAGE)
+        imaps = await self.proxy(Router(self.dovecot.imap_port), mode="tls")
+        pop3s = await self.proxy(Router(self.dovecot.pop3_port), protocol="pop3", mode="tls")
+        ca_file = f"{self.directory}/relay-ca-{imaps}.pem"
+        self.pki.ca.cert_pem.write_to_path(ca_file)
+
+        def fetch(url: str, port: int) -> bytes:
+            command = [curl, "-sS", "--cacert", ca_file, "--connect-to", f"relay.test:{port}:127.0.0.1:{port}"]
+            command += ["--user", f"{user}:{PASSWORD}", url]
+            return subprocess.run(command, check=True, capture_output=True, timeout=WAIT).stdout
+
+        self.assertEqual(await self.in_thread(fetch, f"imaps://relay.test:{imaps}/INBOX;UID=1", imaps), MESSAGE)
+        self.assertEqual(await self.in_thread(fetch, f"pop3s://relay.test:{pop3s}/1", pop3s), MESSAGE)
