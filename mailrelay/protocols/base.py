@@ -44,6 +44,12 @@ from ..relay import RoutedConnection
 from ..router import Reject
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """A message fit for a reply line: one line of printable ASCII, bounded (a Reject's
+    message or a parse error may carry anything)."""
+    return "".join(c if c.isprintable() and c.isascii() else " " for c in text)[:limit].strip() or "-"
+
+
 class LineFrontEnd(RoutedConnection):
     """A client connection that speaks a line protocol until it is routed."""
 
@@ -220,6 +226,15 @@ class LineFrontEnd(RoutedConnection):
             super().lost_before_routing(reason)
 
     # Authentication
+
+    def tls_required(self) -> bool:
+        """Whether logins (and SMTP's mail commands) must wait for STARTTLS."""
+        return self.tls is None and self.listener.mode == "starttls" and self.config.starttls == "required"
+
+    def password_logins(self) -> bool:
+        """Whether the protocol's own cleartext login (IMAP LOGIN, POP3 USER and PASS) is
+        accepted: it carries the password PLAIN and LOGIN do, and goes with either."""
+        return any(m in self.config.auth for m in ("plain", "login"))
 
     def mechanisms(self) -> tuple[str, ...]:
         """The SASL mechanisms a client may use now (and that are advertised)."""

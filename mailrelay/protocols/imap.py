@@ -23,7 +23,7 @@ from __future__ import annotations
 from .. import sasl
 from ..connector import LoginStep, StartTLSStep, Upstream
 from ..router import Reject, RouteRequest
-from .base import LineFrontEnd
+from .base import LineFrontEnd, printable
 from .imap_syntax import LITERAL, Atom, Command, IMAPSyntaxError, Literal, Token, is_nil, is_string, tokenize
 from .imap_upstream import ClientID, IMAPClientFacts, IMAPUpstreamLogin
 
@@ -32,12 +32,6 @@ OWN_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID")
 
 MAX_ID_FIELDS = 30
 """RFC 2971: at most 30 field-value pairs."""
-
-
-def _printable(text: str, limit: int = 200) -> bytes:
-    """A message fit for a response's text: one line, printable ASCII, bounded."""
-    cleaned = "".join(c if c.isprintable() and c.isascii() else " " for c in text)[:limit].strip()
-    return (cleaned or "-").encode("ascii")
 
 
 class IMAPFrontEnd(LineFrontEnd):
@@ -76,13 +70,9 @@ class IMAPFrontEnd(LineFrontEnd):
         """A malformed or unknown command: `BAD` (untagged when the tag is unusable)."""
         self.error((tag or b"*") + b" BAD " + text + b"\r\n")
 
-    def tls_required(self) -> bool:
-        return self.tls is None and self.listener.mode == "starttls" and self.config.starttls == "required"
-
-    def password_logins(self) -> bool:
-        """Whether LOGIN is accepted now: it carries a cleartext password, as PLAIN and
-        LOGIN do, and is allowed when either is."""
-        return not self.tls_required() and any(m in self.config.auth for m in ("plain", "login"))
+    def login_allowed(self) -> bool:
+        """Whether LOGIN is accepted now (LOGINDISABLED is advertised while it is not)."""
+        return not self.tls_required() and self.password_logins()
 
     def capabilities(self) -> list[str]:
         listed = [*OWN_CAPABILITIES, *(self.config.capabilities or ())]
@@ -90,7 +80,7 @@ class IMAPFrontEnd(LineFrontEnd):
             listed += [f"AUTH={m.upper()}" for m in self.mechanisms()]
         if self.can_start_tls():
             listed.append("STARTTLS")
-        if not self.password_logins():
+        if not self.login_allowed():
             listed.append("LOGINDISABLED")
         return listed
 
@@ -140,7 +130,7 @@ class IMAPFrontEnd(LineFrontEnd):
             tokens = tokenize(command.parts)
         except IMAPSyntaxError as e:
             tag, _ = command.head
-            self.bad(tag, _printable(f"Invalid syntax: {e}"))
+            self.bad(tag, _text(f"Invalid syntax: {e}"))
             return
         if not tokens:
             self.bad(None, b"Empty command line")
@@ -207,7 +197,7 @@ class IMAPFrontEnd(LineFrontEnd):
             self.bad(tag, b"LOGIN takes a user name and a password")
         elif self._refuse_plaintext(tag):
             pass
-        elif not self.password_logins():
+        elif not self.login_allowed():
             self.tagged(tag, b"NO", b"[CANNOT] LOGIN is disabled: use AUTHENTICATE")
         else:
             user, password = args
@@ -215,7 +205,7 @@ class IMAPFrontEnd(LineFrontEnd):
             try:
                 credentials = sasl.password_login(user, password)
             except sasl.SASLSyntaxError as e:
-                self.bad(tag, _printable(f"Invalid LOGIN: {e}"))
+                self.bad(tag, _text(f"Invalid LOGIN: {e}"))
                 return
             self.tag = tag
             self.login(credentials)
@@ -242,7 +232,7 @@ class IMAPFrontEnd(LineFrontEnd):
         self.tagged(self.tag, b"BAD", b"Authentication cancelled")
 
     def sasl_malformed(self, why: str) -> None:
-        self.bad(self.tag, _printable(f"Invalid authentication: {why}"))
+        self.bad(self.tag, _text(f"Invalid authentication: {why}"))
 
     # Routing
 
@@ -267,7 +257,7 @@ class IMAPFrontEnd(LineFrontEnd):
     def login_failed(self, reject: Reject) -> None:
         assert self.tag is not None
         code = reject.code if isinstance(reject.code, str) and reject.code.isalpha() else "AUTHENTICATIONFAILED"
-        self.tagged(self.tag, b"NO", b"[" + code.upper().encode() + b"] " + _printable(reject.message))
+        self.tagged(self.tag, b"NO", b"[" + code.upper().encode() + b"] " + _text(reject.message))
 
     def too_many_attempts(self) -> None:
         self.send_line(b"* BYE Too many failed logins")
@@ -308,3 +298,7 @@ def _id_fields(args: list[Token]) -> ClientID | None:
             return None
         fields.append((key.decode("utf-8", "replace"), None if is_nil(value) else value.decode("utf-8", "replace")))
     return fields
+
+
+def _text(text: str) -> bytes:
+    return printable(text).encode("ascii")

@@ -27,7 +27,7 @@ from .. import sasl
 from ..connector import UpstreamProtocol
 from ..router import Address, Reject, Route, RouteRequest
 from .imap_syntax import LITERAL, Status, id_list, quoted, status, untagged_capabilities
-from .upstream import MAX_RESPONSE_LINE, MAX_RESPONSE_LINES, UpstreamProtocolError, unusable_login, upstream_credentials
+from .upstream import MAX_RESPONSE_LINE, MAX_RESPONSE_LINES, UpstreamProtocolError, shown, unusable_login, upstream_credentials
 
 ClientID = Sequence[tuple[str, str | None]]
 """An ID command's field-value pairs."""
@@ -75,7 +75,7 @@ class IMAPUpstreamLogin:
         line = await upstream.read_line(MAX_RESPONSE_LINE)
         greeting = status(line)
         if greeting is None or greeting.tag != b"*":
-            raise UpstreamProtocolError(f"upstream greeted with {_shown(line)}")
+            raise UpstreamProtocolError(f"upstream greeted with {shown(line)}")
         if greeting.status != b"OK":
             raise UpstreamProtocolError(f"upstream greeted with {_said(greeting)}")
         self._capabilities = greeting.capabilities()
@@ -114,7 +114,7 @@ class IMAPUpstreamLogin:
                 continue
             answer = status(line)
             if answer is None or answer.tag != tag:
-                raise UpstreamProtocolError(f"upstream sent {_shown(line)} where the answer to its command was due")
+                raise UpstreamProtocolError(f"upstream sent {shown(line)} where the answer to its command was due")
             return Answer(answer, tuple(lines), line)
         raise UpstreamProtocolError(f"upstream sent more than {MAX_RESPONSE_LINES} lines before its answer")
 
@@ -210,7 +210,7 @@ class IMAPUpstreamLogin:
             answer = status(line)
             if answer is not None and answer.tag == tag:
                 raise UpstreamProtocolError(f"upstream answered {what} with {_said(answer)}")
-            raise UpstreamProtocolError(f"upstream sent {_shown(line)} where a continuation was due")
+            raise UpstreamProtocolError(f"upstream sent {shown(line)} where a continuation was due")
 
     async def _verdict(self, upstream: UpstreamProtocol, tag: bytes, mechanism: str) -> None:
         answer = await self._answer(upstream, tag, mechanism if mechanism in ("xoauth2", "oauthbearer") else None)
@@ -239,7 +239,3 @@ def _said(answer: Status) -> str:
 
 def _text(answer: Status) -> str:
     return answer.text.decode("utf-8", "replace")[:200]
-
-
-def _shown(line: bytes) -> str:
-    return repr(line[:80])

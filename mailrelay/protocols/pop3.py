@@ -20,7 +20,7 @@ import secrets
 from .. import sasl
 from ..connector import LoginStep, StartTLSStep, Upstream
 from ..router import Reject, RouteRequest
-from .base import LineFrontEnd
+from .base import LineFrontEnd, printable
 from .pop3_upstream import POP3ClientFacts, POP3UpstreamLogin
 
 DEFAULT_CAPABILITIES = ("TOP", "UIDL")
@@ -30,11 +30,6 @@ OWN_CAPABILITIES = ("RESP-CODES", "AUTH-RESP-CODE")
 
 _APOP = re.compile(rb"(.+) ([0-9a-fA-F]{32})", re.DOTALL)
 _RESPONSE_CODE = re.compile(r"[A-Z][A-Z0-9/-]{0,39}")
-
-
-def _printable(text: str, limit: int = 200) -> bytes:
-    cleaned = "".join(c if c.isprintable() and c.isascii() else " " for c in text)[:limit].strip()
-    return (cleaned or "-").encode("ascii")
 
 
 class POP3FrontEnd(LineFrontEnd):
@@ -59,13 +54,6 @@ class POP3FrontEnd(LineFrontEnd):
 
     def reply(self, line: bytes) -> None:
         self.send(line + b"\r\n")
-
-    def tls_required(self) -> bool:
-        return self.tls is None and self.listener.mode == "starttls" and self.config.starttls == "required"
-
-    def password_logins(self) -> bool:
-        """USER and PASS carry a cleartext password, as PLAIN and LOGIN do: allowed when either is."""
-        return any(m in self.config.auth for m in ("plain", "login"))
 
     def greet(self) -> None:
         greeting = b"+OK " + self.config.hostname.encode() + b" POP3 ready"
@@ -149,7 +137,7 @@ class POP3FrontEnd(LineFrontEnd):
         try:
             credentials = sasl.password_login(user, args)
         except sasl.SASLSyntaxError as e:
-            self.error(b"-ERR " + _printable(f"Invalid login: {e}") + b"\r\n")
+            self.error(b"-ERR " + _text(f"Invalid login: {e}") + b"\r\n")
             return
         self.login(credentials)
 
@@ -165,7 +153,7 @@ class POP3FrontEnd(LineFrontEnd):
             try:
                 user = sasl.password_login(match[1], b"").user
             except sasl.SASLSyntaxError as e:
-                self.error(b"-ERR " + _printable(f"Invalid APOP: {e}") + b"\r\n")
+                self.error(b"-ERR " + _text(f"Invalid APOP: {e}") + b"\r\n")
                 return
             self.login(sasl.Credentials(user=user, password=match[2].decode().lower(), method="apop", salt=self.timestamp))
 
@@ -191,7 +179,7 @@ class POP3FrontEnd(LineFrontEnd):
         self.reply(b"-ERR Authentication cancelled")
 
     def sasl_malformed(self, why: str) -> None:
-        self.error(b"-ERR " + _printable(f"Invalid authentication: {why}") + b"\r\n")
+        self.error(b"-ERR " + _text(f"Invalid authentication: {why}") + b"\r\n")
 
     # Routing
 
@@ -208,7 +196,7 @@ class POP3FrontEnd(LineFrontEnd):
 
     def login_failed(self, reject: Reject) -> None:
         code = reject.code if isinstance(reject.code, str) and _RESPONSE_CODE.fullmatch(reject.code.upper()) else "AUTH"
-        self.reply(b"-ERR [" + code.upper().encode() + b"] " + _printable(reject.message))
+        self.reply(b"-ERR [" + code.upper().encode() + b"] " + _text(reject.message))
 
     def temporarily_failed(self, outcome: str) -> None:
         if outcome == "throttled":
@@ -225,3 +213,7 @@ class POP3FrontEnd(LineFrontEnd):
     def too_many_errors(self) -> None:
         self.reply(b"-ERR Too many invalid commands")
         super().too_many_errors()
+
+
+def _text(text: str) -> bytes:
+    return printable(text).encode("ascii")

@@ -22,7 +22,7 @@ import attrs
 from .. import sasl
 from ..connector import UpstreamProtocol
 from ..router import Address, Reject, Route, RouteRequest
-from .upstream import MAX_RESPONSE_LINE, MAX_RESPONSE_LINES, UpstreamProtocolError, unusable_login, upstream_credentials
+from .upstream import MAX_RESPONSE_LINE, MAX_RESPONSE_LINES, UpstreamProtocolError, shown, unusable_login, upstream_credentials
 
 _RESPONSE_CODE = re.compile(rb"-ERR \[([A-Za-z0-9/-]+)\]")
 TEMPORARY_CODES = frozenset({b"SYS/TEMP"})
@@ -54,7 +54,7 @@ class POP3UpstreamLogin:
         self._capabilities = None
         greeting = await upstream.read_line(MAX_RESPONSE_LINE)
         if not greeting.startswith(b"+OK"):
-            raise UpstreamProtocolError(f"upstream greeted with {_shown(greeting)}")
+            raise UpstreamProtocolError(f"upstream greeted with {shown(greeting)}")
         self._greeting = greeting
 
     async def capabilities(self, upstream: UpstreamProtocol) -> dict[str, tuple[str, ...]]:
@@ -74,7 +74,7 @@ class POP3UpstreamLogin:
                 else:
                     raise UpstreamProtocolError(f"upstream's CAPA list runs over {MAX_RESPONSE_LINES} lines")
             elif not first.startswith(b"-ERR"):
-                raise UpstreamProtocolError(f"upstream answered CAPA with {_shown(first)}")
+                raise UpstreamProtocolError(f"upstream answered CAPA with {shown(first)}")
             self._capabilities = found
         return self._capabilities
 
@@ -84,7 +84,7 @@ class POP3UpstreamLogin:
         upstream.write(line + b"\r\n")
         reply = await upstream.read_line(MAX_RESPONSE_LINE)
         if not reply.startswith(b"+OK"):
-            raise UpstreamProtocolError(f"upstream answered {what} with {_shown(reply)}")
+            raise UpstreamProtocolError(f"upstream answered {what} with {shown(reply)}")
         return reply
 
     # The connector's steps
@@ -144,8 +144,4 @@ class POP3UpstreamLogin:
             if code not in TEMPORARY_CODES:
                 text = reply[match.end() if match else 4 :].strip().decode("utf-8", "replace")[:200]
                 raise Reject(text or "Authentication failed", code=code.decode("ascii"))
-        raise UpstreamProtocolError(f"upstream answered the {mechanism} login with {_shown(reply)}")
-
-
-def _shown(line: bytes) -> str:
-    return repr(line[:80])
+        raise UpstreamProtocolError(f"upstream answered the {mechanism} login with {shown(reply)}")

@@ -26,7 +26,7 @@ from ..connector import LoginStep, StartTLSStep, Upstream
 from ..router import Reject, RouteRequest
 from ..sasl import encode
 from ..splice import SpliceResult
-from .base import LineFrontEnd
+from .base import LineFrontEnd, printable
 from .smtp_upstream import ClientFacts, SMTPUpstreamLogin
 from .smtp_vetting import VettingRelay
 
@@ -36,11 +36,6 @@ _MAIL = re.compile(rb"FROM: ?(<[^>]*>)( .*)?", re.IGNORECASE | re.DOTALL)
 _RCPT = re.compile(rb"TO: ?(<[^>]+>)( .*)?", re.IGNORECASE | re.DOTALL)
 _SIZE = re.compile(rb" SIZE=([0-9]{1,20})(?= |$)", re.IGNORECASE)
 _REPLY_CODE = re.compile(r"[245][0-9][0-9]( [245]\.[0-9]{1,3}\.[0-9]{1,3})?")
-
-
-def _printable(text: str, limit: int = 200) -> str:
-    """A message fit for a reply line: one line, printable, bounded."""
-    return "".join(c if c.isprintable() else " " for c in text)[:limit].strip() or "-"
 
 
 class SMTPFrontEnd(LineFrontEnd):
@@ -93,9 +88,6 @@ class SMTPFrontEnd(LineFrontEnd):
 
     def line_too_long(self) -> None:
         self.error(b"500 5.5.6 Error: line too long\r\n")
-
-    def tls_required(self) -> bool:
-        return self.tls is None and self.listener.mode == "starttls" and self.config.starttls == "required"
 
     def reset_transaction(self) -> None:
         self.mail = self.rcpt = None
@@ -180,7 +172,7 @@ class SMTPFrontEnd(LineFrontEnd):
 
     def sasl_malformed(self, why: str) -> None:
         self.authenticating = False
-        self.error(f"501 5.5.2 {_printable(why)}\r\n".encode())
+        self.error(f"501 5.5.2 {printable(why)}\r\n".encode())
 
     def login(self, credentials: Any, **facts: Any) -> None:
         super().login(credentials, helo=self.helo_text(), **facts)
@@ -278,7 +270,7 @@ class SMTPFrontEnd(LineFrontEnd):
         return await super().relay(upstream)
 
     def refuse_recipient(self, reject: Reject) -> None:
-        self.reply(f"{_reply_code(reject.code, '550 5.7.1')} {_printable(reject.message)}")
+        self.reply(f"{_reply_code(reject.code, '550 5.7.1')} {printable(reject.message)}")
 
     def refused(self, reject: Reject) -> None:
         if self.rcpt is not None:
@@ -295,7 +287,7 @@ class SMTPFrontEnd(LineFrontEnd):
 
     def login_failed(self, reject: Reject) -> None:
         self.authenticating = False
-        self.reply(f"{_reply_code(reject.code, '535 5.7.8')} {_printable(reject.message)}")
+        self.reply(f"{_reply_code(reject.code, '535 5.7.8')} {printable(reject.message)}")
 
     def too_many_attempts(self) -> None:
         self.reply(f"421 4.7.0 {self.hostname} Error: too many failed logins, closing connection")

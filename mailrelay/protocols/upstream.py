@@ -69,3 +69,8 @@ def unusable_login(route: Route, protocol: str) -> str | None:
     if route.login == "none":
         return f'login = "none": a {protocol} upstream needs a login (give the Route a user and password for a master login)'
     return None
+
+
+def shown(line: bytes) -> str:
+    """An upstream's line as a log message quotes it: bounded, escaped."""
+    return repr(line[:80])
