@@ -92,10 +92,14 @@ def _proc_stats() -> Any:
         yield stat[stat.rfind(b")") + 2 :].split()
 
 
-def cpu_of_group(pgid: int) -> float:
-    """CPU seconds (user+system) used so far by the live processes of a process group."""
-    # fields[0] is field 3 (state): pgrp is field 5, utime 14, stime 15.
-    ticks = sum(int(f[11]) + int(f[12]) for f in _proc_stats() if int(f[2]) == pgid)
+def cpu_of_group(pgid: int, reaped: bool = False) -> float:
+    """
+    CPU seconds (user+system) used so far by the live processes of a process group; with
+    `reaped`, also by the children they have collected after they exited (cutime, cstime):
+    for a server that forks a short-lived process per connection, such as Dovecot.
+    """
+    # fields[0] is field 3 (state): pgrp is field 5, utime 14, stime 15, cutime 16, cstime 17.
+    ticks = sum(int(f[11]) + int(f[12]) + (int(f[13]) + int(f[14]) if reaped else 0) for f in _proc_stats() if int(f[2]) == pgid)
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -1057,9 +1061,10 @@ class Window:
     count for nothing.
     """
 
-    def __init__(self, upstream_pgid: int, proxy_pgid: int | None) -> None:
+    def __init__(self, upstream_pgid: int, proxy_pgid: int | None, upstream_reaped: bool = False) -> None:
         self.upstream_pgid = upstream_pgid
         self.proxy_pgid = proxy_pgid
+        self.upstream_reaped = upstream_reaped  # count the upstream's exited children (see cpu_of_group)
         self.client_cpu: float | None = None  # set by measurements whose clients are other processes
         self.totals = {"wall": 0.0, "client": 0.0, "upstream": 0.0, "proxy": 0.0, "machine": 0.0}
 
@@ -1070,14 +1075,14 @@ class Window:
         self.client_cpu = None
         self._t0 = time.perf_counter()
         self._me0 = own_cpu()
-        self._up0 = cpu_of_group(self.upstream_pgid)
+        self._up0 = cpu_of_group(self.upstream_pgid, self.upstream_reaped)
         self._px0 = self._proxy()
         self._all0 = machine_busy()
 
     def end(self) -> None:
         self.totals["wall"] += time.perf_counter() - self._t0
         self.totals["client"] += self.client_cpu if self.client_cpu is not None else own_cpu() - self._me0
-        self.totals["upstream"] += cpu_of_group(self.upstream_pgid) - self._up0
+        self.totals["upstream"] += cpu_of_group(self.upstream_pgid, self.upstream_reaped) - self._up0
         self.totals["proxy"] += self._proxy() - self._px0
         self.totals["machine"] += machine_busy() - self._all0
 
@@ -1094,9 +1099,12 @@ class Measurements:
     pair; `rounds()` runs a measurement over the targets, `store()` keeps its result.
     """
 
-    def __init__(self, targets: list[Target], upstream_pgid: int, started: float, failures: list[str]) -> None:
+    def __init__(
+        self, targets: list[Target], upstream_pgid: int, started: float, failures: list[str], upstream_reaped: bool = False
+    ) -> None:
         self.targets = targets
         self.upstream_pgid = upstream_pgid
+        self.upstream_reaped = upstream_reaped
         self.started = started
         self.failures = failures
         self.values: dict[tuple[str, str], Any] = {}
@@ -1126,7 +1134,7 @@ class Measurements:
                 if (key, t.name) in self.values:  # failed earlier
                     continue
                 self.progress(f"{label} via {t.name} ({n + 1}/{count})")
-                win = self.windows.setdefault((key, t.name), Window(self.upstream_pgid, t.pgid))
+                win = self.windows.setdefault((key, t.name), Window(self.upstream_pgid, t.pgid, self.upstream_reaped))
                 try:
                     results[t.name].append(body(win, t))
                 except (OSError, RuntimeError, ValueError) as e:
