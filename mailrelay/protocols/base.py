@@ -194,8 +194,11 @@ class LineFrontEnd(RoutedConnection):
             self._listen_for_silence()
             if self._discarding:
                 self._discarding = False
-                self._sasl = None
-                self.line_too_long()
+                if self._sasl is not None:  # the answer to a challenge: the exchange fails
+                    self._sasl = None
+                    self.sasl_malformed("response too long")
+                else:
+                    self.line_too_long()
             elif self._sasl is not None:
                 self._sasl_response(line[:-2] if line.endswith(b"\r\n") else line[:-1])
             else:

@@ -258,6 +258,8 @@ class IMAPFrontEnd(LineFrontEnd):
         assert self.tag is not None
         code = reject.code if isinstance(reject.code, str) and reject.code.isalpha() else "AUTHENTICATIONFAILED"
         self.tagged(self.tag, b"NO", b"[" + code.upper().encode() + b"] " + _text(reject.message))
+        if reject.close:  # RFC 3501 3.4: never close without a BYE
+            self.send_line(b"* BYE " + _text(reject.message))
 
     def too_many_attempts(self) -> None:
         self.send_line(b"* BYE Too many failed logins")

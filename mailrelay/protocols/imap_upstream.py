@@ -36,10 +36,22 @@ TEMPORARY_CODES = frozenset({b"UNAVAILABLE", b"SERVERBUG", b"LIMIT", b"INUSE"})
 """Response codes of a NO that says "not now" rather than "wrong credentials"."""
 
 
+MAX_ID_VALUE = 1024
+"""RFC 2971 3.3: field values are at most 1024 octets (Dovecot closes the connection on longer ones)."""
+
+
 def forwardable(client_id: ClientID) -> list[tuple[str, str | None]]:
     """The client's ID fields that may be passed on: not the `x-` ones, with which a
-    client could claim another address to an upstream that trusts mailrelay."""
-    return [(key, value) for key, value in client_id if not key.lower().startswith("x-") and len(key) <= 30][:30]
+    client could claim another address to an upstream that trusts mailrelay; values
+    made 7-bit (they are informational: a name, a version) and cut to RFC 2971's limit."""
+    fields: list[tuple[str, str | None]] = []
+    for key, value in client_id:
+        if key.lower().startswith("x-") or len(key) > 30 or not key.isascii() or not key.isprintable():
+            continue
+        if value is not None:
+            value = "".join(c if c.isascii() and c.isprintable() else "?" for c in value)[:MAX_ID_VALUE]
+        fields.append((key, value))
+    return fields[:30]
 
 
 @attrs.frozen(kw_only=True)
