@@ -113,6 +113,9 @@ class IMAPFrontEnd(LineFrontEnd):
                 self._command = None
                 self.bad(tag, b"Unknown command or not valid before login")
                 return
+            if name == b"LOGIN" and self._login_refused(tag):
+                self._command = None  # before the client sends its password in a literal
+                return
             self.send_line(b"+ OK")
         self._command = command
         self.read_bytes(size)
@@ -192,13 +195,20 @@ class IMAPFrontEnd(LineFrontEnd):
             return True
         return False
 
+    def _login_refused(self, tag: bytes) -> bool:
+        """Refuse LOGIN when it is not allowed now (and say so); whether it was."""
+        if self._refuse_plaintext(tag):
+            return True
+        if not self.login_allowed():
+            self.tagged(tag, b"NO", b"[CANNOT] LOGIN is disabled: use AUTHENTICATE")
+            return True
+        return False
+
     def imap_LOGIN(self, tag: bytes, args: list[Token]) -> None:
         if len(args) != 2 or not all(is_string(a) for a in args):
             self.bad(tag, b"LOGIN takes a user name and a password")
-        elif self._refuse_plaintext(tag):
+        elif self._login_refused(tag):
             pass
-        elif not self.login_allowed():
-            self.tagged(tag, b"NO", b"[CANNOT] LOGIN is disabled: use AUTHENTICATE")
         else:
             user, password = args
             assert isinstance(user, bytes) and isinstance(password, bytes)

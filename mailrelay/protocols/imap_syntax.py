@@ -94,7 +94,8 @@ def tokenize(parts: Sequence[bytes]) -> list[Token]:
                 while i < end and part[i] not in _ATOM_SPECIALS:
                     i += 1
                 if i == start:
-                    raise IMAPSyntaxError(f"unexpected character {bytes([c])!r}")
+                    shown = chr(c) if 0x20 < c < 0x7F else f"0x{c:02X}"
+                    raise IMAPSyntaxError(f"unexpected character {shown}")
                 stack[-1].append(Atom(part[start:i]))
     if len(stack) != 1:
         raise IMAPSyntaxError("unbalanced parenthesis")

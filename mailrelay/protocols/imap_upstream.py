@@ -74,15 +74,15 @@ class IMAPUpstreamLogin:
     def __init__(self, facts: IMAPClientFacts) -> None:
         self.facts = facts
         self.client_reply = b""
-        self._route: Route | None = None
+        self._connection: UpstreamProtocol | None = None
         self._capabilities: frozenset[str] | None = None
         self._tags = itertools.count(1)
 
     async def _start(self, upstream: UpstreamProtocol, route: Route) -> None:
         """The greeting, once per connection."""
-        if self._route is route:
+        if self._connection is upstream:
             return
-        self._route = route
+        self._connection = upstream
         self._capabilities = None
         line = await upstream.read_line(MAX_RESPONSE_LINE)
         greeting = status(line)
@@ -100,13 +100,13 @@ class IMAPUpstreamLogin:
             self._capabilities = answer.status.capabilities() or (listed[-1] if listed else frozenset())
         return self._capabilities
 
-    async def _command(self, upstream: UpstreamProtocol, line: bytes, what: str) -> Answer:
+    async def _command(self, upstream: UpstreamProtocol, line: bytes, what: str, required: bool = True) -> Answer:
         """Send one of mailrelay's commands (CRLF added) and read up to its tagged answer,
-        which must be OK. `what` names it in errors: never the line itself."""
+        which must be OK when `required`. `what` names it in errors: never the line itself."""
         tag = b"mr%d" % next(self._tags)
         upstream.write(tag + b" " + line + b"\r\n")
         answer = await self._answer(upstream, tag)
-        if answer.status.status != b"OK":
+        if required and answer.status.status != b"OK":
             raise UpstreamProtocolError(f"upstream answered {what} with {_said(answer.status)}")
         return answer
 
@@ -196,7 +196,8 @@ class IMAPUpstreamLogin:
             ]
         elif not fields or "ID" not in capabilities:
             return
-        await self._command(upstream, b"ID " + id_list(fields), "ID")
+        # The client's own fields are informational: an upstream that refuses them still logs it in.
+        await self._command(upstream, b"ID " + id_list(fields), "ID", required=route.forward_client)
 
     async def _send_login(
         self, upstream: UpstreamProtocol, tag: bytes, user: bytes, password: bytes, capabilities: frozenset[str]

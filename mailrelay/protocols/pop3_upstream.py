@@ -43,14 +43,14 @@ class POP3UpstreamLogin:
     def __init__(self, facts: POP3ClientFacts) -> None:
         self.facts = facts
         self.client_reply = b""
-        self._route: Route | None = None
+        self._connection: UpstreamProtocol | None = None
         self._capabilities: dict[str, tuple[str, ...]] | None = None
         self._greeting = b""
 
     async def _start(self, upstream: UpstreamProtocol, route: Route) -> None:
-        if self._route is route:
+        if self._connection is upstream:
             return
-        self._route = route
+        self._connection = upstream
         self._capabilities = None
         greeting = await upstream.read_line(MAX_RESPONSE_LINE)
         if not greeting.startswith(b"+OK"):

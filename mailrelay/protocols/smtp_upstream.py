@@ -120,7 +120,7 @@ class SMTPUpstreamLogin:
     def __init__(self, facts: ClientFacts) -> None:
         self.facts = facts
         self._extensions: dict[str, tuple[str, ...]] | None = None
-        self._route: Route | None = None
+        self._connection: UpstreamProtocol | None = None
 
     async def _hello(self, upstream: UpstreamProtocol, name: bytes) -> None:
         ehlo = await command(upstream, b"EHLO " + name, (250,), "EHLO")
@@ -134,9 +134,9 @@ class SMTPUpstreamLogin:
 
     async def _start(self, upstream: UpstreamProtocol, route: Route) -> None:
         """Greeting and EHLO, once per connection."""
-        if self._route is route:
+        if self._connection is upstream:
             return
-        self._route = route
+        self._connection = upstream
         greeting = await read_reply(upstream)
         if greeting.code != 220:
             raise UpstreamProtocolError(f"upstream greeted with {greeting}")
