@@ -198,6 +198,7 @@ class ScriptedIMAP:
         untagged_capability: str | None = None,
         login_reply: bytes | None = None,
         id_reply: bytes = b"* ID NIL",
+        id_status: bytes = b"OK ID completed",
         verdict_tag: bytes | None = None,
     ) -> None:
         self.users = users or {}
@@ -207,6 +208,7 @@ class ScriptedIMAP:
         self.untagged_capability = untagged_capability
         self.login_reply = login_reply
         self.id_reply = id_reply
+        self.id_status = id_status
         self.verdict_tag = verdict_tag
 
     def __call__(self, conn: socket.socket) -> Heard:
@@ -316,7 +318,7 @@ class ScriptedIMAP:
             elif name == b"ID" and "ID" in self.capabilities:
                 heard.id = args[0]
                 send(self.id_reply)
-                send(tag + b" OK ID completed")
+                send(tag + b" " + self.id_status)
             elif name == b"STARTTLS" and self.tls is not None and not heard.tls:
                 send(tag + b" OK Begin TLS negotiation now")
                 sock = self.tls.wrap_socket(conn, server_side=True)

@@ -640,6 +640,16 @@ class IDTests(IMAPTestCase):
         )
         self.assertEqual(heard.id, [b"name", b"Thunderbird", b"version", b"115.1"])
 
+    async def test_an_upstream_refusing_the_clients_id_still_logs_it_in(self) -> None:
+        heard, replies, _ = await self.id_then_login({}, id_status=b"BAD ID not here")
+        self.assertEqual(replies[1], b"a" + LOGGED_IN)
+        self.assertEqual(heard.login, USER)
+
+    async def test_an_upstream_refusing_the_forwarded_address_is_unusable(self) -> None:
+        heard, replies, _ = await self.id_then_login({"forward_client": True}, id_status=b"NO ID not here")
+        self.assertTrue(replies[1].startswith(b"a NO [UNAVAILABLE] "), replies[1])
+        self.assertIsNone(heard.login)
+
     async def test_forward_client_tells_the_upstream_the_clients_address(self) -> None:
         heard, replies, client_port = await self.id_then_login({"forward_client": True})
         self.assertEqual(replies[1], b"a" + LOGGED_IN)
@@ -1046,6 +1056,24 @@ class MalformedInputTests(IMAPTestCase):
             b"b NO [PRIVACYREQUIRED] Use STARTTLS first: logins are not accepted before TLS\r\n"
             b"c OK NOOP completed\r\n* BYE Logging out\r\nd OK LOGOUT completed\r\n",
         )
+        self.assertEqual(router.requests, [])
+
+
+class RefusedLiteralTests(IMAPTestCase):
+    async def test_a_login_literal_before_starttls_is_refused_before_the_password_is_sent(self) -> None:
+        router = Router()
+        port = await self.proxy(router)  # starttls required
+
+        def client() -> list[bytes]:
+            conn = self.plain(port)
+            conn.sendall(b"a LOGIN {5}\r\n")
+            refused = read_line(conn)
+            conn.sendall(b"b NOOP\r\n")
+            return [refused, read_line(conn)]
+
+        refused, noop = await self.in_thread(client)
+        self.assertTrue(refused.startswith(b"a NO [PRIVACYREQUIRED] "), refused)
+        self.assertEqual(noop, b"b OK NOOP completed\r\n")
         self.assertEqual(router.requests, [])
 
 
