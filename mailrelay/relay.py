@@ -114,8 +114,12 @@ class RoutedConnection(SpliceableProtocol):
         """
         request = self.request(**facts)
         login, starttls = self.upstream_steps(request)
-        self._task = Deferred.fromCoroutine(self.route_and_splice(request, login=login, starttls=starttls))
-        self._task.addErrback(self._crashed)
+        task = Deferred.fromCoroutine(self.route_and_splice(request, login=login, starttls=starttls))
+        # A Router that answers at once may have ended the attempt already (a refusal,
+        # and the front-end reading again): then there is no task in flight to keep.
+        if not task.called:
+            self._task = task
+        task.addErrback(self._crashed)
 
     def request(self, **facts: Any) -> RouteRequest:
         """What to ask the Router: the connection's facts, its TLS facts, and `facts`."""

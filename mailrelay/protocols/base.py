@@ -65,6 +65,7 @@ class LineFrontEnd(RoutedConnection):
     """Inside an over-long line: skipping to its end."""
     _silence: IDelayedCall | None = None
     _bytes_wanted: int | None = None
+    _parsing = False
     """Set by `read_bytes()`: the next bytes are taken as they are, not as a line."""
     _sasl: sasl.Exchange | None = None
     failed_logins = 0
@@ -161,6 +162,18 @@ class LineFrontEnd(RoutedConnection):
         """The bytes `read_bytes()` asked for."""
 
     def pendingReceived(self) -> None:
+        # Not re-entrant: a login refused at once resumes reading from inside the line
+        # that asked for it; the loop below goes on with the next line instead of a
+        # nested one (200 pipelined failing logins must not mean 200 stack frames).
+        if self._parsing:
+            return
+        self._parsing = True
+        try:
+            self._parse_pending()
+        finally:
+            self._parsing = False
+
+    def _parse_pending(self) -> None:
         while self._reading and self.lost_reason is None:
             if self._bytes_wanted is not None:
                 if len(self.pending) < self._bytes_wanted:

@@ -82,7 +82,7 @@ class IMAPFrontEnd(LineFrontEnd):
             listed.append("STARTTLS")
         if not self.login_allowed():
             listed.append("LOGINDISABLED")
-        return listed
+        return list(dict.fromkeys(listed))  # a configured word mailrelay lists anyway is said once
 
     def greet(self) -> None:
         caps = " ".join(self.capabilities())

@@ -73,7 +73,7 @@ class POP3FrontEnd(LineFrontEnd):
                 listed.append("SASL " + " ".join(m.upper() for m in mechanisms))
         if self.can_start_tls():
             listed.append("STLS")
-        return listed
+        return list(dict.fromkeys(listed))  # a configured word mailrelay lists anyway is said once
 
     def line_received(self, line: bytes) -> None:
         verb, _, args = line.partition(b" ")
