@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from tests.support import WAIT
+from tests.support import WAIT, read_line
 
 GREETING_CAPABILITIES = ("IMAP4rev1", "SASL-IR", "ID", "LITERAL+", "AUTH=PLAIN")
 LOGGED_IN_CAPABILITIES = "IMAP4rev1 IDLE MOVE"
@@ -355,18 +355,6 @@ class ScriptedIMAP:
 
 
 # -- clients ------------------------------------------------------------------------------------
-
-
-def read_line(conn: Any) -> bytes:
-    """One response line, CRLF included, read a byte at a time (so that nothing after it
-    is consumed: a TLS handshake may follow); b"" at the end of the stream."""
-    line = b""
-    while not line.endswith(b"\n"):
-        byte = conn.recv(1)
-        if not byte:
-            return line
-        line += byte
-    return line
 
 
 def read_tagged(conn: Any, tag: bytes) -> bytes:

@@ -1,8 +1,7 @@
 """
 POP3 peers for the front-end tests: a scripted upstream that records every line it
 hears (to check CAPA, XCLIENT, USER/PASS and AUTH byte for byte) and serves a mailbox of
-one message, a Router that records what it is asked, and raw-socket helpers that read
-POP3 replies as they come.
+one message, and raw-socket helpers that read POP3 replies as they come.
 """
 
 from __future__ import annotations
@@ -14,10 +13,8 @@ from typing import Any
 
 import attrs
 
-from mailrelay.router import Route, RouteRequest
-
-PASSWORD = "s3cret-Pa55"
-USER = "alice@example.test"
+from tests.frontends import PASSWORD, USER
+from tests.support import read_line
 
 MESSAGE = (
     b"From: Alice <alice@example.test>\r\nTo: bob@example.test\r\nSubject: caf\xc3\xa9\r\n"
@@ -183,30 +180,6 @@ class ScriptedPOP3:
             send(b"-ERR There's no message " + arg)
         else:
             send(b"-ERR Unknown command.")
-
-
-class Router:
-    """Records each request; answers with `answer(request)` (a Route to `port` by default)."""
-
-    def __init__(self, port: int = 9, answer: Any = None, **route: Any) -> None:
-        self.requests: list[RouteRequest] = []
-        self.answer = answer or (lambda request: Route(host="127.0.0.1", port=port, **route))
-
-    def route(self, request: RouteRequest) -> Any:
-        self.requests.append(request)
-        return self.answer(request)
-
-
-def read_line(conn: Any) -> bytes:
-    """One line, CRLF included, read a byte at a time (so that nothing behind it is
-    consumed: a STLS reply is followed by the TLS handshake); b"" at the end of stream."""
-    line = b""
-    while not line.endswith(b"\n"):
-        byte = conn.recv(1)
-        if not byte:
-            return line
-        line += byte
-    return line
 
 
 def read_multiline(conn: Any) -> bytes:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor, threads
+from twisted.internet.task import deferLater
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
@@ -43,6 +44,19 @@ def recv_all(conn: socket.socket, chunk: int = 1 << 20) -> bytes:
         if not data:
             return b"".join(parts)
         parts.append(data)
+
+
+def read_line(conn: Any) -> bytes:
+    """One line, LF (or CRLF) included, read a byte at a time so that nothing behind it is
+    consumed (a STARTTLS reply is followed by the TLS handshake); b"" at the end of the
+    stream, or what came before it."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = conn.recv(1)
+        if not byte:
+            return line
+        line += byte
+    return line
 
 
 def echo(conn: socket.socket) -> int:
@@ -197,6 +211,14 @@ class ProxyTestCase(unittest.TestCase):
     def in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run blocking client code off the reactor thread; a Deferred of its result."""
         return threads.deferToThread(f, *args, **kwargs)
+
+    async def session_line(self) -> Any:
+        """The last session line, once one is logged (hang guard: WAIT)."""
+        for _ in range(int(WAIT / 0.01)):
+            if self.logs.sessions():
+                return self.logs.sessions()[-1]
+            await deferLater(reactor, 0.01)
+        self.fail("no session line was logged")
 
 
 def splice_config(*routes: tuple[str, int], **listener: Any) -> dict[str, Any]:

@@ -15,19 +15,13 @@ import poplib
 import shutil
 import socket
 import subprocess
-import tempfile
 from typing import Any
 
 import pytest
-import trustme
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
-from mailrelay.router import Route, RouteRequest
+from tests.frontends import FrontEndTestCase, Router
 from tests.mailservers import Dovecot
-from tests.pki import PKI
-from tests.smtp_support import client_context
-from tests.support import WAIT, ProxyTestCase, payload
+from tests.support import WAIT, payload
 
 CLIENT_ADDRESS = "127.0.0.2"
 
@@ -91,34 +85,14 @@ class POP3SFrom(poplib.POP3_SSL):
         return self.context.wrap_socket(sock, server_hostname="relay.test")
 
 
-class Router:
-    """Routes every login to one Dovecot port; records the requests."""
-
-    def __init__(self, port: int, **route: Any) -> None:
-        self.port = port
-        self.route_options = route
-        self.requests: list[RouteRequest] = []
-
-    def route(self, request: RouteRequest) -> Route:
-        self.requests.append(request)
-        return Route(host="127.0.0.1", port=self.port, **self.route_options)
-
-
-class DovecotTestCase(ProxyTestCase):
+class DovecotTestCase(FrontEndTestCase):
+    protocol = "imap"
     dovecot: Dovecot
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls.directory = tempfile.mkdtemp(prefix="mailrelay-dovecot-")
-        os.chmod(cls.directory, 0o755)  # Dovecot's mail processes (nobody) go through it
-        cls.upstream_ca = trustme.CA(organization_name="upstream CA")
-        leaf = cls.upstream_ca.issue_cert("imap.upstream.test")
-        cert, key = f"{cls.directory}/upstream.crt", f"{cls.directory}/upstream.key"
-        for blob in leaf.cert_chain_pems:
-            blob.write_to_path(cert, append=True)
-        leaf.private_key_pem.write_to_path(key)
-        cls.upstream_ca_file = f"{cls.directory}/upstream-ca.pem"
-        cls.upstream_ca.cert_pem.write_to_path(cls.upstream_ca_file)
+        # The directory is open to others: Dovecot's mail processes (nobody) go through it.
+        cert, key = cls.upstream_pki("mailrelay-dovecot-", "imap.upstream.test")
         os.mkdir(f"{cls.directory}/dovecot")
         # Dovecot trusts loopback: it takes the client's address from mailrelay's ID or
         # XCLIENT, and without them logs mailrelay's own (127.0.0.1).
@@ -129,29 +103,6 @@ class DovecotTestCase(ProxyTestCase):
     def tearDownClass(cls) -> None:
         cls.dovecot.stop()
         shutil.rmtree(cls.directory, ignore_errors=True)
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.pki = PKI(self)
-        self.issued = self.pki.issue("relay", "relay.test", "127.0.0.1")
-        self.context = client_context(self.pki.ca)
-
-    async def proxy(self, router: Any, protocol: str = "imap", mode: str = "starttls", **listener: Any) -> int:
-        config = {
-            "tls": {"cert": self.issued.cert, "key": self.issued.key},
-            "listener": [
-                {
-                    "name": protocol,
-                    "listen": "tcp:0:interface=127.0.0.1",
-                    "mode": mode,
-                    "protocol": protocol,
-                    "hostname": "relay.test",
-                    **listener,
-                }
-            ],
-        }
-        _, port = await self.start_proxy(config, router=router)
-        return port
 
     def imap(self, port: int, mode: str = "starttls") -> imaplib.IMAP4:
         """imaplib from 127.0.0.2, through TLS (STARTTLS or implicit)."""
@@ -167,13 +118,6 @@ class DovecotTestCase(ProxyTestCase):
         client = POP3From("127.0.0.1", port, timeout=WAIT)
         client.stls(self.context)
         return client
-
-    async def session_line(self) -> Any:
-        for _ in range(int(WAIT / 0.01)):
-            if self.logs.sessions():
-                return self.logs.sessions()[-1]
-            await deferLater(reactor, 0.01)
-        self.fail("no session line was logged")
 
     def logged(self) -> str:
         """Everything mailrelay logged in this test, formatted."""

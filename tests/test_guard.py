@@ -19,8 +19,8 @@ from mailrelay.guard import LoginGuard, LoginLimits, client_block
 from mailrelay.listener import ListenerFactory
 from mailrelay.router import Reject, Route, RouteRequest
 from mailrelay.session import Sessions
-from tests.support import WAIT, LogCapture, ProxyTestCase, echo
-from tests.test_starttls import ToyFrontEnd, read_line
+from tests.support import WAIT, LogCapture, ProxyTestCase, echo, read_line
+from tests.test_starttls import ToyFrontEnd
 
 
 def login(user: str = "alice@example.org", client: str = "192.0.2.7") -> RouteRequest:

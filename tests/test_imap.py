@@ -16,78 +16,17 @@ import ssl
 import time
 from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
-
 from mailrelay.router import Reject, Route, RouteRequest
-from tests.imap_support import Heard, ScriptedIMAP, read_line, read_tagged
-from tests.pki import PKI
-from tests.smtp_support import client_context
-from tests.support import WAIT, ProxyTestCase, ThreadedServer, closed_port, recv_all
+from tests.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check, plain_ir
+from tests.imap_support import Heard, ScriptedIMAP, read_tagged
+from tests.support import WAIT, ThreadedServer, closed_port, read_line, recv_all
 
-USER = "alice@example.test"
-PASSWORD = "s3cret-Pa55"
 LOGGED_IN = b" OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n"
 UNAVAILABLE = b" NO [UNAVAILABLE] Mail server temporarily unavailable, try again later\r\n"
 
 
-def plain_ir(user: str = USER, password: str = PASSWORD) -> bytes:
-    """The base64 PLAIN response that logs in as `user`."""
-    return base64.b64encode(f"\0{user}\0{password}".encode())
-
-
-class Router:
-    """Records each request; answers with `answer(request)` (a Route by default)."""
-
-    def __init__(self, port: int = 9, answer: Any = None, **route: Any) -> None:
-        self.requests: list[RouteRequest] = []
-        self.answer = answer or (lambda request: Route(host="127.0.0.1", port=port, **route))
-
-    def route(self, request: RouteRequest) -> Any:
-        self.requests.append(request)
-        return self.answer(request)
-
-
-def password_check(port: int, password: str = PASSWORD, wait: float = 0, **route: Any) -> Any:
-    """An answer that accepts PLAIN/LOGIN with `password`, and CRAM-MD5 computed from it
-    (the Route then supplies the password for the upstream)."""
-
-    def answer(request: RouteRequest) -> Route:
-        if request.auth_method == "cram-md5":
-            assert request.salt is not None
-            expected = hmac.new(password.encode(), request.salt.encode(), hashlib.md5).hexdigest()
-            if request.password == expected:
-                return Route(host="127.0.0.1", port=port, password=password, **route)
-        elif request.password == password:
-            return Route(host="127.0.0.1", port=port, **route)
-        raise Reject("Invalid login", wait=wait)
-
-    return answer
-
-
-class IMAPTestCase(ProxyTestCase):
-    def setUp(self) -> None:
-        super().setUp()
-        self.pki = PKI(self)
-        self.issued = self.pki.issue("relay", "relay.test", "127.0.0.1")
-        self.context = client_context(self.pki.ca)
-
-    async def proxy(self, router: Any, mode: str = "starttls", **listener: Any) -> int:
-        config = {
-            "tls": {"cert": self.issued.cert, "key": self.issued.key},
-            "listener": [
-                {
-                    "name": "imap",
-                    "listen": "tcp:0:interface=127.0.0.1",
-                    "mode": mode,
-                    "protocol": "imap",
-                    "hostname": "relay.test",
-                    **listener,
-                }
-            ],
-        }
-        _, self.port = await self.start_proxy(config, router=router)
-        return self.port
+class IMAPTestCase(FrontEndTestCase):
+    protocol = "imap"
 
     def upstream(self, **options: Any) -> ThreadedServer:
         options.setdefault("users", {USER: PASSWORD})
@@ -125,17 +64,6 @@ class IMAPTestCase(ProxyTestCase):
         """Send `send` in one write; every line up to the one tagged `tag`."""
         conn.sendall(send)
         return read_tagged(conn, tag)
-
-    async def session_line(self) -> Any:
-        for _ in range(int(WAIT / 0.01)):
-            if self.logs.sessions():
-                return self.logs.sessions()[-1]
-            await deferLater(reactor, 0.01)
-        self.fail("no session line was logged")
-
-    def everything_logged(self) -> str:
-        """Every log event, formatted and raw."""
-        return "\n".join(self.logs.lines()) + repr(self.logs.events)
 
 
 class GreetingTests(IMAPTestCase):
@@ -817,20 +745,8 @@ class FailedLoginTests(IMAPTestCase):
     async def test_past_the_login_limits_the_router_is_not_asked(self) -> None:
         upstream = self.upstream()
         router = Router(answer=password_check(upstream.port))
-        config = {
-            "tls": {"cert": self.issued.cert, "key": self.issued.key},
-            "login_limits": {"max_per_user": 2, "max_per_client": 100, "delay": 0},
-            "listener": [
-                {
-                    "name": "imap",
-                    "listen": "tcp:0:interface=127.0.0.1",
-                    "mode": "tls",
-                    "protocol": "imap",
-                    "hostname": "relay.test",
-                    "max_attempts": 5,
-                }
-            ],
-        }
+        config = self.front_end_config("tls", max_attempts=5)
+        config["login_limits"] = {"max_per_user": 2, "max_per_client": 100, "delay": 0}
         _, port = await self.start_proxy(config, router=router)
 
         def client() -> bytes:

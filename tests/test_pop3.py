@@ -20,74 +20,19 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from mailrelay.router import Reject, Route, RouteRequest
-from tests.pki import PKI
-from tests.pop3_support import (
-    MESSAGE,
-    PASSWORD,
-    USER,
-    Heard,
-    Router,
-    ScriptedPOP3,
-    capabilities,
-    logged_in_reply,
-    read_line,
-    read_multiline,
-    stuffed,
-)
-from tests.smtp_support import client_context
-from tests.support import WAIT, ProxyTestCase, ThreadedServer, closed_port, recv_all
+from tests.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check, plain_ir
+from tests.pop3_support import MESSAGE, Heard, ScriptedPOP3, capabilities, logged_in_reply, read_multiline, stuffed
+from tests.support import WAIT, ThreadedServer, closed_port, read_line, recv_all
 
 GREETING = b"+OK relay.test POP3 ready\r\n"
-PLAIN = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+PLAIN = plain_ir()
 """The AUTH PLAIN initial response of USER and PASSWORD."""
 OWN = ["RESP-CODES", "AUTH-RESP-CODE"]
 """What the front-end advertises of itself, after the configured capabilities."""
 
 
-def password_check(port: int, password: str = PASSWORD, wait: float = 0, **route: Any) -> Any:
-    """An answer that accepts a cleartext `password`, and CRAM-MD5 or APOP digests of it
-    (with a Route that supplies it, as those cannot be passed through)."""
-
-    def answer(request: RouteRequest) -> Route:
-        assert request.password is not None
-        if request.auth_method in ("cram-md5", "apop"):
-            assert request.salt is not None
-            if request.auth_method == "cram-md5":
-                expected = hmac.new(password.encode(), request.salt.encode(), hashlib.md5).hexdigest()
-            else:
-                expected = hashlib.md5(request.salt.encode() + password.encode()).hexdigest()
-            if request.password == expected:
-                return Route(host="127.0.0.1", port=port, password=password, **route)
-        elif request.password == password:
-            return Route(host="127.0.0.1", port=port, **route)
-        raise Reject("Invalid login", wait=wait)
-
-    return answer
-
-
-class POP3TestCase(ProxyTestCase):
-    def setUp(self) -> None:
-        super().setUp()
-        self.pki = PKI(self)
-        self.issued = self.pki.issue("relay", "relay.test", "127.0.0.1")
-        self.context = client_context(self.pki.ca)
-
-    async def proxy(self, router: Any, mode: str = "starttls", **listener: Any) -> int:
-        config = {
-            "tls": {"cert": self.issued.cert, "key": self.issued.key},
-            "listener": [
-                {
-                    "name": "pop3",
-                    "listen": "tcp:0:interface=127.0.0.1",
-                    "mode": mode,
-                    "protocol": "pop3",
-                    "hostname": "relay.test",
-                    **listener,
-                }
-            ],
-        }
-        _, port = await self.start_proxy(config, router=router)
-        return port
+class POP3TestCase(FrontEndTestCase):
+    protocol = "pop3"
 
     def upstream(self, **options: Any) -> ThreadedServer:
         return self.server(ScriptedPOP3(**options))
@@ -150,10 +95,6 @@ class POP3TestCase(ProxyTestCase):
                 return self.logs.sessions()
             await deferLater(reactor, 0.01)
         self.fail(f"fewer than {count} session lines were logged")
-
-    def everything_logged(self) -> str:
-        """Every event of every level (the capture sees debug too), formatted and raw."""
-        return "\n".join(self.logs.lines()) + repr(self.logs.events)
 
 
 class GreetingAndCapabilityTests(POP3TestCase):
@@ -295,7 +236,7 @@ class LoginTests(POP3TestCase):
         _, heard, (replies, _, retrieved, _) = await self.retrieve(upstream, router=router)
 
         self.assertEqual(replies[1], logged_in_reply(master))
-        self.assertEqual(heard.lines[1], b"AUTH PLAIN " + base64.b64encode(f"\0{master}\0master-secret".encode()) + b"\r\n")
+        self.assertEqual(heard.lines[1], b"AUTH PLAIN " + plain_ir(master, "master-secret") + b"\r\n")
         self.assertEqual(retrieved[2], len(MESSAGE))
 
     async def test_upstream_stls_then_the_login_inside_tls(self) -> None:

@@ -1011,13 +1011,6 @@ class HTTPRouterTests(ProxyTestCase):
             "listener": [{"name": "test", "listen": "tcp:0:interface=127.0.0.1", "mode": "splice"}],
         }
 
-    async def session_line(self) -> Any:
-        for _ in range(int(WAIT / 0.02)):
-            if self.logs.sessions():
-                break
-            await deferLater(reactor, 0.02)
-        return self.logs.sessions()[-1]
-
     async def client_sees_close(self, port: int) -> bytes:
         def client() -> bytes:
             with connect(port) as conn:

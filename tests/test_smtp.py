@@ -7,76 +7,26 @@ SMTP server as the upstream, which records every byte it hears.
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
+import functools
 import smtplib
 import socket
 import time
 from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
-
 from mailrelay.router import Reject, Route, RouteRequest
-from tests.pki import PKI
+from tests import frontends
+from tests.frontends import PASSWORD, USER, FrontEndTestCase, Router, plain_ir
 from tests.smtp_support import Heard, ScriptedSMTP, client_context, raw_reply
-from tests.support import WAIT, ProxyTestCase, closed_port, payload, recv_all
+from tests.support import WAIT, closed_port, payload, recv_all
 
-PASSWORD = "s3cret-Pa55"
-USER = "alice@example.test"
+REFUSED = "Authentication credentials invalid"
 
-
-class Router:
-    """Records each request; answers with `answer(request)` (a Route by default)."""
-
-    def __init__(self, port: int = 9, answer: Any = None, **route: Any) -> None:
-        self.requests: list[RouteRequest] = []
-        self.answer = answer or (lambda request: Route(host="127.0.0.1", port=port, **route))
-
-    def route(self, request: RouteRequest) -> Any:
-        self.requests.append(request)
-        return self.answer(request)
+password_check = functools.partial(frontends.password_check, message=REFUSED)
+"""`tests.frontends.password_check`, refusing with SMTP's words."""
 
 
-def password_check(port: int, password: str = PASSWORD, wait: float = 0, **route: Any) -> Any:
-    """An answer that accepts PLAIN/LOGIN with `password`, and CRAM-MD5 computed from it."""
-
-    def answer(request: RouteRequest) -> Route:
-        if request.auth_method == "cram-md5":
-            assert request.salt is not None
-            expected = hmac.new(password.encode(), request.salt.encode(), hashlib.md5).hexdigest()
-            if request.password == expected:
-                return Route(host="127.0.0.1", port=port, password=password, **route)
-        elif request.password == password:
-            return Route(host="127.0.0.1", port=port, **route)
-        raise Reject("Authentication credentials invalid", wait=wait)
-
-    return answer
-
-
-class SMTPTestCase(ProxyTestCase):
-    def setUp(self) -> None:
-        super().setUp()
-        self.pki = PKI(self)
-        self.issued = self.pki.issue("relay", "relay.test", "127.0.0.1")
-        self.context = client_context(self.pki.ca)
-
-    async def proxy(self, router: Any, mode: str = "starttls", **listener: Any) -> int:
-        config = {
-            "tls": {"cert": self.issued.cert, "key": self.issued.key},
-            "listener": [
-                {
-                    "name": "smtp",
-                    "listen": "tcp:0:interface=127.0.0.1",
-                    "mode": mode,
-                    "protocol": "smtp",
-                    "hostname": "relay.test",
-                    **listener,
-                }
-            ],
-        }
-        _, port = await self.start_proxy(config, router=router)
-        return port
+class SMTPTestCase(FrontEndTestCase):
+    protocol = "smtp"
 
     def upstream(self, **options: Any) -> Any:
         options.setdefault("users", {USER: PASSWORD})
@@ -124,13 +74,6 @@ class SMTPTestCase(ProxyTestCase):
         self.assertEqual(raw_reply(conn)[:4], b"220 ")
         return conn
 
-    async def session_line(self) -> Any:
-        for _ in range(int(WAIT / 0.01)):
-            if self.logs.sessions():
-                return self.logs.sessions()[-1]
-            await deferLater(reactor, 0.01)
-        self.fail("no session line was logged")
-
 
 MESSAGE = (
     b"From: Alice <alice@example.test>\r\nTo: bob@example.test\r\nSubject: caf\xc3\xa9\r\n"
@@ -163,7 +106,7 @@ class LoginTests(SMTPTestCase):
         self.assertEqual(refused, {})
         self.assertEqual(heard.messages, [MESSAGE])
         self.assertEqual(heard.login, USER)
-        plain = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+        plain = plain_ir()
         self.assertEqual(heard.lines[:2], [b"EHLO client.example\r\n", b"AUTH PLAIN " + plain + b"\r\n"])
         [request] = router.requests
         self.assertEqual(
@@ -233,7 +176,7 @@ class LoginTests(SMTPTestCase):
 
         client_port, proxy_port = await self.in_thread(client)
         heard = await self.in_thread(upstream.result)
-        plain = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+        plain = plain_ir()
         self.assertEqual(
             heard.lines[:4],
             [
@@ -249,7 +192,7 @@ class LoginTests(SMTPTestCase):
     async def test_commands_pipelined_behind_auth_reach_the_upstream(self) -> None:
         upstream = self.upstream()
         port = await self.proxy(Router(answer=password_check(upstream.port)), mode="tls")
-        plain = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+        plain = plain_ir()
 
         def client() -> bytes:
             with self.tls_connect(port) as conn:
@@ -269,9 +212,9 @@ class LoginTests(SMTPTestCase):
         router, heard, _ = await self._send_authenticated("PLAIN")
         line = await self.session_line()
         self.assertEqual((line["user"], line["outcome"]), (USER, "closed"))
-        everything = "\n".join(self.logs.lines()) + repr([e for e in self.logs.events])
+        everything = self.everything_logged()
         self.assertNotIn(PASSWORD, everything)
-        self.assertNotIn(base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode(), everything)
+        self.assertNotIn(plain_ir().decode(), everything)
 
 
 class CapabilityTests(SMTPTestCase):
@@ -340,8 +283,7 @@ class StartTLSSecurityTests(SMTPTestCase):
                 conn.sendall(b"EHLO c.example\r\n")
                 raw_reply(conn)
                 conn.sendall(
-                    b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()) + b"\r\n"
-                    b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nQUIT\r\n"
+                    b"AUTH PLAIN " + plain_ir() + b"\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nQUIT\r\n"
                 )
                 return recv_all(conn)
 
@@ -395,7 +337,7 @@ class FailedLoginTests(SMTPTestCase):
                 replies: list[Any] = []
                 for attempt in ("wrong-1", "wrong-2"):
                     started = time.monotonic()
-                    conn.sendall(b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{attempt}".encode()) + b"\r\n")
+                    conn.sendall(b"AUTH PLAIN " + plain_ir(password=attempt) + b"\r\n")
                     replies.append(raw_reply(conn))
                     replies.append(time.monotonic() - started)
                 replies.append(recv_all(conn))
@@ -410,7 +352,7 @@ class FailedLoginTests(SMTPTestCase):
         line = await self.session_line()
         self.assertEqual((line["outcome"], line["reason"]), ("rejected", "Authentication credentials invalid"))
         # Every event of every level (the capture sees debug too), formatted and raw.
-        everything = "\n".join(self.logs.lines()) + repr(self.logs.events)
+        everything = self.everything_logged()
         self.assertTrue(any(e["log_level"].name == "info" for e in self.logs.events))
         self.assertNotIn("wrong-1", everything)
         self.assertNotIn("wrong-2", everything)
@@ -720,19 +662,8 @@ class TokenAndCertificateTests(SMTPTestCase):
         upstream = self.upstream()
         router = Router(port=upstream.port, login="xclient")
         client_cert = self.pki.ca.issue_cert("alice@example.test", common_name="alice")
-        config = {
-            "tls": {"cert": self.issued.cert, "key": self.issued.key, "client_ca": self.pki.ca_file},
-            "listener": [
-                {
-                    "name": "smtp",
-                    "listen": "tcp:0:interface=127.0.0.1",
-                    "mode": "tls",
-                    "protocol": "smtp",
-                    "hostname": "relay.test",
-                    "auth": ["plain", "external"],
-                }
-            ],
-        }
+        config = self.front_end_config("tls", auth=["plain", "external"])
+        config["tls"]["client_ca"] = self.pki.ca_file
         _, port = await self.start_proxy(config, router=router)
         with_cert = client_context(self.pki.ca)
         client_cert.configure_cert(with_cert)
@@ -762,20 +693,8 @@ class LoginLimitTests(SMTPTestCase):
     async def test_past_the_limit_the_router_is_not_asked_and_the_client_gets_421(self) -> None:
         upstream = self.upstream()
         router = Router(answer=password_check(upstream.port))
-        config = {
-            "tls": {"cert": self.issued.cert, "key": self.issued.key},
-            "login_limits": {"max_per_user": 2, "max_per_client": 100, "delay": 0},
-            "listener": [
-                {
-                    "name": "smtp",
-                    "listen": "tcp:0:interface=127.0.0.1",
-                    "mode": "tls",
-                    "protocol": "smtp",
-                    "hostname": "relay.test",
-                    "max_attempts": 5,
-                }
-            ],
-        }
+        config = self.front_end_config("tls", max_attempts=5)
+        config["login_limits"] = {"max_per_user": 2, "max_per_client": 100, "delay": 0}
         _, port = await self.start_proxy(config, router=router)
 
         def client() -> bytes:
@@ -783,7 +702,7 @@ class LoginLimitTests(SMTPTestCase):
                 conn.sendall(b"EHLO c.example\r\n")
                 raw_reply(conn)
                 for password in ("bad1", "bad2", PASSWORD):
-                    conn.sendall(b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{password}".encode()) + b"\r\n")
+                    conn.sendall(b"AUTH PLAIN " + plain_ir(password=password) + b"\r\n")
                 return recv_all(conn)
 
         self.assertEqual(

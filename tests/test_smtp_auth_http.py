@@ -102,7 +102,7 @@ class AuthHTTPTestCase(SMTPTestCase):
         self.addCleanup(self.assert_no_password_logged)
 
     def assert_no_password_logged(self, *secrets: str) -> None:
-        everything = "\n".join(self.logs.lines()) + repr(self.logs.events)
+        everything = self.everything_logged()
         for secret in (PASSWORD, plain(USER, PASSWORD).decode(), *secrets):
             self.assertNotIn(secret, everything)
 
@@ -113,21 +113,9 @@ class AuthHTTPTestCase(SMTPTestCase):
 
     async def proxy_to(self, url: str, mode: str = "tls", router: dict[str, Any] | None = None, **listener: Any) -> int:
         """mailrelay with one SMTP listener routed by the auth service at `url`."""
-        config = {
-            "tls": {"cert": self.issued.cert, "key": self.issued.key},
-            "upstream": {"ca": self.pki.ca_file},
-            "router": {"type": "http", "url": url, "timeout": 5, **(router or {})},
-            "listener": [
-                {
-                    "name": "smtp",
-                    "listen": "tcp:0:interface=127.0.0.1",
-                    "mode": mode,
-                    "protocol": "smtp",
-                    "hostname": "relay.test",
-                    **listener,
-                }
-            ],
-        }
+        config = self.front_end_config(mode, **listener)
+        config["upstream"] = {"ca": self.pki.ca_file}
+        config["router"] = {"type": "http", "url": url, "timeout": 5, **(router or {})}
         _, port = await self.start_proxy(config)
         return port
 

@@ -44,16 +44,8 @@ class PostfixTestCase(SMTPTestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls.directory = tempfile.mkdtemp(prefix="mailrelay-postfix-")
-        os.chmod(cls.directory, 0o755)  # Postfix's daemons and its delivery agent go through it
-        cls.upstream_ca = trustme.CA(organization_name="upstream CA")
-        leaf = cls.upstream_ca.issue_cert("mx.upstream.test")
-        cert, key = f"{cls.directory}/upstream.crt", f"{cls.directory}/upstream.key"
-        for blob in leaf.cert_chain_pems:
-            blob.write_to_path(cert, append=True)
-        leaf.private_key_pem.write_to_path(key)
-        cls.upstream_ca_file = f"{cls.directory}/upstream-ca.pem"
-        cls.upstream_ca.cert_pem.write_to_path(cls.upstream_ca_file)
+        # The directory is open to others: Postfix's daemons and its delivery agent go through it.
+        cert, key = cls.upstream_pki("mailrelay-postfix-", "mx.upstream.test")
         os.mkdir(f"{cls.directory}/postfix")
         cls.postfix = Postfix(f"{cls.directory}/postfix", tls=(cert, key), users=(USER, BOB))
         cls.postfix.start()

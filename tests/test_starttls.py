@@ -18,11 +18,12 @@ from mailrelay.config import ListenerConfig
 from mailrelay.connector import UpstreamConnector
 from mailrelay.listener import ListenerFactory
 from mailrelay.protocols.base import LineFrontEnd
-from mailrelay.router import Reject, Route, RouteRequest
+from mailrelay.router import Reject
 from mailrelay.session import Sessions
 from mailrelay.tls import CertificateFiles, ServerTLS, ServerTLSConfig
+from tests.frontends import Router
 from tests.pki import PKI
-from tests.support import WAIT, ProxyTestCase, recv_all
+from tests.support import WAIT, ProxyTestCase, read_line, recv_all
 
 
 class ToyFrontEnd(LineFrontEnd):
@@ -69,33 +70,12 @@ class ToyFrontEnd(LineFrontEnd):
         super().unavailable(outcome, reason)
 
 
-class Recorder:
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.requests: list[RouteRequest] = []
-
-    def route(self, request: RouteRequest) -> Route:
-        self.requests.append(request)
-        return Route(host="127.0.0.1", port=self.port)
-
-
 def rest_until_closed(conn: socket.socket) -> bytes:
     """Everything until the proxy closes; a reset (an aborted handshake) counts as closed."""
     try:
         return recv_all(conn)
     except ConnectionResetError:
         return b""
-
-
-def read_line(conn: Any) -> bytes:
-    """One line, read a byte at a time so that nothing after it is consumed."""
-    line = b""
-    while not line.endswith(b"\n"):
-        byte = conn.recv(1)
-        if not byte:
-            return line
-        line += byte
-    return line
 
 
 class StartTLSTests(ProxyTestCase):
@@ -110,11 +90,11 @@ class StartTLSTests(ProxyTestCase):
         self.pki.ca.configure_trust(context)
         return context
 
-    def listen(self, mode: str = "starttls", upstream_port: int = 9, handshake_timeout: float = 30.0) -> tuple[Recorder, int]:
+    def listen(self, mode: str = "starttls", upstream_port: int = 9, handshake_timeout: float = 30.0) -> tuple[Router, int]:
         listener = ListenerConfig(
             name="toy", listen="tcp:0", mode=mode, protocol="imap", router=None, handshake_timeout=handshake_timeout
         )
-        router = Recorder(upstream_port)
+        router = Router(upstream_port)
         creator = self.server_tls.creator("imap")
         factory: Any = ListenerFactory(
             listener,
@@ -220,7 +200,7 @@ class StartTLSTests(ProxyTestCase):
                 return rest_until_closed(conn)
 
         self.assertEqual(await self.in_thread(client), b"")
-        await self.session_ended()
+        await self.session_line()
         [session] = self.logs.sessions()
         self.assertEqual(session["outcome"], "tls-failed")
         self.assertTrue(session["reason"].startswith("TLS: "), session["reason"])
@@ -236,7 +216,7 @@ class StartTLSTests(ProxyTestCase):
                 return rest_until_closed(conn)
 
         self.assertEqual(await self.in_thread(client), b"")
-        await self.session_ended()
+        await self.session_line()
         [session] = self.logs.sessions()
         self.assertEqual((session["outcome"], session["reason"]), ("tls-failed", "no TLS handshake within 0.3s"))
 
@@ -271,19 +251,9 @@ class StartTLSTests(ProxyTestCase):
                 return [read_line(conn), recv_all(conn)]
 
         self.assertEqual(await self.in_thread(client), [b"BAD line too long\r\n", b""])
-        await self.session_ended()
+        await self.session_line()
         [session] = self.logs.sessions()
         self.assertEqual(session["outcome"], "protocol-error")
-
-    async def session_ended(self) -> None:
-        """Wait (bounded) until the one session's log line is written."""
-        from twisted.internet.task import deferLater
-
-        for _ in range(int(WAIT / 0.01)):
-            if self.logs.sessions():
-                return
-            await deferLater(reactor, 0.01)
-        self.fail("no session line was logged")
 
     async def test_a_client_that_ends_its_stream_before_routing_is_closed(self) -> None:
         _, port = self.listen()
@@ -296,6 +266,6 @@ class StartTLSTests(ProxyTestCase):
                 return rest_until_closed(conn)
 
         self.assertEqual(await self.in_thread(client), b"OK noop\r\nOK noop\r\n")
-        await self.session_ended()
+        await self.session_line()
         [session] = self.logs.sessions()
         self.assertEqual((session["outcome"], session["reason"]), ("client-gone", "client ended its stream before it was routed"))
