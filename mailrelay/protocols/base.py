@@ -65,8 +65,9 @@ class LineFrontEnd(RoutedConnection):
     """Inside an over-long line: skipping to its end."""
     _silence: IDelayedCall | None = None
     _bytes_wanted: int | None = None
-    _parsing = False
     """Set by `read_bytes()`: the next bytes are taken as they are, not as a line."""
+    _parsing = False
+    """Inside `pendingReceived()` (which a synchronous `resume()` must not enter again)."""
     _sasl: sasl.Exchange | None = None
     failed_logins = 0
     errors = 0
