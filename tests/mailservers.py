@@ -1032,6 +1032,10 @@ class Dovecot:
             # And open many connections at once: a process per login connection and per session.
             "default_process_limit = 1000",
             "default_client_limit = 5000",
+            # COMPRESS=DEFLATE after login (RFC 4978), which a proxy must pass untouched.
+            "protocol imap {",
+            "  mail_plugins = $mail_plugins zlib imap_zlib",
+            "}",
             # Its default chroot is an empty directory that Dovecot makes only on a system install.
             "service anvil {",
             "  chroot =",

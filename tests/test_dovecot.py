@@ -15,13 +15,14 @@ import poplib
 import shutil
 import socket
 import subprocess
+import zlib
 from typing import Any
 
 import pytest
 
 from tests.frontends import FrontEndTestCase, Router
 from tests.mailservers import Dovecot
-from tests.support import WAIT, payload
+from tests.support import WAIT, payload, read_line
 
 CLIENT_ADDRESS = "127.0.0.2"
 
@@ -47,6 +48,7 @@ USERS = {
         "up-tls",
         "curl",
         "literal",
+        "compress",
     )
 }
 
@@ -305,6 +307,45 @@ class IMAPTests(DovecotTestCase):
                 return "accepted"
 
         self.assertIn("[UNAVAILABLE]", await self.in_thread(client))
+
+
+class CompressTests(DovecotTestCase):
+    async def test_compress_deflate_after_login_passes_untouched(self) -> None:
+        """COMPRESS (RFC 4978) is the upstream's: mailrelay does not offer it before login,
+        the client learns of it from Dovecot's answer to LOGIN, and from then on both
+        directions are DEFLATE streams mailrelay splices without reading."""
+        user = "compress@example.test"
+        self.dovecot.deliver(user, MESSAGE)
+        port = await self.proxy(Router(self.dovecot.imap_port), mode="tls")
+
+        def client() -> tuple[bytes, bytes, bytes, bytes]:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT, source_address=(CLIENT_ADDRESS, 0))
+            with self.context.wrap_socket(raw, server_hostname="relay.test") as conn:
+                greeting = read_line(conn)
+                # LOGIN and COMPRESS in one write: COMPRESS reaches Dovecot behind the login.
+                password = PASSWORD.encode()
+                conn.sendall(b"a LOGIN %s {%d+}\r\n%s\r\nc COMPRESS DEFLATE\r\n" % (user.encode(), len(password), password))
+                logged_in = read_line(conn)
+                compressing = read_line(conn)
+                deflate = zlib.compressobj(wbits=-15)
+                inflate = zlib.decompressobj(wbits=-15)
+                commands = b"s SELECT INBOX\r\nf FETCH 1 BODY.PEEK[]\r\nz LOGOUT\r\n"
+                conn.sendall(deflate.compress(commands) + deflate.flush(zlib.Z_SYNC_FLUSH))
+                received = b""
+                while b"\r\nz OK " not in received:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    received += inflate.decompress(chunk)
+                return greeting, logged_in, compressing, received
+
+        greeting, logged_in, compressing, received = await self.in_thread(client)
+        self.assertNotIn(b"COMPRESS", greeting)
+        self.assertRegex(logged_in, rb"^a OK \[CAPABILITY [^\]]*\bCOMPRESS=DEFLATE\b[^\]]*\] Logged in\r\n$")
+        self.assertEqual(compressing[:5], b"c OK ")
+        self.assertIn(b"\r\ns OK [READ-WRITE] ", received)
+        self.assertIn(b"{%d}\r\n" % len(MESSAGE) + MESSAGE + b")\r\nf OK ", received)
+        self.assertIn(b"\r\nz OK ", received)
 
 
 class ForwardingTests(DovecotTestCase):
