@@ -12,17 +12,23 @@ import base64
 import imaplib
 import os
 import poplib
+import re
 import shutil
+import signal
 import socket
+import ssl
 import subprocess
+import tempfile
 import zlib
 from typing import Any
 
 import pytest
+import trustme
 
 from tests.frontends import FrontEndTestCase, Router
 from tests.mailservers import Dovecot
 from tests.support import WAIT, payload, read_line
+from tests.test_deploy import LISTENING, TWISTD, assert_clean_stop, spawn  # noqa: F401  (spawn: a fixture)
 
 CLIENT_ADDRESS = "127.0.0.2"
 
@@ -500,3 +506,64 @@ class CurlTests(DovecotTestCase):
 
         self.assertEqual(await self.in_thread(fetch, f"imaps://relay.test:{imaps}/INBOX;UID=1", imaps), MESSAGE)
         self.assertEqual(await self.in_thread(fetch, f"pop3s://relay.test:{pop3s}/1", pop3s), MESSAGE)
+
+
+def test_twistd_imap_and_pop3_with_a_route_map_in_front_of_dovecot(tmp_path: Any, spawn: Any) -> None:  # noqa: F811
+    """The whole deployment a mail administrator writes: `twistd mailrelay` from the
+    installed package, IMAPS and POP3 with STLS, passwords checked by a route map against
+    bcrypt hashes, Dovecot told the client's address."""
+    import bcrypt
+
+    user = "alice@example.test"
+    password = "alice-secret"
+    directory = tempfile.mkdtemp(prefix="mailrelay-dovecot-")
+    os.chmod(directory, 0o755)
+    os.mkdir(f"{directory}/dovecot")
+    with Dovecot(f"{directory}/dovecot", trusted_networks="127.0.0.0/8") as dovecot:
+        dovecot.deliver(user, MESSAGE)
+        ca = trustme.CA()
+        ca.issue_cert("relay.test", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "relay.pem"))
+        hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+        (tmp_path / "imap.toml").write_text(
+            f'[[rule]]\nuser = "{user}"\npassword = "{hashed}"\nreject_wait = 0\n'
+            f'route = {{ host = "127.0.0.1", port = {dovecot.imap_port}, forward_client = true }}\n'
+            '[default]\nreject = "no such account"\n'
+        )
+        (tmp_path / "mailrelay.toml").write_text(
+            '[tls]\ncert = "relay.pem"\n'
+            '[[listener]]\nname = "imaps"\nlisten = "tcp:0:interface=127.0.0.1"\nmode = "tls"\nprotocol = "imap"\n'
+            'hostname = "relay.test"\nrouter = { type = "map", file = "imap.toml" }\n'
+            '[[listener]]\nname = "pop3"\nlisten = "tcp:0:interface=127.0.0.1"\nmode = "starttls"\nprotocol = "pop3"\n'
+            f'hostname = "relay.test"\nrouter = {{ type = "static", host = "127.0.0.1", port = {dovecot.pop3_port} }}\n'
+        )
+        process = spawn(TWISTD, "-n", "--pidfile=", "mailrelay", "--config", "mailrelay.toml")
+        imaps = int(process.wait_for(LISTENING.format(name="imaps")).group(1))
+        pop3 = int(process.wait_for(LISTENING.format(name="pop3")).group(1))
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+
+        imap = IMAPSFrom("127.0.0.1", imaps, ssl_context=context, timeout=WAIT)
+        with pytest.raises(imaplib.IMAP4.error, match=r"\[AUTHENTICATIONFAILED\]"):
+            imap.login(user, "not the password")
+        imap.login(user, password)
+        imap.select("INBOX", readonly=True)
+        assert imap.fetch("1", "(BODY.PEEK[])")[1][0][1] == MESSAGE  # type: ignore[index]
+        assert dovecot.wait_for_session(user, "imap").endswith(" " + CLIENT_ADDRESS)
+        imap.logout()
+
+        pop = POP3From("127.0.0.1", pop3, timeout=WAIT)
+        pop.stls(context)
+        pop.user(user)
+        pop.pass_(password)
+        assert b"\r\n".join(pop.retr(1)[1]) + b"\r\n" == MESSAGE
+        pop.quit()
+
+        process.wait_for(r"listener=pop3 .* outcome=closed")
+        process.signal(signal.SIGTERM)
+        output = assert_clean_stop(process)
+    shutil.rmtree(directory, ignore_errors=True)
+    assert f"login refused for {user} from {CLIENT_ADDRESS}" in output
+    assert "not the password" not in output and password not in output
+    assert re.search(rf"session \S+ listener=imaps client=127\.0\.0\.2:\d+ user={user} upstream=127\.0\.0\.1:\d+ ", output), (
+        output
+    )
