@@ -190,7 +190,7 @@ class RoutedConnection(SpliceableProtocol):
                 raise CancelledError()
             upstream = await factory.connector.connect(routes, login=login, session_id=session.id, starttls=starttls)
         except Reject as reject:  # by the Router, or by the upstream refusing our login
-            if guard is not None:
+            if guard is not None and reject.counts:
                 guard.failed(request)
             if reject.wait > 0:
                 await deferLater(factory.clock, reject.wait)

@@ -188,18 +188,23 @@ class Reject(Exception):
     for the log and, for protocols that show it, the client: it must not hold secrets.
     `close` ends the connection after the reply even when the listener's
     `max_attempts` would allow another try (what nginx does when its auth service
-    answers a failure without `Auth-Wait`).
+    answers a failure without `Auth-Wait`). `counts = False` marks a refusal that says
+    nothing against the credentials (an upstream's mailbox in use): it is not counted
+    towards `max_attempts` or the login limits.
     """
 
-    def __init__(self, message: str, wait: float = 0, code: str | int | None = None, close: bool = False) -> None:
+    def __init__(
+        self, message: str, wait: float = 0, code: str | int | None = None, close: bool = False, counts: bool = True
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.wait = float(wait)
         self.code = code
         self.close = close
+        self.counts = counts
 
     def __repr__(self) -> str:
-        return f"Reject({self.message!r}, wait={self.wait!r}, code={self.code!r}, close={self.close!r})"
+        return f"Reject({self.message!r}, wait={self.wait!r}, code={self.code!r}, close={self.close!r}, counts={self.counts!r})"
 
 
 RouteAnswer = Route | Sequence[Route]

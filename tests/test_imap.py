@@ -765,9 +765,9 @@ class FailedLoginTests(IMAPTestCase):
         line = await self.session_line()
         self.assertEqual(line["outcome"], "throttled")
 
-    async def login_reply(self, **upstream: Any) -> bytes:
+    async def login_reply(self, max_attempts: int = 3, **upstream: Any) -> bytes:
         server = self.upstream(**upstream)
-        port = await self.proxy(Router(port=server.port), mode="tls")
+        port = await self.proxy(Router(port=server.port), mode="tls", max_attempts=max_attempts)
 
         def client() -> bytes:
             conn = self.tls(port)
@@ -790,6 +790,14 @@ class FailedLoginTests(IMAPTestCase):
         reply = await self.login_reply(verdict_tag=b"x")
         self.assertEqual(reply, b"a" + UNAVAILABLE + b"b OK NOOP completed\r\n* BYE Logging out\r\nz OK LOGOUT completed\r\n")
         self.assertIn("where the answer to its command was due", "\n".join(self.logs.lines()))
+
+    async def test_a_mailbox_in_use_is_said_and_is_no_failed_login(self) -> None:
+        # With max_attempts = 1 a failed login would close the connection: INUSE does not.
+        reply = await self.login_reply(max_attempts=1, login_reply=b"NO [INUSE] Mailbox is locked")
+        self.assertEqual(
+            reply, b"a NO [INUSE] Mailbox is locked\r\nb OK NOOP completed\r\n* BYE Logging out\r\nz OK LOGOUT completed\r\n"
+        )
+        self.assertNotIn("login refused", "\n".join(self.logs.lines()))
 
     async def test_an_upstream_answering_unavailable_is_a_temporary_failure(self) -> None:
         reply = await self.login_reply(login_reply=b"NO [UNAVAILABLE] Maintenance, try later")

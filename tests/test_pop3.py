@@ -565,11 +565,11 @@ class FailedLoginTests(POP3TestCase):
 
         self.assertEqual(await self.in_thread(client), (b"-ERR [AUTH] Invalid login", logged_in_reply(USER), (1, len(MESSAGE))))
 
-    async def upstream_refusal(self, login_failure: bytes) -> bytes:
+    async def upstream_refusal(self, login_failure: bytes, **listener: Any) -> bytes:
         """PASS answered by an upstream that refuses the login with `login_failure`,
         then NOOP (the session goes on) and QUIT."""
         upstream = self.upstream(users={USER: "another password"}, login_failure=login_failure)
-        port = await self.proxy(Router(port=upstream.port), mode="tls")
+        port = await self.proxy(Router(port=upstream.port), mode="tls", **listener)
         return await self.in_thread(
             self.tls_exchange, port, b"USER " + USER.encode() + b"\r\nPASS " + PASSWORD.encode() + b"\r\nNOOP\r\nQUIT\r\n"
         )
@@ -577,6 +577,7 @@ class FailedLoginTests(POP3TestCase):
     async def test_an_upstream_refusing_the_login_is_an_auth_error_for_the_client(self) -> None:
         reply = await self.upstream_refusal(b"-ERR [AUTH] Authentication failed.")
         self.assertEqual(reply, b"+OK\r\n-ERR [AUTH] Authentication failed.\r\n+OK\r\n+OK Bye\r\n")
+        self.assertIn("login refused for alice@example.test", "\n".join(self.logs.lines()))
         [line] = await self.session_lines()
         self.assertEqual(line["outcome"], "rejected")
 
@@ -589,9 +590,11 @@ class FailedLoginTests(POP3TestCase):
         self.assertEqual(line["outcome"], "upstream-unavailable")
         self.assertIn("[SYS/TEMP] Internal error occurred", "\n".join(self.logs.lines()))
 
-    async def test_a_mailbox_in_use_upstream_is_in_use_for_the_client(self) -> None:
-        reply = await self.upstream_refusal(b"-ERR [IN-USE] Mailbox is locked by another POP3 session.")
+    async def test_a_mailbox_in_use_upstream_is_in_use_for_the_client_and_no_failed_login(self) -> None:
+        # With max_attempts = 1 a failed login would close the connection: IN-USE does not.
+        reply = await self.upstream_refusal(b"-ERR [IN-USE] Mailbox is locked by another POP3 session.", max_attempts=1)
         self.assertEqual(reply, b"+OK\r\n-ERR [IN-USE] Mailbox is locked by another POP3 session.\r\n+OK\r\n+OK Bye\r\n")
+        self.assertNotIn("login refused", "\n".join(self.logs.lines()))
 
 
 class ForwardClientTests(POP3TestCase):

@@ -317,8 +317,15 @@ class LineFrontEnd(RoutedConnection):
     def refused(self, reject: Reject) -> None:
         """A login was refused: say so (`login_failed()`), then let the client try again,
         unless that was its last attempt."""
-        self.failed_logins += 1
         self.last_failure = ("rejected", reject.message)
+        if not reject.counts:
+            self.login_failed(reject)
+            if reject.close:
+                self.close("rejected", reject.message)
+            else:
+                self.resume()
+            return
+        self.failed_logins += 1
         assert self.session is not None
         self.log.info(
             "session {session_id}: login refused for {user} from {client}: {why} (attempt {attempt} of {max_attempts})",

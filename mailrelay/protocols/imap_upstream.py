@@ -32,7 +32,7 @@ from .upstream import MAX_RESPONSE_LINE, MAX_RESPONSE_LINES, UpstreamProtocolErr
 ClientID = Sequence[tuple[str, str | None]]
 """An ID command's field-value pairs."""
 
-TEMPORARY_CODES = frozenset({b"UNAVAILABLE", b"SERVERBUG", b"LIMIT", b"INUSE"})
+TEMPORARY_CODES = frozenset({b"UNAVAILABLE", b"SERVERBUG", b"LIMIT"})
 """Response codes of a NO that says "not now" rather than "wrong credentials"."""
 
 
@@ -233,7 +233,8 @@ class IMAPUpstreamLogin:
             return
         if verdict.status == b"NO" and verdict.code_name not in TEMPORARY_CODES:
             code = verdict.code_name.decode("ascii", "replace") or "AUTHENTICATIONFAILED"
-            raise Reject(_text(verdict) or "Authentication failed", code=code)
+            # INUSE (RFC 5530): the credentials were right, the mailbox is busy: not a failed login.
+            raise Reject(_text(verdict) or "Authentication failed", code=code, counts=code != "INUSE")
         raise UpstreamProtocolError(f"upstream answered the {mechanism} login with {_said(verdict)}")
 
 

@@ -143,5 +143,5 @@ class POP3UpstreamLogin:
             code = match[1].upper() if match else b"AUTH"
             if code not in TEMPORARY_CODES:
                 text = reply[match.end() if match else 4 :].strip().decode("utf-8", "replace")[:200]
-                raise Reject(text or "Authentication failed", code=code.decode("ascii"))
+                raise Reject(text or "Authentication failed", code=code.decode("ascii"), counts=code != b"IN-USE")
         raise UpstreamProtocolError(f"upstream answered the {mechanism} login with {shown(reply)}")
