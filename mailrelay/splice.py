@@ -24,7 +24,14 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime, ISSLTransport, ITCPTransport, ITransport
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+    ITCPTransport,
+    ITransport,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -88,6 +95,8 @@ class SpliceableProtocol(Protocol):
         self.read_closed = False
         self.lost_reason: Failure | None = None
         self._paused_for_pending = False
+        self._held = False
+        """Reading is paused because the peer cannot take more now (`hold()`)."""
         self._side: _Side | None = None
         self._waiting: Deferred[None] | None = None
 
@@ -137,7 +146,8 @@ class SpliceableProtocol(Protocol):
         self._wake()
         if len(self.pending) >= self.pending_limit and not self._paused_for_pending:
             self._paused_for_pending = True
-            self.transport.pauseProducing()
+            if not self._held:
+                self.transport.pauseProducing()
 
     def pendingReceived(self) -> None:
         """Called when bytes were added to `pending` before the splice; override to parse them."""
@@ -146,7 +156,22 @@ class SpliceableProtocol(Protocol):
         """Call after taking bytes out of `pending`: reading resumes once there is room."""
         if self._paused_for_pending and len(self.pending) < self.pending_limit:
             self._paused_for_pending = False
-            self.transport.resumeProducing()
+            if not self._held:
+                self.transport.resumeProducing()
+
+    def hold(self) -> None:
+        """Stop reading until `release()`: what this connection delivers goes to a peer
+        that cannot take more now. Independent of the pause for a full `pending`."""
+        if not self._held:
+            self._held = True
+            if not self._paused_for_pending:
+                self.transport.pauseProducing()
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            if not self._paused_for_pending:
+                self.transport.resumeProducing()
 
     def readConnectionLost(self) -> None:
         if self._side is not None:
@@ -172,6 +197,28 @@ class SpliceableProtocol(Protocol):
         """The connection ended before any splice adopted it."""
 
 
+@implementer(IPushProducer)
+class Pacer:
+    """
+    The producer registered with one connection's transport on behalf of the protocol
+    that feeds it: when the transport's buffer fills, `protocol` stops reading
+    (`hold()`) until it drains. For relays that read what they forward through
+    `pending` instead of adopting both legs into a `Splice`.
+    """
+
+    def __init__(self, protocol: SpliceableProtocol) -> None:
+        self.protocol = protocol
+
+    def pauseProducing(self) -> None:
+        self.protocol.hold()
+
+    def resumeProducing(self) -> None:
+        self.protocol.release()
+
+    def stopProducing(self) -> None:
+        pass
+
+
 @attrs.define
 class SpliceResult:
     """How a splice ended."""
@@ -184,6 +231,8 @@ class SpliceResult:
     """`closed` (both sides ended), `idle-timeout`, or the reason given to `abort()`."""
     ended_by: str | None
     """`client` or `upstream`: which side closed or reset first (None for timeouts, aborts)."""
+    reason: str | None = None
+    """Why the session ended, when more needs saying than `ended_by` (a relay's refusal)."""
 
 
 class _Side:

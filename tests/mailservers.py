@@ -260,6 +260,15 @@ class Postfix:
                 )
             time.sleep(0.02)
 
+    def wait_for_empty_queue(self, timeout: float = WAIT) -> None:
+        """Wait until Postfix has nothing left to deliver (every message accepted so far
+        is in its maildirs or bounced). This blocks, like `wait_for_messages`."""
+        deadline = time.monotonic() + timeout
+        while "Mail queue is empty" not in (listing := self._queue_listing()):
+            if time.monotonic() > deadline:
+                raise PostfixError(f"the queue is not empty after {timeout} s:\n{listing}")
+            time.sleep(0.05)
+
     def start(self) -> None:
         """Start Postfix (a no-op when it runs) and wait until it greets on its port."""
         if self._process is not None:

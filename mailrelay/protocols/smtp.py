@@ -27,8 +27,8 @@ from ..router import Reject, RouteRequest
 from ..sasl import encode
 from ..splice import SpliceResult
 from .base import LineFrontEnd, printable
+from .smtp_relay import SMTPRelay
 from .smtp_upstream import ClientFacts, SMTPUpstreamLogin
-from .smtp_vetting import VettingRelay
 
 DEFAULT_CAPABILITIES = ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES")
 
@@ -48,6 +48,7 @@ class SMTPFrontEnd(LineFrontEnd):
     rcpt: bytes | None = None
     """The RCPT command being vetted by the Router."""
     authenticating = False
+    _upstream_login: SMTPUpstreamLogin | None = None
 
     COMMANDS = {
         b"EHLO": "smtp_EHLO",
@@ -79,8 +80,9 @@ class SMTPFrontEnd(LineFrontEnd):
     def line_received(self, line: bytes) -> None:
         verb, _, args = line.partition(b" ")
         method = self.COMMANDS.get(verb.upper())
-        if b"\0" in line:
-            self.error(b"500 5.5.2 Error: NUL character in command\r\n")
+        if b"\0" in line or b"\r" in line:
+            # Some servers end a line at a bare CR: such a line means different things to different readers.
+            self.error(b"500 5.5.2 Error: bare CR or NUL character in command\r\n")
         elif method is None:
             self.error(b"500 5.5.2 Error: command not recognized\r\n")
         else:
@@ -251,7 +253,7 @@ class SMTPFrontEnd(LineFrontEnd):
 
     def upstream_steps(self, request: RouteRequest) -> tuple[LoginStep | None, StartTLSStep | None]:
         envelope = (self.mail, self.rcpt) if request.auth_method == "none" and self.mail and self.rcpt else None
-        steps = SMTPUpstreamLogin(
+        steps = self._upstream_login = SMTPUpstreamLogin(
             ClientFacts(
                 hostname=self.hostname.encode("idna"),
                 helo=self.helo,
@@ -265,12 +267,28 @@ class SMTPFrontEnd(LineFrontEnd):
         return steps.login, steps.starttls
 
     async def relay(self, upstream: Upstream) -> SpliceResult:
-        if self.config.vet_recipients == "all" and self.mail is not None and not self.authenticating:
-            return await VettingRelay(self, upstream, self.mail).run()
-        return await super().relay(upstream)
+        """Not a blind splice: the session goes on through `SMTPRelay`, which lets no
+        XCLIENT, smuggled message or unvetted recipient reach the upstream."""
+        assert self._upstream_login is not None
+        envelope = self.mail is not None and self.rcpt is not None and not self.authenticating
+        relay = SMTPRelay(
+            self,
+            upstream,
+            chunking=self._upstream_login.offers("CHUNKING"),
+            helo=self.helo,
+            mail=self.mail if envelope else None,
+            rcpt_owed=envelope,
+            vet=envelope and self.config.vet_recipients == "all",
+        )
+        self._splice = relay
+        return await relay.run()
+
+    def recipient_refusal(self, reject: Reject) -> bytes:
+        """The reply to a RCPT the Router refused."""
+        return f"{_reply_code(reject.code, '550 5.7.1')} {printable(reject.message)}\r\n".encode()
 
     def refuse_recipient(self, reject: Reject) -> None:
-        self.reply(f"{_reply_code(reject.code, '550 5.7.1')} {printable(reject.message)}")
+        self.send(self.recipient_refusal(reject))
 
     def refused(self, reject: Reject) -> None:
         if self.rcpt is not None:

@@ -122,6 +122,11 @@ class SMTPUpstreamLogin:
         self._extensions: dict[str, tuple[str, ...]] | None = None
         self._connection: UpstreamProtocol | None = None
 
+    def offers(self, keyword: str) -> bool:
+        """Whether the upstream's last EHLO reply (the one the session goes on from)
+        listed the extension `keyword`."""
+        return keyword.upper() in (self._extensions or {})
+
     async def _hello(self, upstream: UpstreamProtocol, name: bytes) -> None:
         ehlo = await command(upstream, b"EHLO " + name, (250,), "EHLO")
         self._extensions = extensions(ehlo)
