@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from .config import ConfigError, load_config
+from .routers import RouterSpec
 from .service import MailrelayService
 
 
@@ -52,10 +53,14 @@ def check(path: str) -> int:
                 f" max_attempts={front.max_attempts} max_errors={front.max_errors} login_timeout={front.login_timeout:g}s"
             )
         print(f"  router: {listener.router.description if listener.router else 'the default router'}")
+        router = listener.router or config.router
+        if listener.accepts_passwords and router is not None:
+            print(f"  passwords: {_who_checks_passwords(router)}")
     limits = config.login_limits
     print(
         f"login_limits: window={limits.window:g}s max_per_client={limits.max_per_client or 'off'}"
-        f" max_per_user={limits.max_per_user or 'off'} delay={limits.delay:g}s"
+        f" max_per_user={limits.max_per_user or 'off'} delay={limits.delay:g}s max_delay={limits.max_delay:g}s"
+        f" exempt={','.join(str(network) for network in limits.exempt) or 'none'}"
     )
     trust = config.upstream.ca or "the system trust store"
     print(
@@ -63,6 +68,18 @@ def check(path: str) -> int:
         f" drain_timeout={config.drain_timeout:g}s"
     )
     return 0
+
+
+def _who_checks_passwords(router: RouterSpec) -> str:
+    """On a listener that takes passwords, who checks them (the configuration refused
+    routes on which no one would)."""
+    if router.type == "map":
+        return "verified by the router for rules with a password hash, by the upstream (login=passthrough) for the others"
+    if router.verifies_passwords:
+        return "verified by the router (verifies_passwords)"
+    if router.type == "python":
+        return "not verified by the router: its routes must log in with login=passthrough (enforced per session)"
+    return "the router verifies none: checked by the upstream (login=passthrough)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,9 +18,10 @@ import attrs
 from twisted.internet.endpoints import serverFromString
 
 from .configtable import ConfigError, Errors, Table, read_toml
-from .guard import LoginLimits
-from .router import MODES, PROTOCOLS
-from .routers import RouterSpec, parse_router
+from .guard import LoginLimits, Network
+from .router import MODES, PASSWORDLESS_METHODS, PROTOCOLS
+from .routers import RouterSpec, parse_router, refuse_unchecked_logins
+from .routers.map import _networks as read_networks
 from .sasl import MECHANISMS
 from .tls import MIN_VERSIONS, CertificateFiles, ServerTLSConfig
 
@@ -96,6 +97,13 @@ class ListenerConfig:
     def terminates_tls(self) -> bool:
         return self.mode in TLS_MODES
 
+    @property
+    def accepts_passwords(self) -> bool:
+        """Whether a client may log in with a password (or a token, a digest): any `auth`
+        method but "none" (MX use) and "external" (a client certificate mailrelay
+        verified). Someone must check it: the Router, or the upstream."""
+        return self.protocol in FRONT_END_PROTOCOLS and any(m not in PASSWORDLESS_METHODS for m in self.front_end.auth)
+
 
 @attrs.frozen
 class Config:
@@ -166,6 +174,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base_dir: st
         seen.setdefault(listener.name, index)
         if "external" in listener.front_end.auth and (tls is None or tls.client_ca is None):
             errors.add(f"listener[{index}].auth", '"external" needs client certificates: set [tls] client_ca')
+    _refuse_unchecked_logins(valid, default_router, errors)
     errors.raise_if_any()
     return Config(
         source=source,
@@ -176,6 +185,19 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base_dir: st
         tls=tls,
         login_limits=login_limits,
     )
+
+
+def _refuse_unchecked_logins(listeners: list[ListenerConfig], default: RouterSpec | None, errors: Errors) -> None:
+    """A listener that takes passwords must not be routed with `login = "xclient"` or
+    `"none"` (the upstream takes mailrelay's word) unless its router checks the password:
+    one error per such route, naming the listeners (a map file is checked when read)."""
+    by_router: dict[int, tuple[RouterSpec, list[tuple[str, str]]]] = {}
+    for listener in listeners:
+        spec = listener.router or default
+        if spec is not None and listener.accepts_passwords:
+            by_router.setdefault(id(spec), (spec, []))[1].append((listener.name, listener.protocol))
+    for spec, password_listeners in by_router.values():
+        refuse_unchecked_logins(spec.unchecked_logins, password_listeners, errors)
 
 
 def _router(table: Table | None) -> RouterSpec | None:
@@ -330,11 +352,24 @@ def _login_limits(table: Table) -> LoginLimits | None:
         max_per_client=table.integer("max_per_client", default.max_per_client, minimum=0, maximum=1_000_000),
         max_per_user=table.integer("max_per_user", default.max_per_user, minimum=0, maximum=1_000_000),
         delay=table.number("delay", default.delay),
+        max_delay=table.seconds("max_delay", default.max_delay),
+        exempt=_exempt(table),
     )
     table.finish()
     if None in values.values():
         return None
     return LoginLimits(**values)
+
+
+def _exempt(table: Table) -> tuple[Network, ...] | None:
+    """`exempt`: networks or addresses (a map rule's `client` syntax); `[]` is none."""
+    if table.data.get("exempt") == []:
+        table.consume("exempt")
+        return ()
+    networks = read_networks(table, "exempt")
+    if networks is False:
+        return None
+    return networks if isinstance(networks, tuple) else ()
 
 
 def _tls(table: Table) -> ServerTLSConfig | None:
@@ -364,10 +399,18 @@ def _certificate(table: Table, where: str, sni: bool = False) -> CertificateFile
     key = table.file("key", cert)
     names: tuple[str, ...] = ()
     if sni:
-        listed = table.strings("names", ())
+        # `names = [...]`, or `name = "..."` for one (as earlier documentation showed it).
+        one = table.string("name", None)
+        listed = table.strings("names", None)
+        names_key = "names"
+        if one is not None and listed is not None:
+            table.error("name", 'and "names" cannot both be set: list every name in names = [...]')
+            listed = None
+        elif one is not None:
+            names_key, listed = "name", (one,)
         for name in listed or ():
             if not _SNI_NAME.fullmatch(name):
-                table.error("names", f'"{name}" is not a host name or a *.wildcard one')
+                table.error(names_key, f'"{name}" is not a host name or a *.wildcard one')
         names = tuple(n.lower().rstrip(".") for n in listed or ())
         table.finish()
     if cert is None or key is None:

@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from .config import ListenerConfig
 from .connector import LoginStep, StartTLSStep, Upstream, UpstreamConnector, UpstreamUnavailable
-from .guard import LoginGuard
+from .guard import Attempt, LoginGuard
 from .router import Address, IRouter, Reject, RouteRequest, RouterError, ask_router
 from .session import Session, Sessions
 from .splice import Splice, SpliceableProtocol, SpliceResult
@@ -39,6 +39,14 @@ def address_of(address: IAddress) -> Address:
     if isinstance(name, bytes):
         name = name.decode("utf-8", "replace")
     return (name or "unix", 0)
+
+
+class Relay(Protocol):
+    """What carries a session once it is logged in: a `Splice`, or a protocol's own
+    relay (SMTP's)."""
+
+    def abort(self, outcome: str) -> None:
+        """Drop both connections now; the session line says `outcome`."""
 
 
 class RoutedConnectionFactory(Protocol):
@@ -74,7 +82,7 @@ class RoutedConnection(SpliceableProtocol):
         self.local: Address = ("", 0)
         self.tls: TLSFacts | None = None
         """What the client's TLS handshake established; None while the connection is plaintext."""
-        self._splice: Splice | None = None
+        self._splice: Relay | None = None
         self._task: Deferred[None] | None = None
         self._aborted_as: str | None = None
         self._handshake_timer: IDelayedCall | None = None
@@ -147,6 +155,8 @@ class RoutedConnection(SpliceableProtocol):
         return None, None
 
     def lostBeforeSplice(self, reason: Failure) -> None:
+        if self._splice is not None:
+            return  # a relay reading through `pending` sees the end itself
         if self._task is not None and not self._task.called:
             self._task.cancel()
         elif self._task is None:
@@ -171,49 +181,56 @@ class RoutedConnection(SpliceableProtocol):
         upstream), splice. A refusal ends in `refused()`, a failure to decide or to
         reach an upstream in `unavailable()`: front-ends override those to answer in
         their protocol. Failed logins are counted by the listener's guard, which may
-        refuse a login before the Router is asked.
+        refuse a login before the Router is asked, or hold it back; a login it lets
+        through counts as in flight until its outcome is known, however it ends.
         """
         factory, session = self.factory, self.session
         assert session is not None
         session.user = request.user
         guard = factory.guard
+        attempt = Attempt()  # without a guard: counted by no one
         if guard is not None:
-            refusal = guard.refusal(request)
-            if refusal is not None:
+            attempt = guard.admit(request)
+            if attempt.refusal is not None:
                 if guard.limits.delay > 0:
                     await deferLater(factory.clock, guard.limits.delay)
-                self.unavailable("throttled", refusal)
+                self.unavailable("throttled", attempt.refusal)
                 return
         try:
+            if attempt.delay > 0:  # the per-user slowdown
+                await deferLater(factory.clock, attempt.delay)
             routes = await ask_router(factory.router, request, factory.clock, self.listener.router_timeout)
             if self.lost_reason is not None:  # a router that ignored its cancellation
                 raise CancelledError()
             upstream = await factory.connector.connect(routes, login=login, session_id=session.id, starttls=starttls)
         except Reject as reject:  # by the Router, or by the upstream refusing our login
-            if guard is not None and reject.counts:
-                guard.failed(request)
+            attempt.end(failed=reject.counts)  # before the front-end may read the next login
             if reject.wait > 0:
                 await deferLater(factory.clock, reject.wait)
             self.refused(reject)
             return
         except RouterError as e:
+            attempt.end()
             if e.__cause__ is not None:  # the router raised: its author needs the traceback
                 self.log.failure("session {session_id}: router failed", Failure(e.__cause__), session_id=session.id)
             self.unavailable("router-error", str(e))
             return
         except UpstreamUnavailable as e:
+            attempt.end()
             self.unavailable("upstream-unavailable", str(e))
             return
+        finally:  # logged in or cancelled (ending twice is harmless): no longer in flight
+            attempt.end()
         session.upstream = upstream.route.address
         self.logged_in(upstream)
         result = await self.relay(upstream)
         session.bytes_up, session.bytes_down = result.bytes_up, result.bytes_down
-        session.finish(result.outcome, f"{result.ended_by} closed first" if result.ended_by else None)
+        session.finish(result.outcome, result.reason or (f"{result.ended_by} closed first" if result.ended_by else None))
 
     async def relay(self, upstream: Upstream) -> SpliceResult:
         """Carry the session between client and upstream until it ends: splice it."""
-        self._splice = Splice(self, upstream.protocol, self.factory.clock, self.listener.idle_timeout)
-        return await self._splice.start()
+        splice = self._splice = Splice(self, upstream.protocol, self.factory.clock, self.listener.idle_timeout)
+        return await splice.start()
 
     def logged_in(self, upstream: Upstream) -> None:
         """The upstream is connected and logged in; the splice starts next. A front-end

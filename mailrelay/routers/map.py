@@ -37,6 +37,18 @@ first match, the client's password must verify against it (in the reactor's thre
 hashing is slow on purpose) or the session is refused with "invalid credentials" after
 `reject_wait` seconds (default 2). A failed check does not fall through to later rules.
 Only PLAIN and LOGIN carry a password mailrelay can check; other methods are refused.
+At most `max_hash_checks` checks (default 4) run at once per map router, and at most
+`max_hash_queue` (default 100) wait for their turn; past that a check fails at once with
+a RouterError, the client's temporary failure (never "invalid credentials"), so that a
+flood of logins costs neither unbounded memory (argon2 takes tens of MiB per check) nor
+an unbounded queue. A check whose login is cancelled while it waits leaves the queue.
+
+A route with `login = "xclient"` or `"none"` makes the upstream take mailrelay's word
+for who logged in: for a password login, only a rule with a password hash may answer
+with one. A map with a rule (or default) without one that could answer a listener that
+takes passwords (any `auth` but "none" and "external") with such a route is refused: in
+the configuration, and in a map file when it is read (at start, and on reload, which
+keeps the previous map). Should a request get there anyway, it is a RouterError.
 
 Rules come from the `[router]` table or from `file`, never both (two places would
 make "first match" depend on how they are merged). A file map is re-read when its
@@ -59,19 +71,29 @@ import argon2
 import attrs
 import bcrypt
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..configtable import ConfigError, Errors, Table, read_toml
 from ..interfaces import IReloadable
-from ..router import PROTOCOLS, IRouter, Reject, Route, RouteRequest
-from .static import route_from_table
+from ..router import (
+    PASSWORDLESS_METHODS,
+    PROTOCOLS,
+    TRUSTING_LOGINS,
+    IRouter,
+    Reject,
+    Route,
+    RouteRequest,
+    RouterError,
+)
+from .static import describe_route, route_from_table
 
 if TYPE_CHECKING:
-    from . import RouterSpec
+    from . import PasswordListener, RouterSpec, UncheckedLogin
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -82,6 +104,8 @@ CONDITIONS = ("user", "domain", "listener", "client", "protocol")
 CHECKABLE_METHODS = ("plain", "login")
 DEFAULT_CHECK_INTERVAL = 2.0
 DEFAULT_PASSWORD_WAIT = 2.0
+DEFAULT_MAX_HASH_CHECKS = 4
+DEFAULT_MAX_HASH_QUEUE = 100
 NO_ROUTE = "no route for this session"
 INVALID_CREDENTIALS = "invalid credentials"
 
@@ -123,13 +147,52 @@ def verify_password(hashed: str, password: str) -> bool:
         return False
 
 
-def threaded_verify(reactor: Any) -> Verify:
-    """`verify_password` in `reactor`'s thread pool, so that hashing never blocks the reactor."""
+def threaded_verify(reactor: Any, max_checks: int = DEFAULT_MAX_HASH_CHECKS, max_queue: int = DEFAULT_MAX_HASH_QUEUE) -> Verify:
+    """`verify_password` in `reactor`'s thread pool, so that hashing never blocks the
+    reactor, at most `max_checks` at once and `max_queue` waiting (`bounded_verify`)."""
 
     def verify(hashed: str, password: str) -> Deferred[bool]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), verify_password, hashed, password)
 
-    return verify
+    return bounded_verify(verify, max_checks, max_queue)
+
+
+def bounded_verify(verify: Verify, max_checks: int, max_queue: int) -> Verify:
+    """
+    `verify` run at most `max_checks` at once, with at most `max_queue` checks waiting
+    for their turn; one more fails at once with RouterError.
+
+    Invariant: no more than `max_checks` checks of `verify` are ever running, even when
+    their callers give up: a check that is cancelled while it waits leaves the queue, one
+    cancelled while it runs (a thread cannot be stopped) keeps its turn until it ends.
+    """
+    turns = DeferredSemaphore(max_checks)
+
+    def bounded(hashed: str, password: str) -> Deferred[bool]:
+        if turns.tokens == 0 and len(turns.waiting) >= max_queue:
+            return fail(RouterError(f"password checks busy: {max_checks} running, {max_queue} waiting"))
+
+        turn = turns.acquire()
+        # Cancelling the answer takes a waiting check out of the queue (`turn.cancel()`);
+        # a running one goes on, its turn held until it ends.
+        answer: Deferred[bool] = Deferred(canceller=lambda _: turn.cancel())
+
+        def ended(result: bool | Failure) -> None:
+            turns.release()
+            if answer.called:
+                return None  # the caller gave up (a failure is dropped with it)
+            if isinstance(result, Failure):
+                answer.errback(result)
+            else:
+                answer.callback(result)
+
+        def run(_: object) -> None:
+            maybeDeferred(verify, hashed, password).addBoth(ended)
+
+        turn.addCallbacks(run, lambda failure: failure.trap(CancelledError))
+        return answer
+
+    return bounded
 
 
 # -- rules -------------------------------------------------------------------------
@@ -149,6 +212,8 @@ class Rule:
     protocols: frozenset[str] | None = None
     networks: tuple[Network, ...] | None = None
     routes: tuple[Route, ...] = ()
+    route_keys: tuple[str, ...] = attrs.field(default=(), eq=False, repr=False)
+    """The key path of each route's table, for messages."""
     reject: str | None = None
     reject_wait: float | None = None
     password: str | None = attrs.field(default=None, repr=False)
@@ -175,7 +240,19 @@ class Rule:
     def describe(self) -> str:
         if self.reject is not None:
             return f'reject "{self.reject}"'
-        return ", then ".join(route.address for route in self.routes)
+        return ", then ".join(describe_route(route) for route in self.routes)
+
+    def could_match(self, listener: str, protocol: str) -> bool:
+        """Whether the rule can match a request on `listener` speaking `protocol`."""
+        return (self.listeners is None or listener in self.listeners) and (self.protocols is None or protocol in self.protocols)
+
+    def unchecked(self) -> list[tuple[Route, str]]:
+        """The routes (with their key paths) on which the upstream checks no password,
+        given without a password checked here."""
+        if self.password is not None:
+            return []
+        keys = self.route_keys or ("",) * len(self.routes)
+        return [(route, key) for route, key in zip(self.routes, keys, strict=True) if route.login in TRUSTING_LOGINS]
 
 
 @attrs.frozen
@@ -231,6 +308,18 @@ class RouteMap:
 
     def __len__(self) -> int:
         return len(self.rules)
+
+    def unchecked_logins(self, listener: str, protocol: str) -> list[UncheckedLogin]:
+        """The routes that a password login on `listener` (speaking `protocol`) could get
+        with `login = "xclient"` or `"none"` from a rule without a password hash (the
+        default included): no one would check the password."""
+        found: list[UncheckedLogin] = []
+        for rule in (*self.rules, *((self.default,) if self.default is not None else ())):
+            if rule.could_match(listener, protocol):
+                for route, key in rule.unchecked():
+                    what = "the default" if rule.index < 0 else "the rule"
+                    found.append((f"{key}.login" if key else "login", route.login, f"{what} has no password hash"))
+        return found
 
     def _file(self, rule: Rule) -> None:
         for key, values in (("user", rule.users), ("domain", rule.domains)):
@@ -346,18 +435,22 @@ def _action(table: Table, index: int, password_rule: bool = False) -> Rule | Non
         if index < 0:
             # The default may be written as a route itself: [router.default] host = ...
             route = route_from_table(table)
-            return Rule(index=index, routes=(route,)) if route is not None else None
+            return Rule(index=index, routes=(route,), route_keys=(table.path,)) if route is not None else None
         table.error(None, "needs route, routes or reject")
         return None
     for extra in given[1:]:
         table.error(extra, f"cannot be used with {given[0]}")
     # Every answer given is read, so that its own mistakes are reported too.
     routes: list[Route | None] = []
+    keys: list[str] = []
     if table.has("route"):
         route_table = table.table("route")
         routes.append(route_from_table(route_table) if route_table is not None else None)
+        keys.append(table.key_path("route"))
     if table.has("routes"):
-        routes.extend(route_from_table(t) for t in table.tables("routes"))
+        for route_table in table.tables("routes"):
+            routes.append(route_from_table(route_table))
+            keys.append(route_table.path)
         if table.data["routes"] == []:
             table.error("routes", "must list at least one route")
             routes.append(None)
@@ -373,7 +466,7 @@ def _action(table: Table, index: int, password_rule: bool = False) -> Rule | Non
         return None
     if message is not None:
         return Rule(index=index, reject=message, reject_wait=reject_wait)
-    return Rule(index=index, routes=tuple(r for r in routes if r is not None), reject_wait=reject_wait)
+    return Rule(index=index, routes=tuple(r for r in routes if r is not None), route_keys=tuple(keys), reject_wait=reject_wait)
 
 
 def _reject_wait(table: Table) -> float | None:
@@ -427,8 +520,10 @@ def _protocols(table: Table) -> frozenset[str] | None | bool:
     return frozenset(values)
 
 
-def _networks(table: Table) -> tuple[Network, ...] | None | bool:
-    values = _values(table, "client")
+def _networks(table: Table, key: str = "client") -> tuple[Network, ...] | None | bool:
+    """Networks or single addresses under `key` (a rule's `client`; `[login_limits]`
+    reads its `exempt` with it too); None if absent, False if invalid."""
+    values = _values(table, key)
     if not isinstance(values, tuple):
         return values
     networks: list[Network] = []
@@ -439,9 +534,9 @@ def _networks(table: Table) -> tuple[Network, ...] | None | bool:
             try:
                 loose = ipaddress.ip_network(value, strict=False)
             except ValueError:
-                table.error("client", f'"{value}" is not an IP address or network (CIDR)')
+                table.error(key, f'"{value}" is not an IP address or network (CIDR)')
             else:
-                table.error("client", f'"{value}" has host bits set (the network is {loose})')
+                table.error(key, f'"{value}" has host bits set (the network is {loose})')
             return False
     return tuple(networks)
 
@@ -458,16 +553,22 @@ def _signature(path: str) -> Signature | None:
     return (status.st_mtime_ns, status.st_size, status.st_ino)
 
 
-def read_map_file(path: str) -> tuple[RouteMap, Signature]:
+def read_map_file(path: str, password_listeners: Iterable[PasswordListener] = ()) -> tuple[RouteMap, Signature]:
     """
     Read and validate a map file; raise ConfigError whose lines name `path` and the key
-    paths in it. The signature is that of the very file read.
+    paths in it. The signature is that of the very file read. A map that would give a
+    password login on one of `password_listeners` an unchecked route is invalid
+    (`refuse_unchecked_logins`).
     """
     data, status = read_toml(path)
     errors = Errors(path, base_dir=os.path.dirname(os.path.abspath(path)))
     top = Table(data, "", errors)
     route_map = parse_map(top, "default")
     top.finish()
+    if route_map is not None:
+        from . import refuse_unchecked_logins
+
+        refuse_unchecked_logins(route_map.unchecked_logins, password_listeners, errors)
     errors.raise_if_any()
     assert route_map is not None
     return route_map, (status.st_mtime_ns, status.st_size, status.st_ino)
@@ -484,7 +585,15 @@ class MapRouter:
 
     `verify(hash, password)` does the check (default: `verify_password` in the thread
     pool of the reactor given to `build()`); tests may pass a synchronous one.
+
+    Invariant: a password login gets a route on which the upstream checks no password
+    (`login = "xclient"` or `"none"`) only from a rule whose password hash it matched;
+    a rule without one that would answer so is a RouterError (the configuration
+    refuses such maps for listeners that take passwords; this holds for any other).
+    Hence `verifies_passwords`.
     """
+
+    verifies_passwords = True
 
     def __init__(self, route_map: RouteMap, verify: Verify) -> None:
         self.route_map = route_map
@@ -495,6 +604,14 @@ class MapRouter:
         if rule is None:
             raise Reject(NO_ROUTE)
         if rule.password is None:
+            unchecked = rule.unchecked()
+            if unchecked and request.auth_method not in PASSWORDLESS_METHODS:
+                route, _ = unchecked[0]
+                which = "the default" if rule.index < 0 else f"rule[{rule.index}]"
+                raise RouterError(
+                    f"{self.route_map.source}: {which} answers a {request.auth_method.upper()} login with a"
+                    f' login = "{route.login}" route but has no password hash: no one would check the password'
+                )
             return rule.answer()
         wait = rule.reject_wait if rule.reject_wait is not None else DEFAULT_PASSWORD_WAIT
         if request.auth_method not in CHECKABLE_METHODS + ("none",):
@@ -529,8 +646,13 @@ class FileMapRouter(MapRouter, Service):
     generation = 0
     """Counts the maps read: a route cache in front of this router empties when it changes."""
 
-    def __init__(self, path: str, check_interval: float, clock: Any, verify: Verify) -> None:
-        route_map, self._signature = read_map_file(path)  # ConfigError: nothing listens
+    def __init__(
+        self, path: str, check_interval: float, clock: Any, verify: Verify, password_listeners: Iterable[PasswordListener] = ()
+    ) -> None:
+        self.password_listeners = tuple(password_listeners)
+        """The (name, protocol) of the listeners it serves that take passwords: a map
+        that would route their logins unchecked is refused, at start and on reload."""
+        route_map, self._signature = read_map_file(path, self.password_listeners)  # ConfigError: nothing listens
         super().__init__(route_map, verify)
         self.path = path
         self.check_interval = check_interval
@@ -577,7 +699,7 @@ class FileMapRouter(MapRouter, Service):
         if seen is _NEVER:
             seen = _signature(self.path)
         try:
-            route_map, signature = read_map_file(self.path)
+            route_map, signature = read_map_file(self.path, self.password_listeners)
         except ConfigError as e:
             if forced or seen != self._failed:
                 self._failed = seen
@@ -603,6 +725,7 @@ def parse(table: Table) -> RouterSpec | None:
     has_file = table.has("file")
     path = table.file("file", None)
     check_interval = table.seconds("check_interval", DEFAULT_CHECK_INTERVAL)
+    hashing = _hash_bounds(table)
     if not has_file:
         if table.has("check_interval"):
             table.error("check_interval", "applies only with file")
@@ -612,7 +735,7 @@ def parse(table: Table) -> RouterSpec | None:
         route_map = parse_map(table, table.key_path("default"))
         if route_map is None or table.has("check_interval"):
             return None
-        return _inline_spec(RouterSpec, route_map)
+        return _inline_spec(RouterSpec, route_map, hashing)
 
     conflicts = [key for key in ("rule", "default") if table.has(key)]
     for key in conflicts:
@@ -622,20 +745,32 @@ def parse(table: Table) -> RouterSpec | None:
         return None
     interval = float(check_interval)
 
-    def build(reactor: Any = None, verify: Verify | None = None) -> IRouter:
+    def build(reactor: Any = None, verify: Verify | None = None, password_listeners: Iterable[PasswordListener] = ()) -> IRouter:
         reactor = _reactor(reactor)
-        return FileMapRouter(path, interval, reactor, verify or threaded_verify(reactor))
+        return FileMapRouter(path, interval, reactor, verify or threaded_verify(reactor, *hashing), password_listeners)
 
-    return RouterSpec("map", f"map: rules from {path}, checked every {interval:g}s", build)
+    description = f"map: rules from {path}, checked every {interval:g}s"
+    return RouterSpec("map", description, build, verifies_passwords=True)
 
 
-def _inline_spec(spec: type[RouterSpec], route_map: RouteMap) -> RouterSpec:
-    def build(reactor: Any = None, verify: Verify | None = None) -> IRouter:
-        return MapRouter(route_map, verify or threaded_verify(_reactor(reactor)))
+def _hash_bounds(table: Table) -> tuple[int, int]:
+    """`max_hash_checks` and `max_hash_queue` (an invalid one is reported, and the
+    configuration with it)."""
+    checks = table.integer("max_hash_checks", DEFAULT_MAX_HASH_CHECKS, minimum=1, maximum=1000)
+    queue = table.integer("max_hash_queue", DEFAULT_MAX_HASH_QUEUE, minimum=0, maximum=1_000_000)
+    return (checks or DEFAULT_MAX_HASH_CHECKS, DEFAULT_MAX_HASH_QUEUE if queue is None else queue)
+
+
+def _inline_spec(spec: type[RouterSpec], route_map: RouteMap, hashing: tuple[int, int]) -> RouterSpec:
+    def build(reactor: Any = None, verify: Verify | None = None, password_listeners: Iterable[PasswordListener] = ()) -> IRouter:
+        # The configuration checked `unchecked_logins` for the listeners it serves.
+        return MapRouter(route_map, verify or threaded_verify(_reactor(reactor), *hashing))
 
     count = len(route_map)
+    hashed = sum(1 for rule in route_map.rules if rule.password is not None)
+    rules = f"{count} rule{'' if count == 1 else 's'}" + (f" ({hashed} with a password hash)" if hashed else "")
     default = f"default {route_map.default.describe()}" if route_map.default else f'no match: reject "{NO_ROUTE}"'
-    return spec("map", f"map: {count} rule{'' if count == 1 else 's'}, {default}", build)
+    return spec("map", f"map: {rules}, {default}", build, verifies_passwords=True, unchecked_logins=route_map.unchecked_logins)
 
 
 def _reactor(reactor: Any) -> Any:
