@@ -15,7 +15,7 @@ from typing import Any, Literal
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 Address = tuple[str, int]
 """A (host, port) pair; for a UNIX socket the host is the path and the port 0."""
@@ -32,6 +32,14 @@ MODES: tuple[str, ...] = ("splice", "tls", "starttls")
 UPSTREAM_TLS: tuple[str, ...] = ("none", "tls", "starttls")
 LOGINS: tuple[str, ...] = ("passthrough", "xclient", "none")
 AUTH_MECHANISMS: tuple[str, ...] = ("plain", "login")
+
+TRUSTING_LOGINS: tuple[str, ...] = ("xclient", "none")
+"""Route logins the upstream takes on mailrelay's word: XCLIENT LOGIN= tells it who
+logged in, "none" logs in as nobody at an upstream that trusts mailrelay. Unlike
+"passthrough", the upstream checks no password: someone before it must have."""
+PASSWORDLESS_METHODS: tuple[str, ...] = ("none", "external")
+"""Auth methods that carry no password to check: no login at all (SMTP MX use), and a
+client certificate that mailrelay verified."""
 
 
 def format_address(address: Address) -> str:
@@ -213,6 +221,16 @@ RouteAnswer = Route | Sequence[Route]
 class IRouter(Interface):
     """Decides where a session goes."""
 
+    verifies_passwords = Attribute(
+        """
+        Optional (default False): whether this router checks the client's password
+        before it answers a password login (an auth service does, a route map's rule
+        with a password hash does; a static route does not). Only a router that says so
+        may answer a password login with `login = "xclient"` or `"none"`, routes on
+        which the upstream checks no password: otherwise the answer is a RouterError.
+        """
+    )
+
     def route(request: RouteRequest) -> RouteAnswer | Awaitable[RouteAnswer] | Deferred[RouteAnswer]:
         """
         Answer with a Route or a non-empty sequence of Routes (tried in order while
@@ -227,6 +245,10 @@ class IRouter(Interface):
 @implementer(IRouter)
 class Router:
     """Base class for routers written in Python; override `route`."""
+
+    verifies_passwords: bool = False
+    """Set True on a subclass that checks `request.password` itself, so that it may
+    answer password logins with `login = "xclient"` or `"none"` routes."""
 
     def route(self, request: RouteRequest) -> RouteAnswer | Awaitable[RouteAnswer] | Deferred[RouteAnswer]:
         raise NotImplementedError(f"{type(self).__qualname__} must implement route()")
@@ -247,6 +269,34 @@ def _as_routes(answer: object) -> list[Route]:
     if isinstance(answer, (list, tuple)) and answer and all(isinstance(r, Route) for r in answer):
         return list(answer)
     raise RouterError(f"router answered {answer!r}; expected a Route or a non-empty list of Routes")
+
+
+def verifies_passwords(router: object) -> bool:
+    """Whether `router` declares that it checks passwords (a cache asks the router it wraps)."""
+    return bool(getattr(router, "verifies_passwords", False))
+
+
+def refuse_unchecked_login(router: object, request: RouteRequest, routes: list[Route]) -> list[Route]:
+    """
+    `routes`, unless they would log a password login in on mailrelay's word with no one
+    having checked the password: a route with `login = "xclient"` or `"none"` answering
+    a login that carried a password (any method but "none" and "external"), from a
+    router that does not declare `verifies_passwords`. That is a RouterError (the client
+    gets a temporary failure and is never logged in), whatever the configuration said.
+    """
+    if request.auth_method in PASSWORDLESS_METHODS or verifies_passwords(router):
+        return routes
+    trusting = next((route for route in routes if route.login in TRUSTING_LOGINS), None)
+    if trusting is None:
+        return routes
+    while getattr(router, "inner", None) is not None:  # name the router a cache wraps
+        router = router.inner  # type: ignore[attr-defined]
+    raise RouterError(
+        f'{type(router).__qualname__} answered a {request.auth_method.upper()} login with a login = "{trusting.login}"'
+        f" route to {trusting.address}, on which the upstream checks no password, and does not declare"
+        " verifies_passwords = True: a router that checks request.password itself declares it; otherwise use"
+        ' login = "passthrough" so that the upstream checks the password'
+    )
 
 
 def call_router(router: IRouter, request: RouteRequest) -> Deferred[Any]:
@@ -270,8 +320,9 @@ def ask_router(router: IRouter, request: RouteRequest, clock: IReactorTime, time
 
     Fires with a non-empty list of Routes, or fails with `Reject` (the Router's
     decision) or `RouterError` (anything else: an exception, an answer of the wrong
-    type, no answer within `timeout` seconds). Cancelling the result cancels the
-    Router's pending Deferred or coroutine.
+    type, no answer within `timeout` seconds, a password login answered with a route
+    on which no one checks the password: `refuse_unchecked_login`). Cancelling the
+    result cancels the Router's pending Deferred or coroutine.
     """
 
     def failed(failure: Any) -> Any:
@@ -284,6 +335,7 @@ def ask_router(router: IRouter, request: RouteRequest, clock: IReactorTime, time
     d = call_router(router, request)
     d.addTimeout(timeout, clock)
     d.addCallbacks(_as_routes, failed)
+    d.addCallback(lambda routes: refuse_unchecked_login(router, request, routes))
     return d
 
 

@@ -115,10 +115,16 @@ class MailrelayService(MultiService):
         self.guard = LoginGuard(config.login_limits, reactor)
         if any(listener.terminates_tls for listener in config.listeners):
             self.server_tls = self._tls_setup(lambda: ServerTLS(config.tls or ServerTLSConfig(default=None)), errors)
-        default = router if router is not None else _build(config.router, errors, reactor)
+        # A router that reads its routes later (a map file) refuses, then and on reload,
+        # routes that would log a password login in unchecked on the listeners it serves.
+        default_passwords = [(lst.name, lst.protocol) for lst in config.listeners if lst.router is None and lst.accepts_passwords]
+        default = router if router is not None else _build(config.router, errors, reactor, default_passwords)
         routers: dict[str, IRouter] = {}
         for listener in config.listeners:
-            own = _build(listener.router, errors, reactor) if listener.router is not None else default
+            own = default
+            if listener.router is not None:
+                passwords = [(listener.name, listener.protocol)] if listener.accepts_passwords else []
+                own = _build(listener.router, errors, reactor, passwords)
             if own is not None:
                 routers[listener.name] = own
             elif listener.router is None and config.router is None:
@@ -228,11 +234,13 @@ class MailrelayService(MultiService):
         await DeferredList([maybeDeferred(r.stopService) for r in reversed(routers)])
 
 
-def _build(spec: RouterSpec | None, errors: list[str], reactor: Any) -> IRouter | None:
+def _build(spec: RouterSpec | None, errors: list[str], reactor: Any, password_listeners: list[tuple[str, str]]) -> IRouter | None:
+    """`spec`'s router (None with the reasons in `errors`); `password_listeners` are the
+    (name, protocol) of the listeners it serves that take password logins."""
     if spec is None:
         return None
     try:
-        return spec.build(reactor)
+        return spec.build(reactor, password_listeners=password_listeners)
     except ConfigError as e:
         errors.extend(e.errors)
         return None

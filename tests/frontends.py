@@ -31,11 +31,16 @@ def plain_ir(user: str = USER, password: str = PASSWORD) -> bytes:
 
 class Router:
     """Records each request; answers with `answer(request)` (a Route to `port` by default,
-    with `route`'s fields)."""
+    with `route`'s fields). It declares `verifies_passwords` when told to, or when
+    `answer` is a `password_check`: only then may it answer a password login with
+    `login = "xclient"` or `"none"` routes."""
 
-    def __init__(self, port: int = 9, answer: Any = None, **route: Any) -> None:
+    def __init__(self, port: int = 9, answer: Any = None, verifies_passwords: bool | None = None, **route: Any) -> None:
         self.requests: list[RouteRequest] = []
         self.answer = answer or (lambda request: Route(host="127.0.0.1", port=port, **route))
+        if verifies_passwords is None:
+            verifies_passwords = getattr(answer, "verifies_passwords", False)
+        self.verifies_passwords = verifies_passwords
 
     def route(self, request: RouteRequest) -> Any:
         self.requests.append(request)
@@ -61,6 +66,7 @@ def password_check(port: int, password: str = PASSWORD, wait: float = 0, message
             return Route(host="127.0.0.1", port=port, **route)
         raise Reject(message, wait=wait)
 
+    answer.verifies_passwords = True  # type: ignore[attr-defined]
     return answer
 
 

@@ -18,7 +18,6 @@ import subprocess
 import tempfile
 from typing import Any
 
-import attrs
 import pytest
 import trustme
 
@@ -135,7 +134,11 @@ class SubmissionTests(PostfixTestCase):
             ),
         }
         for kind, route in routes.items():
-            port = await self.proxy(Router(answer=lambda request, route=route: attrs.evolve(route, login="xclient")), mode="tls")
+            # The password checked here, as a login = "xclient" route needs.
+            checked = password_check(
+                route.port, login="xclient", tls=route.tls, server_name=route.server_name, tls_ca=route.tls_ca
+            )
+            port = await self.proxy(Router(answer=checked), mode="tls")
 
             def client(port: int = port) -> Any:
                 with self.smtp_from(port, "tls") as smtp:

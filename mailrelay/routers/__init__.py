@@ -7,15 +7,25 @@ its own keys (reporting problems on the table) and returns how to build the rout
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
 
-from ..configtable import Table
+from ..configtable import Errors, Table
 from ..router import IRouter
 from . import http, map, python, static
 from .cache import CachingRouter
+
+UncheckedLogin = tuple[str, str, str]
+"""A route configured to log password logins in on mailrelay's word with no password
+check before it: (the key path of its `login`, the login, what does not check)."""
+PasswordListener = tuple[str, str]
+"""A listener that takes password logins: (name, protocol)."""
+
+
+def _none(listener: str, protocol: str) -> list[UncheckedLogin]:
+    return []
 
 
 @attrs.frozen
@@ -23,13 +33,22 @@ class RouterSpec:
     """
     A validated router table: its type, a one-line description and a builder.
 
-    `build(reactor)` makes the router; `reactor` (None: the global one) is what a router
-    that does I/O or keeps time must use, so that tests can give it a fake clock.
+    `build(reactor, password_listeners=())` makes the router; `reactor` (None: the
+    global one) is what a router that does I/O or keeps time must use, so that tests can
+    give it a fake clock; `password_listeners` are the (name, protocol) of the listeners
+    it serves that accept password logins, for a router that reads its routes later
+    (a map file) to refuse routes no one would check a password for.
     """
 
     type: str
     description: str
     build: Callable[..., IRouter]
+    verifies_passwords: bool = False
+    """Whether the router checks passwords (a map: for rules with a password hash)."""
+    unchecked_logins: Callable[[str, str], list[UncheckedLogin]] = _none
+    """`(listener, protocol)`: the routes in the table that a password login on that
+    listener could get with `login = "xclient"` or `"none"` and no password checked;
+    the configuration refuses them."""
 
 
 ROUTER_TYPES: dict[str, Callable[[Table], RouterSpec | None]] = {
@@ -65,12 +84,39 @@ def parse_router(table: Table) -> RouterSpec | None:
 def cached(spec: RouterSpec, ttl: float, size: int) -> RouterSpec:
     """`spec` with its successful answers remembered for `ttl` seconds (routers/cache.py)."""
 
-    def build(reactor: Any = None) -> IRouter:
+    def build(reactor: Any = None, password_listeners: Iterable[PasswordListener] = ()) -> IRouter:
         if reactor is None:
             from twisted.internet import reactor
-        return CachingRouter(spec.build(reactor), ttl, size, reactor)
+        return CachingRouter(spec.build(reactor, password_listeners=password_listeners), ttl, size, reactor)
 
-    return RouterSpec(spec.type, f"{spec.description} (answers cached {ttl:g}s)", build)
+    description = f"{spec.description} (answers cached {ttl:g}s)"
+    return attrs.evolve(spec, description=description, build=build)
+
+
+def refuse_unchecked_logins(
+    unchecked_logins: Callable[[str, str], list[UncheckedLogin]], password_listeners: Iterable[PasswordListener], errors: Errors
+) -> None:
+    """
+    Report each route that `unchecked_logins` (a RouterSpec's, a route map's) finds for
+    one of `password_listeners`: with `login = "xclient"` or `"none"` the upstream takes
+    mailrelay's word for who logged in, so on a listener that takes passwords someone
+    before it must check them. One error per route, naming the listeners, saying what
+    to do instead.
+    """
+    found: dict[UncheckedLogin, list[str]] = {}
+    for name, protocol in password_listeners:
+        for unchecked in unchecked_logins(name, protocol):
+            found.setdefault(unchecked, []).append(name)
+    for (key, login, why), names in found.items():
+        listed = ", ".join(f'"{name}"' for name in names)
+        which = f"listener {listed} accepts" if len(names) == 1 else f"listeners {listed} accept"
+        errors.add(
+            key,
+            f'"{login}" makes the upstream take mailrelay\'s word for who logged in, but no one checks the password:'
+            f' {why}, and {which} password logins. Use login = "passthrough" so that the upstream checks the'
+            " password, give a map rule a password hash, or route with an http router or a python router that"
+            " declares verifies_passwords = True",
+        )
 
 
 def components(router: IRouter) -> list[Any]:

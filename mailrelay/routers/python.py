@@ -7,7 +7,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ..configtable import ConfigError, Table
-from ..router import IRouter
+from ..router import IRouter, verifies_passwords
 
 if TYPE_CHECKING:
     from . import RouterSpec
@@ -47,11 +47,13 @@ def parse(table: Table) -> RouterSpec | None:
         table.error("class", str(e))
         return None
 
-    def build(reactor: Any = None) -> IRouter:
+    def build(reactor: Any = None, password_listeners: Any = ()) -> IRouter:
         try:
             router = cls(**options)
         except Exception as e:
             raise ConfigError([f"{table.errors.source}: {table.path}: {spec}(**{sorted(options)}) failed: {e!r}"]) from e
         return IRouter(router, router)
 
-    return RouterSpec("python", f"python: {spec}" + (f" with {', '.join(sorted(options))}" if options else ""), build)
+    description = f"python: {spec}" + (f" with {', '.join(sorted(options))}" if options else "")
+    # What the class declares; routes it answers are checked against it at run time.
+    return RouterSpec("python", description, build, verifies_passwords=verifies_passwords(cls))

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 from zope.interface import implementer
 
 from ..configtable import Table
-from ..router import AUTH_MECHANISMS, LOGINS, UPSTREAM_TLS, IRouter, Route, RouteRequest
+from ..router import AUTH_MECHANISMS, LOGINS, TRUSTING_LOGINS, UPSTREAM_TLS, IRouter, Route, RouteRequest
 
 if TYPE_CHECKING:
-    from . import RouterSpec
+    from . import RouterSpec, UncheckedLogin
 
 
 @implementer(IRouter)
@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 class StaticRouter:
     """Answers every request with the same routes, in order."""
 
+    verifies_passwords: ClassVar[bool] = False
+    """It checks no password: on a listener that takes passwords, only routes on which
+    the upstream checks them (`login = "passthrough"`) are safe."""
     routes: Sequence[Route]
 
     def route(self, request: RouteRequest) -> list[Route]:
@@ -55,21 +58,37 @@ def parse(table: Table) -> RouterSpec | None:
     from . import RouterSpec
 
     if table.has("routes"):
-        routes = [route_from_table(t) for t in table.tables("routes")]
+        tables = list(table.tables("routes"))
+        routes = [route_from_table(t) for t in tables]
         if not table.data["routes"]:
             table.error("routes", "must list at least one route")
         table.finish()
     else:
+        tables = [table]
         routes = [route_from_table(table)]
     if not routes or None in routes:
         return None
     valid = [r for r in routes if r is not None]
-    description = "static: " + ", then ".join(_describe(r) for r in valid)
-    return RouterSpec("static", description, lambda reactor=None: StaticRouter(tuple(valid)))
+    description = "static: " + ", then ".join(describe_route(r) for r in valid)
+    # Whatever the listener, every route answers every login: none is checked here.
+    unchecked: list[UncheckedLogin] = [
+        (t.key_path("login"), r.login, "the static router checks none")
+        for t, r in zip(tables, valid, strict=True)
+        if r.login in TRUSTING_LOGINS
+    ]
+    return RouterSpec(
+        "static",
+        description,
+        lambda reactor=None, password_listeners=(): StaticRouter(tuple(valid)),
+        unchecked_logins=lambda listener, protocol: unchecked,
+    )
 
 
-def _describe(route: Route) -> str:
+def describe_route(route: Route) -> str:
+    """`host:port`, with what is not the default in parentheses (never a password)."""
     extras = [f"tls={route.tls}"] if route.tls != "none" else []
+    if route.login != "passthrough":
+        extras.append(f"login={route.login}")
     if route.proxy_protocol:
         extras.append(f"proxy_protocol={route.proxy_protocol}")
     if route.forward_client:
