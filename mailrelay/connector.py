@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .logtext import loggable
 from .router import Reject, Route
 from .splice import LineTooLong, PeerClosed, SpliceableProtocol
 from .tls import ClientTLS, TLSSetupError, describe_tls_error
@@ -249,7 +250,7 @@ class UpstreamConnector:
                 "session {session_id}: upstream {upstream} failed: {why}",
                 session_id=session_id,
                 upstream=route.address,
-                why=why,
+                why=loggable(why, 500),
             )
         raise UpstreamUnavailable(failures)
 

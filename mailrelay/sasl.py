@@ -12,8 +12,11 @@ replies; `Exchange` drives a mechanism for them:
     step = exchange.respond(line)      # for each line the client answers a challenge with
 
 Malformed input raises `SASLSyntaxError` (the protocol's syntax reply), a `*` line
-`SASLCancelled`, and an exchange that is well formed but cannot succeed (EXTERNAL
-without a verified certificate) `SASLRefused`, which counts as a failed login.
+`SASLCancelled`, and an exchange that is well formed but cannot succeed `SASLRefused`,
+which is answered as a failed login and counts as one: EXTERNAL without a verified
+certificate, and an authorization identity other than the one authenticated (PLAIN's
+authzid naming another user, EXTERNAL's naming anyone but the certificate's subject).
+A client logs in as the identity it proved, never as one it merely names.
 
 The password is the mechanism's secret as the client sent it: the password for PLAIN
 and LOGIN, the hex digest for CRAM-MD5 (with the challenge as `salt`), the bearer
@@ -131,7 +134,8 @@ def plain(initial: bytes | None, context: Context) -> Steps:
         raise SASLSyntaxError("empty user name")
     if authzid and authzid != user:
         # Acting as another user needs the upstream's consent, which a proxy cannot give.
-        raise SASLSyntaxError("an authorization identity other than the user is not supported")
+        # Well formed, so not a syntax error: a failed login (IMAP NO, POP3 -ERR, SMTP 535).
+        raise SASLRefused("an authorization identity other than the user is not supported")
     return Credentials(user=user, password=password, method="plain")
 
 
@@ -212,13 +216,23 @@ def oauthbearer(initial: bytes | None, context: Context) -> Steps:
 
 
 def external(initial: bytes | None, context: Context) -> Steps:
-    """RFC 4422 EXTERNAL: the verified client certificate authenticates; the response is
-    an optional authorization identity, else the certificate's subject is the user."""
+    """RFC 4422 EXTERNAL: the verified client certificate authenticates, and its subject
+    is the user. The response is an optional authorization identity: empty, or the
+    subject itself; any other is refused, as a certificate proves one identity only (a
+    client holding bob's certificate must not log in as alice by naming her)."""
     response = initial if initial is not None else (yield b"")
     if context.client_cert is None:
         raise SASLRefused("EXTERNAL needs a verified client certificate")
-    user = _text(response, "authorization identity") or context.client_cert.subject
-    return Credentials(user=user, method="external")
+    subject = context.client_cert.subject
+    authzid = _text(response, "authorization identity")
+    if authzid and authzid != subject:
+        raise SASLRefused("the client certificate does not authorize that identity")
+    if any(c in subject for c in "\0\r\n"):
+        # The subject is the upstream login's user name: a line break in it would end a
+        # POP3 USER command early and start another. (Other control characters are
+        # harmless there, and escaped in log lines.)
+        raise SASLRefused("the client certificate's subject holds a line break or NUL")
+    return Credentials(user=subject, method="external")
 
 
 def password_login(user: bytes, password: bytes) -> Credentials:

@@ -10,7 +10,8 @@ Each session logs exactly one line when it ends:
 `closed` (spliced, then ended by a peer), `rejected`, `router-error`,
 `upstream-unavailable`, `client-gone` (the client left before the splice),
 `idle-timeout`, `drain-timeout` or `error`. A `reason` field follows when one is
-known. No credential is ever a field of this line.
+known. No credential is ever a field of this line, and the user name is shown through
+`logtext.loggable()`: control characters escaped, length bounded.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from .logtext import loggable
 from .router import Address, format_address
 
 SESSION_LINE = (
@@ -64,7 +66,7 @@ class Session:
             session_id=self.id,
             listener=self.listener,
             client=format_address(self.client),
-            user=self.user or "-",
+            user=loggable(self.user),
             upstream=self.upstream or "-",
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,

@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from mailrelay.config import ConfigError, parse_config
-from mailrelay.router import Reject, Route, RouteRequest, RouterError
+from mailrelay.router import ClientCertificate, Reject, Route, RouteRequest, RouterError
 from mailrelay.routers import components
 from mailrelay.routers.cache import CachingRouter
 
@@ -91,6 +91,35 @@ def test_a_different_password_or_address_or_listener_is_asked_about() -> None:
     assert ask(router, login(tls=False)) is UPSTREAM
     assert ask(router, login(sni="mail.other.org")) is UPSTREAM
     assert len(inner.asked) == 6
+
+
+def test_two_certificates_with_one_subject_never_share_an_answer() -> None:
+    """An EXTERNAL login's user is its certificate's subject, which another CA (or the
+    same one, again) can issue to someone else: the answer for one certificate is
+    never served to another, whose Router might decide differently."""
+    subject = "CN=alice,O=Example"
+    bob = ClientCertificate(subject=subject, issuer="CN=Client CA", serial="1A", fingerprint="aa" * 20)
+    other = ClientCertificate(subject=subject, issuer="CN=Client CA", serial="2B", fingerprint="bb" * 20)
+    asked: list[RouteRequest] = []
+
+    def decide(request: RouteRequest) -> Route:
+        asked.append(request)
+        if request.client_cert is not None and request.client_cert.serial != "1A":
+            raise Reject("certificate revoked")
+        return UPSTREAM
+
+    router = CachingRouter(type("Inner", (), {"route": staticmethod(decide)})(), 60, 100, Clock())
+
+    def external(cert: ClientCertificate) -> RouteRequest:
+        return login(user=subject, password=None, auth_method="external", client_cert=cert)
+
+    assert ask(router, external(bob)) is UPSTREAM
+    assert ask(router, external(bob)) is UPSTREAM  # cached for that certificate...
+    for _ in range(2):  # ...and never for the other one
+        assert isinstance(ask(router, external(other)), Reject)
+    assert [r.client_cert for r in asked] == [bob, other, other]
+    assert ask(router, login(user=subject, password=None, auth_method="external")) is UPSTREAM  # without one: its own key
+    assert len(asked) == 4
 
 
 def test_requests_without_a_user_and_challenge_logins_are_not_cached() -> None:

@@ -121,8 +121,23 @@ LOAD_CASES = [
     ("sni-without-cert", '[tls]\ncert = "cert.pem"\n[[tls.sni]]\nnames = "mail.test"\n', ["tls.sni[0].cert: is required"]),
     (
         "sni-unknown-key",
-        '[tls]\ncert = "cert.pem"\n[[tls.sni]]\ncert = "cert.pem"\nname = "x.test"\n',
-        ["tls.sni[0].name: unknown key"],
+        '[tls]\ncert = "cert.pem"\n[[tls.sni]]\ncert = "cert.pem"\nhostnames = ["x.test"]\n',
+        ["tls.sni[0].hostnames: unknown key"],
+    ),
+    (
+        "sni-name-and-names",
+        '[tls]\ncert = "cert.pem"\n[[tls.sni]]\ncert = "cert.pem"\nname = "x.test"\nnames = ["y.test"]\n',
+        ['tls.sni[0].name: and "names" cannot both be set: list every name in names = [...]'],
+    ),
+    (
+        "sni-bad-single-name",
+        '[tls]\ncert = "cert.pem"\n[[tls.sni]]\ncert = "cert.pem"\nname = "bad name!"\n',
+        ['tls.sni[0].name: "bad name!" is not a host name or a *.wildcard one'],
+    ),
+    (
+        "sni-name-wrong-type",
+        '[tls]\ncert = "cert.pem"\n[[tls.sni]]\ncert = "cert.pem"\nname = ["x.test"]\n',
+        ["tls.sni[0].name: must be a string, not an array (['x.test'])"],
     ),
     ("tls-unknown-key", '[tls]\ncert = "cert.pem"\nprotocols = ["TLSv1.2"]\n', ["tls.protocols: unknown key"]),
     ("empty-file-name", '[tls]\ncert = ""\n', ["tls.cert: must name a file, not be empty"]),
@@ -133,6 +148,29 @@ LOAD_CASES = [
 def test_tls_table_errors(pems: Path, tls: str, expected: list[str]) -> None:
     path = write(pems, tls + ROUTER + listener())
     assert load_errors(path) == [f"{path}: {line}" for line in expected]
+
+
+@pytest.mark.parametrize(
+    "names",
+    ['name = "Mail.Other.Test."', 'names = ["mail.other.test"]', 'names = "mail.other.test"'],
+    ids=["name", "names", "names-as-one-string"],
+)
+def test_an_sni_certificate_takes_name_or_names(pems: Path, names: str) -> None:
+    """docs/SPEC.md once showed `name = "..."`: it means what `names = [...]` does."""
+    path = write(pems, f'[tls]\ncert = "combined.pem"\n[[tls.sni]]\ncert = "combined.pem"\n{names}\n' + ROUTER + listener())
+    config = load_config(path)
+    assert config.tls is not None
+    [sni] = config.tls.sni
+    assert sni.names == ("mail.other.test",)
+    MailrelayService(config, reactor=MemoryReactor())  # builds: the certificate loads for that name
+
+
+def test_the_documentation_shows_names_for_sni_certificates() -> None:
+    root = Path(__file__).parent.parent
+    spec, readme = ((root / document).read_text() for document in ("docs/SPEC.md", "README.md"))
+    assert "[[tls.sni]] name =" not in spec
+    assert '# [[tls.sni]] names = ["mail.other.org"], cert = ..., key = ...' in spec
+    assert '# names = ["mail.other.org", "*.other.org"]' in readme
 
 
 LISTENER_CASES = [

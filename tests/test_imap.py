@@ -746,7 +746,7 @@ class FailedLoginTests(IMAPTestCase):
         upstream = self.upstream()
         router = Router(answer=password_check(upstream.port))
         config = self.front_end_config("tls", max_attempts=5)
-        config["login_limits"] = {"max_per_user": 2, "max_per_client": 100, "delay": 0}
+        config["login_limits"] = {"max_per_client": 2, "max_per_user": 100, "delay": 0}
         _, port = await self.start_proxy(config, router=router)
 
         def client() -> bytes:
@@ -1066,3 +1066,107 @@ class TemporaryFailureTests(IMAPTestCase):
         )
         self.assertEqual([r.attempt for r in router.requests], [1, 1])  # a temporary failure is no failed attempt
         self.assertIn("connection refused", "\n".join(self.logs.lines()))
+
+
+class BareCRAndNULTests(IMAPTestCase):
+    """A command line (CRLF or LF taken off) holding a CR or a NUL is `BAD`, counted
+    towards max_errors, and never acted on; literals are bytes, checked where they are
+    used (a password) or made safe where they are passed on (ID values)."""
+
+    async def test_a_line_with_a_bare_cr_or_nul_is_bad_and_not_acted_on(self) -> None:
+        upstream = self.upstream()
+        router = Router(port=upstream.port)
+        port = await self.proxy(router, mode="tls", max_errors=10)
+
+        def client() -> list[bytes]:
+            conn = self.tls(port)
+            replies = [
+                self.talk(conn, b'a ID ("name" "Mail\rx")\r\n', b"a"),
+                self.talk(conn, b'b ID ("name" "Mail\0x")\r\n', b"b"),
+                self.talk(conn, b"c NOOP\r\r\n", b"c"),
+                self.talk(conn, b'd LOGIN alice@example.test "s3cret-Pa55\r"\r\n', b"d"),
+                # On the line after a literal: the whole command is refused, the literal too.
+                self.talk(conn, b'e ID ("name" {4+}\r\nMail "version" "1\r")\r\n', b"e"),
+                # Before a synchronising literal: refused without the continuation.
+                self.talk(conn, b"f LOGIN ali\rce {11}\r\n", b"f"),
+                self.talk(conn, b"g LOGIN alice@example.test s3cret-Pa55\r\n", b"g"),
+            ]
+            conn.sendall(b"z LOGOUT\r\n")
+            replies.append(recv_all(conn))
+            return replies
+
+        bad = b" BAD Bare CR or NUL character in command\r\n"
+        self.assertEqual(
+            await self.in_thread(client),
+            [
+                b"a" + bad,
+                b"b" + bad,
+                b"c" + bad,
+                b"d" + bad,
+                b"e" + bad,
+                b"f" + bad,
+                b"g" + LOGGED_IN,
+                b"* BYE upstream logging out\r\nz OK LOGOUT completed\r\n",
+            ],
+        )
+        heard = await self.heard(upstream)
+        # No ID reached the upstream: the refused ones were not taken.
+        self.assertEqual(heard.commands[0], b"g AUTHENTICATE PLAIN " + plain_ir() + b"\r\n")
+        self.assertNotIn(b"\r", b"".join(line[:-2] for line in heard.lines if line.endswith(b"\r\n")))
+        self.assertEqual([r.user for r in router.requests], [USER])
+
+    async def test_bare_crs_count_towards_max_errors(self) -> None:
+        port = await self.proxy(Router(), mode="tls", max_errors=2)
+
+        def client() -> bytes:
+            conn = self.tls(port)
+            conn.sendall(b"a NOOP\r\r\nb NOOP\r\r\nc NOOP\r\n")
+            return recv_all(conn)
+
+        self.assertEqual(
+            await self.in_thread(client),
+            b"a BAD Bare CR or NUL character in command\r\nb BAD Bare CR or NUL character in command\r\n"
+            b"* BYE Too many invalid commands\r\n",
+        )
+        line = await self.session_line()
+        self.assertEqual(line["outcome"], "protocol-error")
+
+    async def test_a_literal_password_with_a_cr_is_refused(self) -> None:
+        router = Router()
+        port = await self.proxy(router, mode="tls")
+
+        def client() -> list[bytes]:
+            conn = self.tls(port)
+            conn.sendall(b"a LOGIN alice@example.test {7}\r\n")
+            go_ahead = read_line(conn)
+            return [go_ahead, self.talk(conn, b"pass\rwd\r\n", b"a"), self.talk(conn, b"b LOGIN {3+}\r\na\rb pw\r\n", b"b")]
+
+        self.assertEqual(
+            await self.in_thread(client),
+            [
+                b"+ OK\r\n",
+                b"a BAD Invalid LOGIN: password contains control characters\r\n",
+                b"b BAD Invalid LOGIN: user name contains control characters\r\n",
+            ],
+        )
+        self.assertEqual(router.requests, [])
+
+    async def test_id_values_with_control_characters_reach_the_upstream_made_safe(self) -> None:
+        upstream = self.upstream()
+        port = await self.proxy(Router(port=upstream.port), mode="tls")
+        client_id = b'("name" {10+}\r\nMail\x1b[2J\x07\x00 "version" {4+}\r\n1\r\n2 "os\x7f" "x")'
+
+        def client() -> list[bytes]:
+            conn = self.tls(port)
+            replies = [
+                self.talk(conn, b"i ID " + client_id + b"\r\n", b"i"),
+                self.talk(conn, b"a LOGIN alice@example.test s3cret-Pa55\r\n", b"a"),
+            ]
+            conn.sendall(b"z LOGOUT\r\n")
+            recv_all(conn)
+            return replies
+
+        self.assertEqual(await self.in_thread(client), [b"* ID NIL\r\ni OK ID completed\r\n", b"a" + LOGGED_IN])
+        heard = await self.heard(upstream)
+        # Values made 7-bit printable; a field name with a control character is dropped.
+        self.assertEqual(heard.commands[0], b'mr1 ID ("name" "Mail?[2J??" "version" "1??2")\r\n')

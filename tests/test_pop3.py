@@ -664,8 +664,8 @@ class MalformedInputTests(POP3TestCase):
         _, reply = await self.exchange(b"PASS x\r\nNO\0OP\r\nUSER\r\nUSER a\0b\r\nuser alice\r\nNOOP\r\nQUIT\r\n")
         self.assertEqual(
             reply,
-            b"-ERR Send USER first\r\n-ERR NUL character in command\r\n-ERR USER takes a user name\r\n"
-            b"-ERR NUL character in command\r\n+OK\r\n+OK\r\n+OK Bye\r\n",
+            b"-ERR Send USER first\r\n-ERR Bare CR or NUL character in command\r\n-ERR USER takes a user name\r\n"
+            b"-ERR Bare CR or NUL character in command\r\n+OK\r\n+OK\r\n+OK Bye\r\n",
         )
 
     async def test_silence_before_login_times_out(self) -> None:
@@ -817,3 +817,31 @@ class TemporaryFailureTests(POP3TestCase):
         self.assertEqual([r.attempt for r in router.requests], [1, 1])
         [line] = await self.session_lines()
         self.assertEqual(line["outcome"], "upstream-unavailable")
+
+
+class BareCRAndNULTests(POP3TestCase):
+    """A command line (CRLF or LF taken off) holding a CR or a NUL is an error, counted
+    towards max_errors, and never acted on: no bare CR reaches an upstream."""
+
+    async def exchange(self, send: bytes, **listener: Any) -> bytes:
+        router = Router()
+        port = await self.proxy(router, mode="tls", **listener)
+        reply = await self.in_thread(self.tls_exchange, port, send)
+        self.assertEqual(router.requests, [])
+        return reply
+
+    async def test_a_line_with_a_bare_cr_or_nul_is_an_error_and_not_acted_on(self) -> None:
+        reply = await self.exchange(
+            b"USER alice\r\r\nPASS " + PASSWORD.encode() + b"\r\nUSER al\rice\r\nCAPA\r\r\n"
+            b"AUTH PLAIN " + PLAIN + b"\r\r\nUSER bob\0\r\nNOOP\r\nQUIT\r\n",
+            max_errors=10,
+        )
+        bad = b"-ERR Bare CR or NUL character in command\r\n"
+        # USER alice<CR> was not taken: the PASS after it has no USER.
+        self.assertEqual(reply, bad + b"-ERR Send USER first\r\n" + bad * 4 + b"+OK\r\n+OK Bye\r\n")
+
+    async def test_bare_crs_count_towards_max_errors(self) -> None:
+        reply = await self.exchange(b"NOOP\r\r\nNOOP\r\r\nNOOP\r\n", max_errors=2)
+        self.assertEqual(reply, b"-ERR Bare CR or NUL character in command\r\n" * 2 + b"-ERR Too many invalid commands\r\n")
+        [line] = await self.session_lines()
+        self.assertEqual(line["outcome"], "protocol-error")

@@ -5,12 +5,16 @@ nginx users write theirs (the standard library's http.server, in a thread).
 
 from __future__ import annotations
 
+import os
 import shutil
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -27,7 +31,16 @@ from mailrelay.config import parse_config
 from mailrelay.configtable import ConfigError
 from mailrelay.router import ClientCertificate, Reject, Route, RouteRequest, RouterError, ask_router, call_router
 from mailrelay.routers import components
-from mailrelay.routers.http import HTTPRouter, Wait, auth_request_headers, escape, parse_auth_response, parse_url
+from mailrelay.routers.http import (
+    MAX_AUTH_WAIT,
+    HTTPRouter,
+    Wait,
+    auth_request_headers,
+    display_url,
+    escape,
+    parse_auth_response,
+    parse_url,
+)
 from mailrelay.service import makeService
 from tests.pki import PKI
 from tests.support import WAIT, ProxyTestCase, closed_port, connect, echo, exchange, recv_all, reset
@@ -545,6 +558,48 @@ def test_malformed_answers_are_router_errors_naming_the_header(headers: Any, mes
     assert message in str(raised.value)
 
 
+def test_auth_wait_is_bounded_for_a_wait_and_for_a_refusal() -> None:
+    assert MAX_AUTH_WAIT == 60
+    for value in ("61", "3600", "86400.5", "9" * 400):
+        assert parse_auth_response([("Auth-Status", "WAIT"), ("Auth-Wait", value)], IMAP) == Wait(MAX_AUTH_WAIT)
+        with pytest.raises(Reject) as raised:
+            parse_auth_response([("Auth-Status", "Go away"), ("Auth-Wait", value)], SMTP)
+        assert (raised.value.wait, raised.value.close) == (MAX_AUTH_WAIT, False)
+    assert parse_auth_response([("Auth-Status", "WAIT"), ("Auth-Wait", "60")], IMAP) == Wait(60.0)
+    assert parse_auth_response([("Auth-Status", "WAIT"), ("Auth-Wait", "59.5")], IMAP) == Wait(59.5)
+
+
+_CONTROL_VALUES = ["\r", "\n", "\r\n", "\0", "\x1b", "\x7f", "\t", "\x01", "\x0b"]
+
+
+@pytest.mark.parametrize("control", _CONTROL_VALUES, ids=[repr(c) for c in _CONTROL_VALUES])
+@pytest.mark.parametrize(
+    "headers, name",
+    [
+        (lambda bad: [*OK, ("Auth-User", f"alice{bad}a2 LOGOUT")], "Auth-User"),
+        (lambda bad: [*OK, ("Auth-Pass", f"{PASSWORD}{bad}QUIT")], "Auth-Pass"),
+        (lambda bad: [("Auth-Status", "OK"), ("Auth-Server", f"10.0.0.5{bad}x"), ("Auth-Port", "143")], "Auth-Server"),
+        (lambda bad: [*OK, ("Mailrelay-Server-Name", f"imap{bad}.example")], "Mailrelay-Server-Name"),
+        (lambda bad: [("Auth-Status", f"Invalid login{bad}* BYE"), ("Auth-Wait", "1")], "Auth-Status"),
+        (lambda bad: [("Auth-Status", "Nope"), ("Auth-Error-Code", f"535 5.7.8{bad}250 ok")], "Auth-Error-Code"),
+    ],
+    ids=["user", "pass", "server", "server-name", "status", "error-code"],
+)
+def test_control_characters_in_an_answer_are_a_router_error(headers: Any, name: str, control: str) -> None:
+    """A value that goes upstream or into a reply never carries a control character: the
+    answer is a temporary failure, and the message does not show the value."""
+    with pytest.raises(RouterError) as raised:
+        parse_auth_response(headers(control), SMTP, service="auth service http://a/")
+    assert str(raised.value) == f"auth service http://a/: answered with control characters in {name}"
+    assert PASSWORD not in str(raised.value)
+
+
+def test_spaces_and_tabs_around_a_value_are_trimmed_not_refused() -> None:
+    routes = parse_auth_response([*OK, ("Auth-User", " \tbackend-alice\t "), ("Auth-Pass", "\tpw ")], IMAP)
+    assert isinstance(routes, list)
+    assert [(r.user, r.password) for r in routes] == [("backend-alice", "pw")]
+
+
 def test_passthrough_after_cram_md5_or_apop_needs_the_password_from_the_service() -> None:
     for method, protocol in (("cram-md5", "imap"), ("apop", "pop3"), ("cram-md5", "pop3"), ("cram-md5", "smtp")):
         with pytest.raises(RouterError, match=f"answered OK to a {method} login without the Auth-Pass"):
@@ -683,6 +738,76 @@ def test_check_shows_the_url_and_header_names_but_no_value(tmp_path: Any, capsys
     )
     assert expected in shown
     assert KEY not in shown and "eu-1" not in shown and "query-secret" not in shown
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("http://user:s3cret@127.0.0.1:9/auth?token=t0ken", "http://user:...@127.0.0.1:9/auth?..."),
+        ("http://user:s3cret@[bad/auth?token=t0ken", "http://user:...@[bad/auth?..."),
+        ("https://u:pa?ss#w@auth.example/a", "https://u:...@auth.example/a"),
+        ("http://pa?ss#w@auth.example/a", "http://...@auth.example/a"),
+        ("http://user@auth.example/a", "http://user@auth.example/a"),
+        ("user:s3cret@auth.example/a", "user:...@auth.example/a"),
+        ("https://auth.example:8443/mail?key=k", "https://auth.example:8443/mail?..."),
+        ("http://auth.example/a#t0ken", "http://auth.example/a#..."),
+        ("http://auth.example/a\x1b[2J", "http://auth.example/a\\x1b[2J"),
+        ("http://auth.example/mail", "http://auth.example/mail"),
+    ],
+)
+def test_display_url_hides_the_password_and_query_of_any_url(url: str, shown: str) -> None:
+    assert display_url(url) == shown
+    assert parse_url("http://auth.example/mail?key=k").display == "http://auth.example/mail?..."
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:s3cret@127.0.0.1:9/auth?token=t0ken",
+        "http://user:s3cret@[bad/auth?token=t0ken",
+        "ftp://user:s3cret@auth.example/auth?token=t0ken",
+        "user:s3cret@auth.example/auth?token=t0ken",
+        "http://auth.example:0/auth?token=t0ken",
+        "http://auth.example/a b?token=t0ken",
+        "http://auth.example/auth#token=t0ken",
+        "http://[::g]/auth?token=t0ken",
+        "http://a..b/auth?token=t0ken",
+    ],
+)
+def test_url_errors_never_show_a_password_or_query(url: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        parse_url(url)
+    assert "s3cret" not in str(raised.value) and "t0ken" not in str(raised.value), raised.value
+
+
+def test_check_never_prints_the_url_password_or_query(tmp_path: Any) -> None:
+    """`python -m mailrelay check`, as an administrator runs it, on configurations whose
+    auth service URLs hold a password and a key: neither is printed, valid or not."""
+
+    def run_check(folder: Any) -> subprocess.CompletedProcess[str]:
+        # This source tree's mailrelay, not an installed copy.
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+        command = [sys.executable, "-m", "mailrelay", "check", "mailrelay.toml"]
+        return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=WAIT)
+
+    listener = '[[listener]]\nlisten = "tcp:0:interface=127.0.0.1"\nmode = "splice"\n'
+    for url, other in [
+        ("http://user:s3cret@127.0.0.1:9/auth?token=t0ken", "timeout = -1\n"),
+        ("http://user:s3cret@[bad/auth?token=t0ken", ""),
+        ("http://127.0.0.1:0/auth?token=t0ken", 'headers = { X-Key = "v" }\n'),
+        ("ftp://user:s3cret@127.0.0.1/auth?token=t0ken", ""),
+    ]:
+        (tmp_path / "mailrelay.toml").write_text(f'[router]\ntype = "http"\nurl = "{url}"\n{other}{listener}')
+        result = run_check(tmp_path)
+        assert result.returncode == 1, result
+        assert "router.url" in result.stderr
+        for secret in ("s3cret", "t0ken"):
+            assert secret not in result.stdout + result.stderr, result.stderr
+    (tmp_path / "mailrelay.toml").write_text(f'[router]\ntype = "http"\nurl = "http://127.0.0.1:9/auth?token=t0ken"\n{listener}')
+    result = run_check(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "router: http: http://127.0.0.1:9/auth?... timeout=10s" in result.stdout
+    assert "t0ken" not in result.stdout + result.stderr
 
 
 def test_url_defaults() -> None:

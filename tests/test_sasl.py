@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -83,9 +84,11 @@ def test_plain_authzid_equal_to_the_user_is_accepted() -> None:
     assert authenticate("plain", initial=b"alice\0alice\0secret").user == "alice"
 
 
-def test_plain_other_authzid_is_refused() -> None:
-    with pytest.raises(SASLSyntaxError, match="authorization identity"):
+def test_plain_other_authzid_is_a_failed_login_not_a_syntax_error() -> None:
+    # Well formed: the front-ends answer NO / -ERR / 535 (a failed login), not BAD / 501.
+    with pytest.raises(SASLRefused, match="authorization identity") as raised:
         authenticate("plain", initial=b"bob\0alice\0secret")
+    assert not isinstance(raised.value, SASLSyntaxError)
 
 
 def test_plain_empty_user_is_refused() -> None:
@@ -268,8 +271,33 @@ def test_external_empty_response_authenticates_the_certificate_subject() -> None
     assert authenticate("external", b"", context=CERT_CONTEXT) == Credentials(user="CN=alice,O=Example", method="external")
 
 
-def test_external_authzid_names_the_user() -> None:
-    assert authenticate("external", initial=b"alice", context=CERT_CONTEXT).user == "alice"
+def test_external_authzid_equal_to_the_certificate_subject_is_accepted() -> None:
+    credentials = authenticate("external", initial=b"CN=alice,O=Example", context=CERT_CONTEXT)
+    assert credentials == Credentials(user="CN=alice,O=Example", method="external")
+
+
+@pytest.mark.parametrize(
+    "authzid",
+    [b"alice", b"bob@example.test", b"CN=bob,O=Example", b"cn=alice,o=example", b"CN=alice,O=Example "],
+)
+def test_external_cannot_pick_its_user(authzid: bytes) -> None:
+    """A certificate proves its subject and nothing else: naming anyone else (even the
+    same name spelt otherwise) is a failed login, never a login as them."""
+    with pytest.raises(SASLRefused, match="certificate does not authorize"):
+        authenticate("external", initial=authzid, context=CERT_CONTEXT)
+    with pytest.raises(SASLRefused):
+        authenticate("external", authzid, context=CERT_CONTEXT)  # as the answer to the empty challenge
+
+
+def test_external_user_is_the_subject_even_with_control_characters_but_no_line_break() -> None:
+    odd = ClientCertificate(subject="CN=eve\x1b[2J\x07,O=X", issuer="CN=CA", serial="1", fingerprint="cd" * 20)
+    context = Context(hostname="relay.example.net", client_cert=odd)
+    assert authenticate("external", initial=b"", context=context).user == odd.subject
+    for bad in ("\r", "\n", "\0"):
+        # It would be the upstream login's user: `USER CN=eve<CRLF>DELE 1` to a POP3 upstream.
+        broken = attrs.evolve(odd, subject=f"CN=eve{bad}DELE 1,O=X")
+        with pytest.raises(SASLRefused, match="line break or NUL"):
+            authenticate("external", initial=b"", context=attrs.evolve(context, client_cert=broken))
 
 
 # -- framing ----------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 
 from .. import sasl
 from ..config import FrontEndConfig
+from ..logtext import loggable
 from ..relay import RoutedConnection
 from ..router import Reject
 
@@ -330,9 +331,9 @@ class LineFrontEnd(RoutedConnection):
         self.log.info(
             "session {session_id}: login refused for {user} from {client}: {why} (attempt {attempt} of {max_attempts})",
             session_id=self.session.id,
-            user=self.session.user or "-",
+            user=loggable(self.session.user),
             client=self.client[0],
-            why=reject.message,
+            why=loggable(reject.message),
             attempt=self.failed_logins,
             max_attempts=self.config.max_attempts,
         )

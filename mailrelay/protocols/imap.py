@@ -7,7 +7,9 @@ routed.
 
 Before login a client may say CAPABILITY, NOOP, ID (answered `* ID NIL`; its fields are
 passed on to the upstream), STARTTLS, LOGIN, AUTHENTICATE and LOGOUT; anything else is
-`BAD` and counts towards `max_errors`. Commands may be pipelined, and carry literals:
+`BAD` and counts towards `max_errors`, as does a command line (its CRLF or LF taken
+off) that still holds a CR or a NUL: such a command is never acted on, so no bare CR
+reaches an upstream or an auth service. Commands may be pipelined, and carry literals:
 `{n}` is answered with a continuation, `{n+}` (LITERAL+) is not; a literal longer than
 `max_literal` is refused (a synchronising one with `BAD`, a non-synchronising one,
 whose bytes are already on the way, with `* BYE`).
@@ -32,6 +34,8 @@ OWN_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID")
 
 MAX_ID_FIELDS = 30
 """RFC 2971: at most 30 field-value pairs."""
+
+BARE_CR_OR_NUL = b"Bare CR or NUL character in command"
 
 
 class IMAPFrontEnd(LineFrontEnd):
@@ -113,6 +117,10 @@ class IMAPFrontEnd(LineFrontEnd):
                 self._command = None
                 self.bad(tag, b"Unknown command or not valid before login")
                 return
+            if _bare_cr_or_nul(command):
+                self._command = None  # refused before the client sends the literal
+                self.bad(tag, BARE_CR_OR_NUL)
+                return
             if name == b"LOGIN" and self._login_refused(tag):
                 self._command = None  # before the client sends its password in a literal
                 return
@@ -129,6 +137,9 @@ class IMAPFrontEnd(LineFrontEnd):
         self.bad(None, b"Command line too long")
 
     def command_received(self, command: Command) -> None:
+        if _bare_cr_or_nul(command):
+            self.bad(command.head[0], BARE_CR_OR_NUL)
+            return
         try:
             tokens = tokenize(command.parts)
         except IMAPSyntaxError as e:
@@ -291,6 +302,11 @@ class IMAPFrontEnd(LineFrontEnd):
     def too_many_errors(self) -> None:
         self.send_line(b"* BYE Too many invalid commands")
         super().too_many_errors()
+
+
+def _bare_cr_or_nul(command: Command) -> bool:
+    """Whether a line of `command` (not a literal: those are bytes) holds a CR or a NUL."""
+    return any(b"\r" in part or b"\0" in part for part in command.parts if not isinstance(part, Literal))
 
 
 def _id_fields(args: list[Token]) -> ClientID | None:

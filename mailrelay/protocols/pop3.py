@@ -6,7 +6,9 @@ routed.
         -> routed, logged in upstream (`pop3_upstream`) -> the upstream's +OK -> spliced
 
 Before login a client may say CAPA, STLS, USER, PASS, APOP, AUTH, NOOP and QUIT; anything
-else is `-ERR` and counts towards `max_errors`. Replies carry RFC 2449/3206 response
+else is `-ERR` and counts towards `max_errors`, as does a command line (its CRLF or LF
+taken off) that still holds a CR or a NUL, which is never acted on: no bare CR reaches
+an upstream or an auth service. Replies carry RFC 2449/3206 response
 codes: `-ERR [AUTH]` for a refused login (after the Reject's delay; the connection closes
 after `max_attempts` of them), `-ERR [SYS/TEMP]` for a temporary failure. Command lines
 may be as long as OAuth tokens need (`max_line_length`), not nginx's 128 bytes.
@@ -78,8 +80,8 @@ class POP3FrontEnd(LineFrontEnd):
     def line_received(self, line: bytes) -> None:
         verb, _, args = line.partition(b" ")
         method = self.COMMANDS.get(verb.upper())
-        if b"\0" in line:
-            self.error(b"-ERR NUL character in command\r\n")
+        if b"\0" in line or b"\r" in line:
+            self.error(b"-ERR Bare CR or NUL character in command\r\n")
         elif method is None:
             self.error(b"-ERR Unknown command or not valid before login\r\n")
         else:

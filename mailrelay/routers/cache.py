@@ -7,8 +7,12 @@ What is cached, and for whom:
   wrong password is always asked about and a fixed account works at once;
 - only requests that carry a user; the key is everything that could change the
   answer for that user: listener, protocol, auth method, user, a keyed digest of the
-  password (never the password itself), the client's address (not its port), TLS and
-  SNI. A cache hit therefore needs the same credentials from the same address;
+  password (never the password itself), the client's address (not its port), TLS,
+  SNI, and the fingerprint of the client's verified certificate. A cache hit therefore
+  needs the same credentials from the same address, with the same certificate: one
+  certificate's answer is never served to another, even one with the same subject
+  (an EXTERNAL login's user), as a Router may decide on the issuer, serial or
+  fingerprint;
 - never challenge-response logins (CRAM-MD5, APOP): their answer depends on a
   per-session challenge, so no two requests are alike.
 
@@ -30,7 +34,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from ..interfaces import IReloadable
-from ..router import IRouter, Route, RouteRequest, call_router
+from ..router import IRouter, Route, RouteRequest, call_router, verifies_passwords
 
 UNCACHEABLE_METHODS = frozenset({"cram-md5", "apop"})
 
@@ -55,6 +59,12 @@ class CachingRouter:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def verifies_passwords(self) -> bool:
+        """The router it wraps checks passwords (an answer comes from it, or from memory
+        of it for the same password)."""
+        return verifies_passwords(self.inner)
+
     def key(self, request: RouteRequest) -> CacheKey | None:
         """The cache key of `request`, or None when it must not be cached."""
         if request.user is None or request.auth_method in UNCACHEABLE_METHODS:
@@ -69,6 +79,7 @@ class CachingRouter:
             request.client[0],
             request.tls,
             request.sni,
+            request.client_cert.fingerprint if request.client_cert is not None else None,
         )
 
     async def route(self, request: RouteRequest) -> Any:

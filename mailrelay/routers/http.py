@@ -40,7 +40,13 @@ Request headers, in nginx's order (each optional one only when it applies):
   `Auth-SSL-Fingerprint` (SHA-1, lower-case hex).
 - The `headers` table of the configuration (nginx's `auth_http_header`), last, in order.
 
-Response headers (names case-insensitive, values trimmed, unknown ones ignored):
+Response headers (names case-insensitive, values trimmed of spaces and tabs, unknown
+ones ignored). A value read that holds a control character (below 0x20, or 0x7F: a NUL,
+an ESC, a tab inside it) is an error: those values go upstream (`Auth-User`,
+`Auth-Pass`, `Auth-Server`) or into the client's reply (`Auth-Status`,
+`Auth-Error-Code`), where such a byte could inject a command. On the wire a line ends
+at LF, and a bare CR inside a value is read as a space (RFC 9112 2.2, done by Twisted's
+parser); `parse_auth_response()` refuses a CR or LF it is given all the same.
 
 - `Auth-Status: OK`: success; `Auth-Server` (an IP address or a host name) and
   `Auth-Port` (1-65535) are required. `Auth-User`/`Auth-Pass` replace the client's
@@ -49,7 +55,9 @@ Response headers (names case-insensitive, values trimmed, unknown ones ignored):
   through, so that answer is an error (nginx: "did not send password"); SMTP's default
   login, XCLIENT, needs no password.
 - `Auth-Status: WAIT`: ask again after `Auth-Wait` seconds (default 0), at most
-  `max_wait_retries` times.
+  `max_wait_retries` times. `Auth-Wait` is at most `MAX_AUTH_WAIT` (60) seconds, for a
+  WAIT and for a refusal alike: a longer one is taken as 60, so that a broken service
+  cannot hold sessions open for hours.
 - Any other `Auth-Status` text: the session is refused with that text as the client's
   message (`Reject`), after `Auth-Wait` seconds; without `Auth-Wait` (or with 0) the
   connection is closed after the reply, otherwise the client may try again.
@@ -75,7 +83,8 @@ An invalid value of any header read is an error naming the header. Every failure
 not the service's decision (unreachable, refused, timed out, reset, not HTTP, no or
 invalid `Auth-Status`, an `OK` without a server) raises `RouterError`: the client gets
 its protocol's temporary failure, never "wrong password". The messages never carry a
-password or a configured header value.
+password or a configured header value, and show the URL without the password of its
+user information or its query string (`display_url()`).
 
 Deviations from nginx:
 
@@ -127,13 +136,14 @@ from zope.interface import implementer
 from ..configtable import ConfigError, Table
 from ..connector import tcp_endpoint
 from ..interfaces import IReloadable
+from ..logtext import loggable
 from ..router import AUTH_MECHANISMS, LOGINS, UPSTREAM_TLS, IRouter, Reject, Route, RouteRequest, RouterError
 from ..tls import ClientTLS, TLSSetupError, describe_tls_error
 
 if TYPE_CHECKING:
     from . import RouterSpec
 
-__all__ = ["HTTPRouter", "Wait", "auth_request_headers", "escape", "parse_auth_response", "parse_url"]
+__all__ = ["HTTPRouter", "Wait", "auth_request_headers", "display_url", "escape", "parse_auth_response", "parse_url"]
 
 
 # -- the request ---------------------------------------------------------------------------
@@ -277,8 +287,13 @@ class Wait:
     seconds: float
 
 
+MAX_AUTH_WAIT = 60.0
+"""The longest `Auth-Wait` obeyed, in seconds (for WAIT and for a refusal): a longer one
+is taken as this, so that a broken service cannot hold a session for hours."""
+
 _HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
 _NUMBER = re.compile(r"[0-9]+(\.[0-9]+)?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _host(value: str) -> str | None:
@@ -309,26 +324,33 @@ class _Answer:
     """The response headers, read one name at a time, each at most once."""
 
     def __init__(self, headers: Headers | Iterable[tuple[str | bytes, str | bytes]], service: str) -> None:
-        if not isinstance(headers, Headers):
-            pairs, headers = headers, Headers()
-            for name, value in pairs:
-                headers.addRawHeader(name, value)
-        self.headers = headers
+        # Pairs are kept as given (a `Headers` would turn a CR or LF into a space), so
+        # that a value holding one is refused, not quietly changed.
+        pairs = headers.getAllRawHeaders() if isinstance(headers, Headers) else ((n, [v]) for n, v in headers)
+        self.values: dict[bytes, list[bytes]] = {}
+        for name, values in pairs:
+            for value in values:
+                key = (name.encode("latin-1") if isinstance(name, str) else name).lower()
+                self.values.setdefault(key, []).append(value.encode("utf-8") if isinstance(value, str) else value)
         self.service = service
 
     def error(self, reason: str) -> RouterError:
         return RouterError(f"{self.service}: {reason}")
 
     def get(self, name: str) -> str | None:
-        values = self.headers.getRawHeaders(name.encode("ascii"))
+        values = self.values.get(name.lower().encode("ascii"))
         if not values:
             return None
         if len(values) > 1:
             raise self.error(f"answered with {len(values)} {name} headers")
         try:
-            return values[0].decode("utf-8").strip()
+            value = values[0].decode("utf-8").strip(" \t")
         except UnicodeDecodeError:
             raise self.error(f"answered with a {name} that is not UTF-8") from None
+        if _CONTROL.search(value):
+            # Never shown: it may be Auth-Pass, and it is not fit for a log line anyway.
+            raise self.error(f"answered with control characters in {name}")
+        return value
 
     def invalid(self, name: str, value: str) -> RouterError:
         shown = value if len(value) <= 100 else value[:100] + "..."
@@ -348,7 +370,7 @@ class _Answer:
             return 0.0
         if not _NUMBER.fullmatch(value):
             raise self.invalid(name, value)
-        return float(value)
+        return min(float(value), MAX_AUTH_WAIT)
 
 
 def parse_auth_response(
@@ -436,41 +458,73 @@ class AuthURL:
 
     @property
     def display(self) -> str:
-        """The URL for messages: a query string (which may hold a key) is not shown."""
-        base, query, _ = self.url.partition("?")
-        return base + ("?..." if query else "")
+        """The URL for messages (`display_url()`)."""
+        return display_url(self.url)
+
+
+def display_url(url: str) -> str:
+    """
+    `url` as a message may show it, whatever it holds (a malformed one too): the
+    password of its user information is `...` (`http://user:...@host/`), a query string
+    or fragment (which may hold a key) is `?...` / `#...`, control characters are
+    escaped. Every message about a configured URL shows it through this.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    # The authority is taken up to the first `/` only: a password may hold `?` or `#`.
+    slash = rest.find("/")
+    authority, path = (rest[:slash], rest[slash:]) if slash >= 0 else (rest, "")
+    if "@" in authority:
+        userinfo, _, host = authority.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        if any(c in user for c in "?#"):
+            user = "..."
+        elif colon:
+            user += ":..."
+        authority = f"{user}@{host}"
+    rest = authority + path
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=-1)
+    if cut >= 0:
+        rest = rest[:cut] + rest[cut] + "..."
+    return loggable(scheme + sep + rest, 500)
 
 
 def parse_url(url: str) -> AuthURL:
-    """Check an auth service URL; ValueError says what is wrong with it."""
+    """Check an auth service URL; ValueError says what is wrong with it (showing the URL
+    through `display_url()`: no password, no query string)."""
+    shown = display_url(url)
     if not url.isascii() or any(c.isspace() or ord(c) < 0x20 for c in url):
-        raise ValueError(f'must be ASCII without spaces (percent-encode the path, a host name in its xn-- form), not "{url}"')
-    parts = urlsplit(url)
+        raise ValueError(f'must be ASCII without spaces (percent-encode the path, a host name in its xn-- form), not "{shown}"')
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+    except ValueError:  # "Invalid IPv6 URL", and other things urlsplit cannot split
+        raise ValueError(f'is not a valid URL: "{shown}"') from None
     if parts.scheme.lower() not in ("http", "https") or not url.lower().startswith(parts.scheme.lower() + "://"):
-        raise ValueError(f'must be an http:// or https:// URL, not "{url}"')
-    if "@" in parts.netloc:
+        raise ValueError(f'must be an http:// or https:// URL, not "{shown}"')
+    if "@" in netloc:
         raise ValueError("must not hold a user name or password (send credentials with headers)")
     if parts.fragment or url.endswith("#"):
-        raise ValueError(f'must not have a #fragment: "{url}"')
-    netloc = parts.netloc
+        raise ValueError(f'must not have a #fragment: "{shown}"')
     if netloc.startswith("["):
         host, _, rest = netloc[1:].partition("]")
         if not isIPv6Address(host):
-            raise ValueError(f'has an invalid IPv6 address: "{url}"')
+            raise ValueError(f'has an invalid IPv6 address: "{shown}"')
         port_text = rest[1:] if rest.startswith(":") else None
         if rest and port_text is None:
-            raise ValueError(f'has an invalid host: "{url}"')
+            raise ValueError(f'has an invalid host: "{shown}"')
     else:
         host, sep, port_text_or_empty = netloc.partition(":")
         port_text = port_text_or_empty if sep else None
         if not host:
-            raise ValueError(f'has no host: "{url}"')
+            raise ValueError(f'has no host: "{shown}"')
         if _host(host) is None:
-            raise ValueError(f'has an invalid host "{host}"')
+            raise ValueError(f'has an invalid host "{loggable(host)}"')
     default = 443 if parts.scheme.lower() == "https" else 80
     port = default if port_text is None else _port(port_text)
     if port is None:
-        raise ValueError(f'has an invalid port (1 to 65535): "{url}"')
+        raise ValueError(f'has an invalid port (1 to 65535): "{shown}"')
     return AuthURL(url=url, scheme=parts.scheme.lower(), host=host, port=port)
 
 
@@ -571,6 +625,8 @@ class HTTPRouter(Service):
     """
 
     log = Logger()
+    verifies_passwords = True
+    """The auth service checks the password (nginx's contract): it may answer with XCLIENT."""
 
     def __init__(
         self,
@@ -714,7 +770,7 @@ def parse(table: Table) -> RouterSpec | None:
     if url.scheme == "https":
         description += f" ca={ca or 'the system trust store'}"
 
-    def build(reactor: Any = None) -> IRouter:
+    def build(reactor: Any = None, password_listeners: Any = ()) -> IRouter:
         try:
             router = HTTPRouter(
                 url.url,
@@ -730,4 +786,4 @@ def parse(table: Table) -> RouterSpec | None:
             raise ConfigError([f"{table.errors.source}: {e}"]) from None
         return router
 
-    return RouterSpec("http", description, build)
+    return RouterSpec("http", description, build, verifies_passwords=True)
