@@ -10,9 +10,10 @@ spared the load. Counting the logins in flight means that N guesses sent in para
 cannot all pass the check before the first of them has failed.
 
 Per user: a user is never locked out, only slowed down. Once a user has
-`max_per_user` failed logins within the window (plus logins in flight), each of its
-next logins is held back `delay * 2**excess` seconds (excess: how far past the limit
-the count is), at most `max_delay`, and then goes to the Router as usual. A guesser
+`max_per_user` failed logins within the window (failures only: a mail client's own
+parallel connections must not slow each other down), each of its next logins is held
+back `delay * 2**excess` seconds (excess: how far past the limit the count is), at most
+`max_delay`, and then goes to the Router as usual. A guesser
 spread over many addresses is slowed down; the owner, from an address under its own
 limit, still logs in with the right password.
 
@@ -73,7 +74,7 @@ class LoginLimits:
     """Client networks neither counted nor limited per client (a webmail host)."""
 
     def slowdown(self, count: int) -> float:
-        """How long a login of a user with `count` failed logins and logins in flight is
+        """How long a login of a user with `count` failed logins is
         held back: 0 below `max_per_user`, then `delay`, doubling, up to `max_delay`."""
         excess = count - self.max_per_user
         if self.max_per_user <= 0 or self.delay <= 0 or excess < 0:
@@ -205,11 +206,14 @@ class LoginGuard:
         return f"too many failed logins for this client ({failed} in {self.limits.window:g}s{pending})"
 
     def slowdown(self, request: RouteRequest) -> float:
-        """Seconds a login of `request`'s user would be held back now (0: none)."""
+        """Seconds a login of `request`'s user would be held back now (0: none). Only
+        failures count here, not logins in flight: a mail client opens several
+        connections at once, and its owner must not wait for its own parallel logins."""
         key = self._user_key(request)
         if key is None:
             return 0.0
-        return self.limits.slowdown(sum(self._count(key, self.clock.seconds())))
+        failed, _ = self._count(key, self.clock.seconds())
+        return self.limits.slowdown(failed)
 
     def admit(self, request: RouteRequest) -> Attempt:
         """
