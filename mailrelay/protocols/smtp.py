@@ -28,12 +28,11 @@ from ..sasl import encode
 from ..splice import SpliceResult
 from .base import LineFrontEnd, printable
 from .smtp_relay import SMTPRelay
+from .smtp_stream import MAIL_ARGUMENTS, MAIL_SYNTAX, RCPT_ARGUMENTS, RCPT_SYNTAX
 from .smtp_upstream import ClientFacts, SMTPUpstreamLogin
 
 DEFAULT_CAPABILITIES = ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES")
 
-_MAIL = re.compile(rb"FROM: ?(<[^>]*>)( .*)?", re.IGNORECASE | re.DOTALL)
-_RCPT = re.compile(rb"TO: ?(<[^>]+>)( .*)?", re.IGNORECASE | re.DOTALL)
 _SIZE = re.compile(rb" SIZE=([0-9]{1,20})(?= |$)", re.IGNORECASE)
 _REPLY_CODE = re.compile(r"[245][0-9][0-9]( [245]\.[0-9]{1,3}\.[0-9]{1,3})?")
 
@@ -197,8 +196,8 @@ class SMTPFrontEnd(LineFrontEnd):
             self.reply("503 5.5.1 Error: send HELO/EHLO first")
         elif self.mail is not None:
             self.reply("503 5.5.1 Error: nested MAIL command")
-        elif (match := _MAIL.fullmatch(args)) is None:
-            self.error(b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n")
+        elif (match := MAIL_ARGUMENTS.fullmatch(args)) is None:
+            self.error(MAIL_SYNTAX)
         elif self.config.size and (size := _SIZE.search(match[2] or b"")) and int(size[1]) > self.config.size:
             self.reply("552 5.3.4 Message size exceeds fixed limit")
         else:
@@ -212,8 +211,8 @@ class SMTPFrontEnd(LineFrontEnd):
             self.reply("530 5.7.0 Must issue a STARTTLS command first")
         elif self.mail is None:
             self.reply("503 5.5.1 Error: need MAIL command")
-        elif _RCPT.fullmatch(args) is None:
-            self.error(b"501 5.5.4 Syntax: RCPT TO:<address>\r\n")
+        elif RCPT_ARGUMENTS.fullmatch(args) is None:
+            self.error(RCPT_SYNTAX)
         else:
             self.rcpt = b"RCPT " + args
             self.begin(

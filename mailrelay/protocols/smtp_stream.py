@@ -15,6 +15,9 @@ command or a message ends (the SMTP smuggling class of bugs).
   session out of mailrelay's sight, are answered locally: XCLIENT and XFORWARD
   (`550 5.7.0`), STARTTLS and AUTH (`503 5.5.1`; the client already has TLS and a
   login, or needs none).
+- MAIL and RCPT are forwarded only with their path in angle brackets, followed by
+  nothing or by a space and parameters (`501 5.5.4` otherwise): the address a Router
+  vets is then the one every server reads, however it parses what follows.
 - BDAT is forwarded only in its strict form `BDAT <digits> [LAST]`, and only when the
   upstream offers CHUNKING; otherwise its chunk is read and discarded and the client
   hears `502`.
@@ -52,6 +55,13 @@ BARE_NEWLINE = b"554 5.6.0 Error: bare CR or LF in message content; closing conn
 HIDDEN_EXTENSIONS = frozenset({"XCLIENT", "XFORWARD", "STARTTLS", "AUTH"})
 """EHLO keywords a client does not hear from the upstream: it may not use them."""
 
+MAIL_SYNTAX = b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"
+RCPT_SYNTAX = b"501 5.5.4 Syntax: RCPT TO:<address>\r\n"
+
+MAIL_ARGUMENTS = re.compile(rb"FROM: ?(<[^<>]*>)( .*)?", re.IGNORECASE | re.DOTALL)
+RCPT_ARGUMENTS = re.compile(rb"TO: ?(<[^<>]+>)( .*)?", re.IGNORECASE | re.DOTALL)
+"""What follows MAIL and RCPT: the path, then optional parameters."""
+_ENVELOPE = {b"MAIL": (MAIL_ARGUMENTS, MAIL_SYNTAX), b"RCPT": (RCPT_ARGUMENTS, RCPT_SYNTAX)}
 _BDAT = re.compile(rb"BDAT ([0-9]{1,15})( LAST)?", re.IGNORECASE)
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]?)(.*?)\r?\n", re.DOTALL)
 
@@ -112,6 +122,10 @@ def command(line: bytes, chunking: bool) -> Command:
         if not chunking:
             return Discard(size, NO_CHUNKING)
         return Chunk(text + b"\r\n", size, last)
+    if verb in _ENVELOPE:
+        arguments, syntax = _ENVELOPE[verb]
+        if arguments.fullmatch(text[5:]) is None:
+            return Answer(syntax)
     return Forward(verb, text + b"\r\n")
 
 
