@@ -4,10 +4,10 @@ starting mailrelay (twistd) and third-party proxies, measuring, and the report.
 
 Run as a script, this module is the upstream process (`Upstream.start` does that):
 
-    python bench/_common.py --procs N [--tls PEM [--smtp]]
+    python bench/_common.py --procs N [--tls PEM [--smtp]] [--echo]
 
-It prints `ports bulk=P line=P [tls_bulk=P tls_line=P] [smtp=P auth_http=P]` and serves
-until its stdin closes. See bench/README.md.
+It prints `ports bulk=P line=P [tls_bulk=P tls_line=P] [smtp=P auth_http=P] [echo=P
+pop3_echo=P]` and serves until its stdin closes. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncio
 import binascii
 import ctypes
 import functools
+import hashlib
 import multiprocessing
 import os
 import platform
@@ -513,6 +514,192 @@ class AuthHTTPProtocol(asyncio.Protocol):
         self.transport.close()
 
 
+# The echo upstream of the soak test (tests/soak_support.py, bench/soak.py).
+ECHO_MAX_HEAD = 32
+ECHO_TRAILER = 65  # the hex SHA-256 of what was echoed and a newline
+POP3_USER = "soak@example.org"
+POP3_PASSWORD = "soak-Pa55word"
+
+
+class EchoProtocol(asyncio.Protocol):
+    """
+    A checking echo server. The client sends `SIZE\\n` and then SIZE bytes; every byte is
+    echoed as it comes, and after the last one the server sends the hex SHA-256 of the
+    SIZE bytes it received and a newline, then ends its side of the stream (a TCP
+    half-close) and reads on until the client closes.
+
+    Anything that is not such a session, a malformed head, an end of stream before SIZE
+    bytes, a byte after them, a connection reset, is written to stderr as one line starting
+    `echo problem:`, which the soak test fails on: the client cannot see bytes that
+    arrive at the upstream after its payload.
+
+    Reading pauses while the client does not read the echo (asyncio's write buffer
+    limits), so a slow reader exerts back-pressure through the proxy, as a real server does.
+    The class counts, over the process, connections, payload bytes and problems; when the
+    process is told to stop it waits (up to 10 s) for its open connections to end and then
+    writes them to stderr (`echo_summary`).
+    """
+
+    connections = 0
+    open = 0
+    payload_bytes = 0
+    problems = 0
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.head = b""
+        self.left: int | None = None  # payload bytes still to come; None before the head
+        self.size = 0
+        self.digest = hashlib.sha256()
+        self.extra = 0
+        self.eof = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        EchoProtocol.connections += 1
+        EchoProtocol.open += 1
+
+    def problem(self, what: str) -> None:
+        EchoProtocol.problems += 1
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        print(f"echo problem: {what} (from {peer})", file=sys.stderr, flush=True)
+
+    def data_received(self, data: bytes) -> None:
+        if self.left is None:
+            self.head += data
+            line, found, data = self.head.partition(b"\n")
+            if not found:
+                if len(self.head) > ECHO_MAX_HEAD:
+                    self.problem(f"no size line in {self.head[:40]!r}")
+                    self.transport.abort()
+                return
+            if not line.isdigit():
+                self.problem(f"bad size line {line[:40]!r}")
+                self.transport.abort()
+                return
+            self.left = self.size = int(line)
+            self.head = b""
+            if not self.left:
+                self._finish()
+        if not data:
+            return
+        if self.left == 0:
+            self.extra += len(data)
+            return
+        assert self.left is not None
+        part = data[: self.left] if len(data) > self.left else data
+        self.left -= len(part)
+        EchoProtocol.payload_bytes += len(part)
+        self.digest.update(part)
+        self.transport.write(part)
+        if len(part) < len(data):
+            self.extra += len(data) - len(part)
+        if self.left == 0:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.transport.write(self.digest.hexdigest().encode() + b"\n")
+        self.transport.write_eof()
+
+    def pause_writing(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.left is None or self.left:
+            done = "no size line" if self.left is None else f"{self.size - self.left} of {self.size} bytes"
+            self.problem(f"end of stream after {done}")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        EchoProtocol.open -= 1
+        if self.extra:
+            self.problem(f"{self.extra} bytes after the {self.size}-byte payload")
+        if not self.eof and self.left != 0:
+            self.problem(f"connection lost ({exc!r}) with {self.left} payload bytes to come")
+
+
+async def echo_summary() -> None:
+    """Once the echo connections have ended (or 10 s passed), `echo summary: ...` on stderr."""
+    deadline = time.monotonic() + 10
+    while EchoProtocol.open and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    print(
+        f"echo summary: connections={EchoProtocol.connections} open={EchoProtocol.open} "
+        f"payload_bytes={EchoProtocol.payload_bytes} problems={EchoProtocol.problems}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+class POP3EchoProtocol(EchoProtocol):
+    """
+    `EchoProtocol` behind a POP3 login, for the POP3 front-end: greets `+OK`, answers CAPA
+    (USER, SASL PLAIN), USER/PASS and AUTH PLAIN with an initial response for
+    POP3_USER/POP3_PASSWORD (`-ERR [AUTH]` otherwise), then is an echo server from the
+    byte after the successful login's line on.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines = b""
+        self.user: bytes | None = None
+        self.logged_in = False
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        transport.write(b"+OK soak upstream ready\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        if self.logged_in:
+            super().data_received(data)
+            return
+        self.lines += data
+        while not self.logged_in:
+            line, found, rest = self.lines.partition(b"\n")
+            if not found:
+                if len(self.lines) > SMTP_MAX_LINE:
+                    self.problem("POP3 line too long")
+                    self.transport.abort()
+                return
+            self.lines = rest
+            self._command(line.rstrip(b"\r"))
+        rest, self.lines = self.lines, b""
+        if rest:
+            super().data_received(rest)
+
+    def _command(self, line: bytes) -> None:
+        verb, _, args = line.partition(b" ")
+        verb = verb.upper()
+        if verb == b"CAPA":
+            self.transport.write(b"+OK\r\nUSER\r\nSASL PLAIN\r\n.\r\n")
+        elif verb == b"USER":
+            self.user = args
+            self.transport.write(b"+OK\r\n")
+        elif verb == b"PASS":
+            self._verdict(self.user, args)
+        elif verb == b"AUTH" and args[:6].upper() == b"PLAIN ":
+            try:
+                _, user, password = binascii.a2b_base64(args[6:]).split(b"\0")
+            except (binascii.Error, ValueError):
+                self._verdict(None, None)
+                return
+            self._verdict(user, password)
+        else:
+            self.transport.write(b"-ERR soak upstream: not here\r\n")
+
+    def _verdict(self, user: bytes | None, password: bytes | None) -> None:
+        if user == POP3_USER.encode() and password == POP3_PASSWORD.encode():
+            self.logged_in = True
+            self.transport.write(b"+OK soak upstream: logged in\r\n")
+        else:
+            self.problem(f"login refused for {user!r}")
+            self.transport.write(b"-ERR [AUTH] soak upstream: wrong user or password\r\n")
+
+
 Served = tuple[socket.socket, str, ssl.SSLContext | None]
 """A listening socket of the asyncio upstream, what it serves (`line`, `smtp`, `auth_http`),
 and its TLS context: a line port speaks TLS from the start; the SMTP port offers STARTTLS."""
@@ -528,6 +715,10 @@ def _server_loop(listeners: list[Served], parent_pipe: int | None) -> None:
             return lambda: SMTPServerProtocol(tls)
         if kind == "auth_http":
             return lambda: AuthHTTPProtocol(smtp_port)
+        if kind == "echo":
+            return EchoProtocol
+        if kind == "pop3_echo":
+            return POP3EchoProtocol
         return LineProtocol
 
     async def main() -> None:
@@ -548,6 +739,8 @@ def _server_loop(listeners: list[Served], parent_pipe: int | None) -> None:
         await done
         for server in servers:
             server.close()
+        if any(kind in ("echo", "pop3_echo") for _, kind, _ in listeners):
+            await echo_summary()
 
     asyncio.run(main())
 
@@ -570,7 +763,7 @@ def server_tls_context(pem: str) -> ssl.SSLContext:
     return context
 
 
-def serve_upstream(line_procs: int, tls_pem: str | None, smtp: bool = False) -> None:
+def serve_upstream(line_procs: int, tls_pem: str | None, smtp: bool = False, echo: bool = False) -> None:
     """Entry point of the upstream process: prints its ports and serves until stdin closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the bench stops us; Ctrl-C is its business
     tls = None if tls_pem is None else server_tls_context(tls_pem)
@@ -581,6 +774,8 @@ def serve_upstream(line_procs: int, tls_pem: str | None, smtp: bool = False) -> 
         if tls is None:
             raise SystemExit("--smtp needs --tls (the certificate STARTTLS uses)")
         served += [("smtp", tls), ("auth_http", None)]
+    if echo:
+        served += [("echo", None), ("pop3_echo", None)]
     socks = [_reuseport_socket(0) for _ in served]
     ports = [sock.getsockname()[1] for sock in socks]
     # More processes on the same ports (SO_REUSEPORT spreads the connections), so that a
@@ -607,6 +802,8 @@ def serve_upstream(line_procs: int, tls_pem: str | None, smtp: bool = False) -> 
         names.update(tls_bulk=bulk[1][0], tls_line=socks[1])
     if smtp:
         names.update(smtp=socks[2], auth_http=socks[3])
+    if echo:
+        names.update(echo=socks[-2], pop3_echo=socks[-1])
     print("ports " + " ".join(f"{name}={sock.getsockname()[1]}" for name, sock in names.items()), flush=True)
     _server_loop([(sock, kind, context) for sock, (kind, context) in zip(socks, served, strict=True)], sys.stdin.fileno())
 
@@ -614,14 +811,24 @@ def serve_upstream(line_procs: int, tls_pem: str | None, smtp: bool = False) -> 
 class Upstream:
     """
     The upstream process: plain bulk and line ports, with `tls_pem` their TLS twins, and
-    with `smtp` too an SMTP server offering STARTTLS and AUTH PLAIN, and nginx's auth_http.
+    with `smtp` too an SMTP server offering STARTTLS and AUTH PLAIN, and nginx's auth_http;
+    with `echo` the checking echo servers (`EchoProtocol`, `POP3EchoProtocol`). Its stderr
+    goes to `stderr` (a file object; default: ours).
     """
 
-    def __init__(self, children: Children, line_procs: int, tls_pem: str | None = None, smtp: bool = False) -> None:
+    def __init__(
+        self,
+        children: Children,
+        line_procs: int,
+        tls_pem: str | None = None,
+        smtp: bool = False,
+        echo: bool = False,
+        stderr: Any = None,
+    ) -> None:
         # Its own process (group), told to stop when our end of its stdin closes.
         argv = [sys.executable, os.path.abspath(__file__), "--procs", str(line_procs)]
-        argv += (["--tls", tls_pem] if tls_pem else []) + (["--smtp"] if smtp else [])
-        self.proc = children.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        argv += (["--tls", tls_pem] if tls_pem else []) + (["--smtp"] if smtp else []) + (["--echo"] if echo else [])
+        self.proc = children.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], 20)
         line = self.proc.stdout.readline().decode() if ready else ""
@@ -631,6 +838,7 @@ class Upstream:
         self.bulk, self.line = ports["bulk"], ports["line"]
         self.tls_bulk, self.tls_line = ports.get("tls_bulk", 0), ports.get("tls_line", 0)
         self.smtp, self.auth_http = ports.get("smtp", 0), ports.get("auth_http", 0)
+        self.echo, self.pop3_echo = ports.get("echo", 0), ports.get("pop3_echo", 0)
 
 
 # --------------------------------------------------------------------------------------
@@ -1472,22 +1680,65 @@ def print_cpu_table(
     print_grid(table)
 
 
-def mailrelay_log_summary(name: str, log_files: list[Path], by_listener: bool = False) -> str:
-    """Session log lines counted by outcome (and by listener), and anything that looks like a crash."""
-    outcomes: dict[str, int] = {}
-    problems = 0
+@dataclass
+class SessionLog:
+    """What mailrelay's log says about its sessions (see `read_session_log`)."""
+
+    outcomes: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(listener, outcome) -> session lines."""
+    up: dict[str, int] = field(default_factory=dict)
+    """listener -> the sum of the `up=` bytes of its session lines (client to upstream)."""
+    down: dict[str, int] = field(default_factory=dict)
+    """listener -> the sum of the `down=` bytes (upstream to client)."""
+    problems: list[str] = field(default_factory=list)
+    """Lines that look like a crash: a traceback, an unhandled error, an internal error."""
+
+    def count(self, outcome: str | None = None) -> int:
+        """Session lines with `outcome` (any outcome: None), over all listeners."""
+        return sum(n for (_, o), n in self.outcomes.items() if outcome is None or o == outcome)
+
+
+_SESSION_BYTES = re.compile(r" up=(\d+) down=(\d+) ")
+
+
+def read_session_log(log_files: list[Path]) -> SessionLog:
+    """
+    The session lines of mailrelay's logs, rotated files (`NAME.1`, ...) included. A log
+    that twistd rotates while it is read can be counted twice or not at all: read until
+    two reads agree when that matters.
+    """
+    result = SessionLog()
     for log in log_files:
         for path in sorted(log.parent.glob(log.name + "*")):
-            for line in path.read_text(errors="replace").splitlines():
+            try:
+                text = path.read_text(errors="replace")
+            except FileNotFoundError:  # rotated away between the glob and the read
+                continue
+            for line in text.splitlines():
                 m = re.search(r" outcome=(\S+)", line)
                 if m and " session " in line:
-                    listener = re.search(r" listener=(\S+)", line)
-                    key = f"{listener.group(1) if listener else '?'} {m.group(1)}" if by_listener else m.group(1)
-                    outcomes[key] = outcomes.get(key, 0) + 1
+                    named = re.search(r" listener=(\S+)", line)
+                    listener = named.group(1) if named else "?"
+                    key = (listener, m.group(1))
+                    result.outcomes[key] = result.outcomes.get(key, 0) + 1
+                    counted = _SESSION_BYTES.search(line)
+                    if counted:
+                        result.up[listener] = result.up.get(listener, 0) + int(counted.group(1))
+                        result.down[listener] = result.down.get(listener, 0) + int(counted.group(2))
                 elif "Traceback" in line or "Unhandled" in line or "internal error" in line:
-                    problems += 1
+                    result.problems.append(line)
+    return result
+
+
+def mailrelay_log_summary(name: str, log_files: list[Path], by_listener: bool = False) -> str:
+    """Session log lines counted by outcome (and by listener), and anything that looks like a crash."""
+    log = read_session_log(log_files)
+    outcomes: dict[str, int] = {}
+    for (listener, outcome), n in log.outcomes.items():
+        key = f"{listener} {outcome}" if by_listener else outcome
+        outcomes[key] = outcomes.get(key, 0) + n
     text = ", ".join(f"{k}={v}" for k, v in sorted(outcomes.items())) or "no session lines"
-    return f"{name} log: sessions {text}; tracebacks/internal errors: {problems}"
+    return f"{name} log: sessions {text}; tracebacks/internal errors: {len(log.problems)}"
 
 
 def mailrelay_warnings(log_files: list[Path], limit: int = 5) -> list[str]:
@@ -1541,8 +1792,9 @@ if __name__ == "__main__":
     parser.add_argument("--procs", type=int, default=2, help="processes of the line (and SMTP) servers (SO_REUSEPORT)")
     parser.add_argument("--tls", help="PEM file with certificate and key: also serve TLS twins of both ports")
     parser.add_argument("--smtp", action="store_true", help="also serve SMTP (STARTTLS with --tls's certificate, AUTH PLAIN)")
+    parser.add_argument("--echo", action="store_true", help="also serve the soak test's echo and POP3 echo servers")
     options = parser.parse_args()
-    serve_upstream(options.procs, options.tls, options.smtp)
+    serve_upstream(options.procs, options.tls, options.smtp, options.echo)
 
 
 def print_logs_and_notes(targets: list[Target]) -> None:

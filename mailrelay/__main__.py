@@ -56,6 +56,7 @@ def check(path: str) -> int:
         router = listener.router or config.router
         if listener.accepts_passwords and router is not None:
             print(f"  passwords: {_who_checks_passwords(router)}")
+        print(f"  connection_limits: {listener.connection_limits.describe()}")
     limits = config.login_limits
     print(
         f"login_limits: window={limits.window:g}s max_per_client={limits.max_per_client or 'off'}"
@@ -64,7 +65,8 @@ def check(path: str) -> int:
     )
     trust = config.upstream.ca or "the system trust store"
     print(
-        f"upstream: connect_timeout={config.upstream.connect_timeout:g}s, TLS verified against {trust};"
+        f"upstream: connect_timeout={config.upstream.connect_timeout:g}s login_timeout={config.upstream.login_timeout:g}s,"
+        f" TLS verified against {trust};"
         f" drain_timeout={config.drain_timeout:g}s"
     )
     return 0

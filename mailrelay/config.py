@@ -18,6 +18,7 @@ import attrs
 from twisted.internet.endpoints import serverFromString
 
 from .configtable import ConfigError, Errors, Table, read_toml
+from .connlimits import ConnectionLimits, read_connection_limits
 from .guard import LoginLimits, Network
 from .router import MODES, PASSWORDLESS_METHODS, PROTOCOLS
 from .routers import RouterSpec, parse_router, refuse_unchecked_logins
@@ -43,6 +44,11 @@ class UpstreamConfig:
     """`[upstream]`: how the shared connector reaches upstream servers."""
 
     connect_timeout: float = 10.0
+    """Seconds for each route's TCP connect, name resolution included."""
+    login_timeout: float = 30.0
+    """Seconds for all of each route's attempt: connect, TLS handshake, greeting,
+    STARTTLS and login (Dovecot's login_proxy_timeout). A smaller one than
+    `connect_timeout` bounds the connect too."""
     ca: str | None = None
     """PEM file of the CAs upstream certificates are verified against; None: the
     system trust store."""
@@ -64,6 +70,12 @@ class FrontEndConfig:
     """Unknown or malformed commands after which the connection is closed."""
     login_timeout: float = 60.0
     """How long a client may stay silent before it is routed."""
+    login_deadline: float = 180.0
+    """How long after accept (TLS handshake included) a client may take to log in or be
+    routed, whatever it sends meanwhile; a login in flight then is not cut."""
+    max_junk_commands: int = 20
+    """Commands achieving nothing before login (NOOP, RSET, a third EHLO...) after which
+    the connection is closed."""
     capabilities: tuple[str, ...] | None = None
     """The extensions advertised besides STARTTLS and AUTH; None: the protocol's default."""
     size: int | None = None
@@ -92,6 +104,9 @@ class ListenerConfig:
     """How long a `preread_sni` listener waits for the client's first bytes."""
     front_end: FrontEndConfig = FrontEndConfig()
     """Listeners with a mail protocol: greeting, STARTTLS, authentication."""
+    connection_limits: ConnectionLimits = ConnectionLimits()
+    """`[listener.connection_limits]`: the connections taken at once, per client, and per
+    client and minute."""
 
     @property
     def terminates_tls(self) -> bool:
@@ -143,6 +158,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base_dir: st
     if upstream_table is not None:
         upstream = UpstreamConfig(
             connect_timeout=upstream_table.seconds("connect_timeout", 10.0),
+            login_timeout=upstream_table.seconds("login_timeout", 30.0),
             ca=upstream_table.file("ca", None),
         )
         upstream_table.finish()
@@ -229,6 +245,10 @@ def _listener(table: Table) -> ListenerConfig | None:
     front_end = _front_end(table, mode, protocol)
     router_table = table.table("router", None)
     router = _router(router_table)
+    limits_table = table.table("connection_limits", None)
+    connection_limits = (
+        ConnectionLimits() if limits_table is None else read_connection_limits(limits_table, _exempt(limits_table))
+    )
     table.finish()
     required = (
         listen,
@@ -241,8 +261,9 @@ def _listener(table: Table) -> ListenerConfig | None:
         preread_sni,
         preread_timeout,
         front_end,
+        connection_limits,
     )
-    if None in required or front_end is None or (router_table and router is None):
+    if None in required or front_end is None or connection_limits is None or (router_table and router is None):
         return None
     return ListenerConfig(
         name=name,
@@ -256,10 +277,20 @@ def _listener(table: Table) -> ListenerConfig | None:
         preread_sni=preread_sni,
         preread_timeout=preread_timeout,
         front_end=front_end,
+        connection_limits=connection_limits,
     )
 
 
-FRONT_END_KEYS = ("hostname", "auth", "max_attempts", "max_errors", "login_timeout", "capabilities")
+FRONT_END_KEYS = (
+    "hostname",
+    "auth",
+    "max_attempts",
+    "max_errors",
+    "login_timeout",
+    "login_deadline",
+    "max_junk_commands",
+    "capabilities",
+)
 
 
 def _front_end(table: Table, mode: str | None, protocol: str | None) -> FrontEndConfig | None:
@@ -279,6 +310,8 @@ def _front_end(table: Table, mode: str | None, protocol: str | None) -> FrontEnd
         max_attempts=table.integer("max_attempts", default.max_attempts, minimum=1, maximum=1000),
         max_errors=table.integer("max_errors", default.max_errors, minimum=1, maximum=1000),
         login_timeout=table.seconds("login_timeout", default.login_timeout),
+        login_deadline=table.seconds("login_deadline", default.login_deadline),
+        max_junk_commands=table.integer("max_junk_commands", default.max_junk_commands, minimum=1, maximum=10000),
         capabilities=table.strings("capabilities", None) if table.has("capabilities") else None,
         size=_for_protocol(table, protocol, "size", lambda key, d: table.integer(key, d, minimum=0), None),
         vet_recipients=_for_protocol(table, protocol, "vet_recipients", _choice(table, ("first", "all")), default.vet_recipients),
@@ -315,7 +348,18 @@ def _front_end(table: Table, mode: str | None, protocol: str | None) -> FrontEnd
             values["capabilities"] = None
             break
     if None in (
-        values[k] for k in ("hostname", "starttls", "auth", "max_attempts", "max_errors", "login_timeout", "vet_recipients")
+        values[k]
+        for k in (
+            "hostname",
+            "starttls",
+            "auth",
+            "max_attempts",
+            "max_errors",
+            "login_timeout",
+            "login_deadline",
+            "max_junk_commands",
+            "vet_recipients",
+        )
     ):
         return None
     if capabilities is not None and values["capabilities"] is None:

@@ -11,6 +11,12 @@ the first byte; `"starttls"` runs the front-end's `StartTLSStep` (the protocol's
 up to its "go ahead"), then upgrades. Either way the handshake, and the certificate
 check, finish before any login step runs or any client byte is spliced: a session never
 talks to an upstream that failed verification.
+
+Every route attempt has a deadline, `login_timeout` (Dovecot's login_proxy_timeout):
+TCP connect (itself bounded by `connect_timeout`, name resolution included), TLS
+handshake, greeting, STARTTLS and login together. An upstream that accepts the
+connection and then says nothing fails its route, naming what it was waiting for
+(`UpstreamProtocol.stage`: "no greeting within 30s"), and the next route is tried.
 """
 
 from __future__ import annotations
@@ -45,7 +51,9 @@ from .tls import ClientTLS, TLSSetupError, describe_tls_error
 
 LoginStep = Callable[["UpstreamProtocol", Route], Awaitable[None]]
 """A protocol's upstream login: raise `Reject` when the upstream refuses the
-credentials (final), anything else when this route is unusable (next route is tried)."""
+credentials (final), anything else when this route is unusable (next route is tried).
+Before each wait it names what it waits for in `UpstreamProtocol.stage`, for the
+failure should the login deadline pass; it may be cancelled at any await."""
 
 StartTLSStep = Callable[["UpstreamProtocol", Route], Awaitable[None]]
 """A protocol's upstream STARTTLS exchange (greeting, EHLO, `STARTTLS`, `220`): it
@@ -54,6 +62,11 @@ returns when the upstream is ready for the TLS handshake, or raises like a login
 
 class UpstreamTLSError(Exception):
     """The TLS handshake with the upstream failed (certificate, name, protocol)."""
+
+
+class UpstreamTimeout(Exception):
+    """A route attempt's `login_timeout` passed: the message says what the upstream
+    left unanswered."""
 
 
 class UpstreamProtocol(SpliceableProtocol):
@@ -66,6 +79,11 @@ class UpstreamProtocol(SpliceableProtocol):
         self._handshake: Deferred[None] | None = None
         self.tls = False
         """Whether the TLS handshake with the upstream has completed."""
+        self.stage = "greeting"
+        """What the connection is waiting for from the upstream before the splice, in
+        the words of the failure if the login deadline passes ("no {stage} within
+        30s"): the connector sets "handshake", the login steps "answer to EHLO",
+        "login reply" and the like before each read."""
 
     def _handshake_completed(self) -> None:
         self.tls = True
@@ -113,8 +131,22 @@ def _timed_out(result: object, timeout: float) -> Failure:
     return Failure(defer.TimeoutError(f"no connection within {timeout:g}s"))
 
 
-def _handshake_timed_out(result: object, timeout: float) -> Failure:
-    return Failure(UpstreamTLSError(f"TLS: no handshake within {timeout:g}s"))
+def deadline_passed(stage: str, timeout: float) -> UpstreamTimeout:
+    """The failure of a route whose login deadline passed while waiting for `stage`."""
+    if stage == "handshake":
+        return UpstreamTimeout(f"TLS: no handshake within {timeout:g}s")
+    return UpstreamTimeout(f"no {stage} within {timeout:g}s")
+
+
+@attrs.define
+class _Attempt:
+    """One route attempt in progress: the connection once there is one."""
+
+    protocol: UpstreamProtocol | None = None
+
+    @property
+    def stage(self) -> str:
+        return self.protocol.stage if self.protocol is not None else "connection"
 
 
 @implementer(IHandshakeListener)
@@ -176,7 +208,7 @@ def tcp_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamC
 
 def describe_failure(error: BaseException, timeout: float) -> str:
     """A short reason for the log, in an administrator's words."""
-    if isinstance(error, (UpstreamTLSError, TLSSetupError, PeerClosed, LineTooLong)):
+    if isinstance(error, (UpstreamTLSError, UpstreamTimeout, TLSSetupError, PeerClosed, LineTooLong)):
         return str(error)
     if isinstance(error, ConnectionRefusedError):
         return "connection refused"
@@ -194,14 +226,19 @@ class UpstreamConnector:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, connect_timeout: float = 10.0, tls: ClientTLS | None = None) -> None:
+    def __init__(
+        self, reactor: Any, connect_timeout: float = 10.0, tls: ClientTLS | None = None, login_timeout: float = 30.0
+    ) -> None:
         """
         `reactor` provides TCP, time and name resolution (the global reactor in
         production); `tls` verifies upstream certificates (default: against the system
-        trust store).
+        trust store). `connect_timeout` bounds each route's TCP connect (name
+        resolution included), `login_timeout` all of a route's attempt: connect, TLS
+        handshake, greeting, STARTTLS and login (a smaller one bounds the connect too).
         """
         self.reactor = reactor
         self.connect_timeout = connect_timeout
+        self.login_timeout = login_timeout
         self.tls = tls if tls is not None else ClientTLS()
 
     def endpoint_for(self, route: Route) -> IStreamClientEndpoint:
@@ -226,10 +263,14 @@ class UpstreamConnector:
         logged in.
 
         A route that cannot be connected to, whose TLS handshake or certificate check
-        fails, or whose login step fails for any reason but `Reject`, is logged and the
-        next one is tried. `Reject` from the login step is final. Raises
+        fails, whose login step fails for any reason but `Reject`, or that is not done
+        within `login_timeout`, is logged and the next one is tried (a route that timed
+        out has its connection aborted). `Reject` from the login step is final. Raises
         `UpstreamUnavailable` when every route failed. `starttls` is the protocol's
         exchange before an upstream STARTTLS; without one, such routes are unusable.
+
+        Cancelling (the client left) aborts the attempt in progress and tries no other
+        route: the result is a CancelledError. No timer outlives the call.
         """
         failures: list[tuple[Route, str]] = []
         for route in routes:
@@ -240,8 +281,8 @@ class UpstreamConnector:
                 except (Reject, CancelledError):
                     raise
                 except ConnectingCancelledError:
-                    # Only our caller cancels a connect (timeouts become TimeoutError):
-                    # the session is over, no other route is wanted.
+                    # Only our caller cancels a connect (timeouts become TimeoutError or
+                    # UpstreamTimeout): the session is over, no other route is wanted.
                     raise CancelledError() from None
                 except Exception as e:
                     why = describe_failure(e, self.connect_timeout)
@@ -255,20 +296,31 @@ class UpstreamConnector:
         raise UpstreamUnavailable(failures)
 
     async def _connect_one(self, route: Route, login: LoginStep | None, starttls: StartTLSStep | None) -> Upstream:
+        """One route, within `login_timeout`. Our deadline cancels the attempt (which
+        aborts its connection) and fails it with an UpstreamTimeout naming the stage;
+        the caller's cancellation goes through as it is."""
+        attempt = _Attempt()
+        attempting = Deferred.fromCoroutine(self._attempt(route, login, starttls, attempt))
+        attempting.addTimeout(
+            self.login_timeout, self.reactor, onTimeoutCancel=lambda _, timeout: Failure(deadline_passed(attempt.stage, timeout))
+        )
+        return await attempting
+
+    async def _attempt(self, route: Route, login: LoginStep | None, starttls: StartTLSStep | None, attempt: _Attempt) -> Upstream:
         connecting = self.endpoint_for(route).connect(_UpstreamFactory(route.tls != "none"))
         # The endpoint's own timeout covers each TCP attempt; this one also bounds
         # name resolution and the happy-eyeballs races.
         connecting.addTimeout(self.connect_timeout, self.reactor, onTimeoutCancel=_timed_out)
-        protocol = cast(UpstreamProtocol, await connecting)
+        protocol = attempt.protocol = cast(UpstreamProtocol, await connecting)
         try:
             if route.tls == "starttls":
                 assert starttls is not None
                 await starttls(protocol, route)
                 protocol.start_tls(self.tls.creator(route))
             if route.tls != "none":
-                handshake = Deferred.fromCoroutine(protocol.wait_for_handshake())
-                handshake.addTimeout(self.connect_timeout, self.reactor, onTimeoutCancel=_handshake_timed_out)
-                await handshake
+                protocol.stage = "handshake"
+                await protocol.wait_for_handshake()
+                protocol.stage = "greeting" if route.tls == "tls" else "reply"  # a login step names its own
             if login is not None:
                 await login(protocol, route)
         except BaseException:

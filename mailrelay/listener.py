@@ -12,30 +12,40 @@ Along the way: a Reject waits, then closes; every route failing closes; the clie
 leaving at any point before the splice cancels what is pending. Bytes the client sends
 while the route is being decided are kept (up to the protocol's pending limit, then
 reading pauses) and delivered first.
+
+Before all that, the listener's connection limits (`connlimits`) decide at accept: a
+connection past them gets a `TurnedAway` protocol instead, which says the front-end's
+`busy_reply` (plaintext listeners only), closes, and opens no session.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.interfaces import IAddress, IDelayedCall, IOpenSSLServerConnectionCreator, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .clienthello import ClientHello, MalformedClientHello, NotTLS, peek_client_hello
 from .config import ListenerConfig
 from .connector import UpstreamConnector
+from .connlimits import ConnectionLimiter
 from .guard import LoginGuard
 from .protocols import FRONT_ENDS
 from .relay import RoutedConnection, address_of
 from .router import IRouter
 from .session import Sessions
 
-__all__ = ["ListenerFactory", "SpliceModeProtocol", "TLSModeProtocol", "address_of"]
+__all__ = ["ListenerFactory", "SpliceModeProtocol", "TLSModeProtocol", "TurnedAway", "address_of"]
 
 
 class ListenerFactory(Factory):
-    """Builds the protocol of one listener, sharing its router, connector and sessions."""
+    """Builds the protocol of one listener, sharing its router, connector and sessions,
+    within the listener's connection limits (`limiter`)."""
 
     noisy = False
+    log = Logger()
 
     def __init__(
         self,
@@ -63,9 +73,75 @@ class ListenerFactory(Factory):
         self.connection_class = (
             connection_class or MODE_PROTOCOLS.get((listener.mode, listener.protocol)) or FRONT_ENDS[listener.protocol]
         )
+        self.limiter = ConnectionLimiter(listener.connection_limits, listener.name, clock)
+        busy = self.connection_class.busy_reply
+        self.busy_reply = b""
+        """What a connection turned away hears before the close (nothing on a `tls`
+        listener: not a byte before the TLS handshake, and no handshake for it)."""
+        if busy is not None and listener.mode != "tls":
+            self.busy_reply = busy.format(hostname=listener.front_end.hostname).encode() + b"\r\n"
 
-    def buildProtocol(self, addr: IAddress | None) -> RoutedConnection:
-        return self.connection_class(self)
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        """The listener's protocol for a connection from `addr`, or a `TurnedAway` past
+        the connection limits (never None: Twisted's TLS layer wraps what this returns)."""
+        slot = self.limiter.admit(address_of(addr)[0] if addr is not None else "")
+        if slot is None:
+            return TurnedAway(self.busy_reply)
+        protocol = self.connection_class(self)
+        protocol.connection_slot = slot
+        return protocol
+
+    def startFactory(self) -> None:
+        self.limiter.start()
+        self._check_descriptors()
+
+    def stopFactory(self) -> None:
+        self.limiter.stop()  # no summary timer outlives the listener
+
+    def _check_descriptors(self) -> None:
+        """Warn when `max_sessions` cannot be reached: each session holds two file
+        descriptors, and past the process's limit accept() and upstream connections fail
+        for everyone instead of the excess being turned away."""
+        sessions = self.listener.connection_limits.max_sessions
+        try:
+            import resource
+
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        except (ImportError, OSError, ValueError):
+            return
+        if sessions and soft != resource.RLIM_INFINITY and 2 * sessions > soft:
+            self.log.warn(
+                "listener {listener}: max_sessions={sessions} needs up to {needed} file descriptors,"
+                " but this process may open {soft}: raise its limit (ulimit -n, systemd's LimitNOFILE)"
+                " or lower max_sessions",
+                listener=self.listener.name,
+                sessions=sessions,
+                needed=2 * sessions,
+                soft=soft,
+            )
+
+
+class TurnedAway(Protocol):
+    """
+    A connection the listener's connection limits turned away: it hears `reply` (the
+    front-end's busy reply; nothing on `splice` and `tls` listeners) and is closed at
+    once. It opens no session, holds no timer, and reads nothing (what the client sends
+    is dropped with the connection).
+    """
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        if self.reply:
+            transport.write(self.reply)
+        # Inside Twisted's TLS layer (a `tls` listener), before the handshake, this
+        # drops the TCP connection without a TLS alert.
+        transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
 
 
 class SpliceModeProtocol(RoutedConnection):

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from OpenSSL import SSL
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IOpenSSLServerConnectionCreator, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,6 +24,7 @@ from zope.interface import implementer
 
 from .config import ListenerConfig
 from .connector import LoginStep, StartTLSStep, Upstream, UpstreamConnector, UpstreamUnavailable
+from .connlimits import Slot
 from .guard import Attempt, LoginGuard
 from .router import Address, IRouter, Reject, RouteRequest, RouterError, ask_router
 from .session import Session, Sessions
@@ -72,6 +74,13 @@ class RoutedConnection(SpliceableProtocol):
     """
 
     log = Logger()
+    busy_reply: str | None = None
+    """What a client turned away at accept by the listener's connection limits hears
+    before the close, in plaintext (a template for `str.format` with `hostname`); None:
+    closed without a word. Never said on a `tls` listener, before any handshake."""
+    connection_slot: Slot | None = None
+    """This connection's place in its listener's connection limits, given back when
+    the connection is lost (None: counted by no one)."""
 
     def __init__(self, factory: RoutedConnectionFactory) -> None:
         super().__init__()
@@ -92,6 +101,13 @@ class RoutedConnection(SpliceableProtocol):
         self.client = address_of(self.transport.getPeer())
         self.local = address_of(self.transport.getHost())
         self.session = self.factory.sessions.open(self.listener.name, self.client, self._abort)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:  # however the connection ended, its client may open another
+            if self.connection_slot is not None:
+                self.connection_slot.release()
 
     def expect_handshake(self) -> None:
         """A TLS handshake is under way: give it `handshake_timeout` seconds."""

@@ -111,7 +111,9 @@ class MailrelayService(MultiService):
         # reporting all failures at once.
         errors: list[str] = []
         client_tls = self._tls_setup(lambda: ClientTLS(config.upstream.ca), errors)
-        self.connector = UpstreamConnector(reactor, config.upstream.connect_timeout, client_tls)
+        self.connector = UpstreamConnector(
+            reactor, config.upstream.connect_timeout, client_tls, login_timeout=config.upstream.login_timeout
+        )
         self.guard = LoginGuard(config.login_limits, reactor)
         if any(listener.terminates_tls for listener in config.listeners):
             self.server_tls = self._tls_setup(lambda: ServerTLS(config.tls or ServerTLSConfig(default=None)), errors)
@@ -171,6 +173,7 @@ class MailrelayService(MultiService):
         return found + [c for r in self.routers for c in components(r) if IReloadable.providedBy(c)]
 
     def startService(self) -> None:
+        _raise_descriptor_limit()
         if self.server_tls is not None:
             if self.server_tls.self_signed:
                 self.log.warn(
@@ -265,3 +268,17 @@ def makeService(
     else:
         config = load_config(config_or_path)
     return MailrelayService(config, router, reactor)
+
+
+def _raise_descriptor_limit() -> None:
+    """Lift the soft limit on open files to the hard one, as HAProxy and nginx's
+    `worker_rlimit_nofile` do: each session holds two descriptors, and systemd's default
+    soft limit (1024) would cap a proxy near 500 sessions whatever `max_sessions` says."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, OSError, ValueError):
+        pass  # not on this platform, or not allowed: listeners warn if it is too low

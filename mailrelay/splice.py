@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IPushProducer,
@@ -99,6 +99,7 @@ class SpliceableProtocol(Protocol):
         """Reading is paused because the peer cannot take more now (`hold()`)."""
         self._side: _Side | None = None
         self._waiting: Deferred[None] | None = None
+        self._lost: list[Deferred[None]] = []
 
     def _wake(self) -> None:
         waiting, self._waiting = self._waiting, None
@@ -192,6 +193,19 @@ class SpliceableProtocol(Protocol):
             self.lost_reason = reason
             self.lostBeforeSplice(reason)
             self._wake()
+            lost, self._lost = self._lost, []
+            for waiting in lost:
+                waiting.callback(None)
+
+    def when_lost(self) -> Deferred[None]:
+        """Fires (never fails) once the connection is gone, at once if it is. For a
+        relay that reads through `pending` and closes the connection itself (SMTP's);
+        a connection adopted by a `Splice` reports its end to the Splice instead."""
+        if self.lost_reason is not None:
+            return succeed(None)
+        waiting: Deferred[None] = Deferred()
+        self._lost.append(waiting)
+        return waiting
 
     def lostBeforeSplice(self, reason: Failure) -> None:
         """The connection ended before any splice adopted it."""

@@ -806,7 +806,9 @@ def test_check_valid(tmp_path: Path, modules: tuple[str, str]) -> None:
     assert custom[1].strip() == f"router: python: {good}:EchoRouter with password, port"
     assert single[0].startswith('listener "single": ')
     assert single[1].strip() == "router: static: 127.0.0.1:2528 (proxy_protocol=2)"
-    assert "upstream: connect_timeout=2.5s, TLS verified against the system trust store; drain_timeout=5s" in lines
+    assert (
+        "upstream: connect_timeout=2.5s login_timeout=30s, TLS verified against the system trust store; drain_timeout=5s" in lines
+    )
     assert "login_limits: window=600s max_per_client=20 max_per_user=10 delay=1s max_delay=30s exempt=none" in lines
 
 

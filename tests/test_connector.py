@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import datetime
 import socket
 import ssl
+import threading
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 
 from mailrelay.connector import UpstreamConnector, UpstreamProtocol, UpstreamUnavailable
 from mailrelay.router import Reject, Route
-from mailrelay.tls import ClientTLS
+from mailrelay.tls import ClientTLS, self_signed_certificate
 from tests.pki import PKI
 from tests.support import ProxyTestCase, closed_port, recv_all
 
@@ -198,3 +201,154 @@ async def toy_starttls(upstream: UpstreamProtocol, route: Route) -> None:
     await expect(upstream, b"220", RuntimeError)
     upstream.write(b"STARTTLS\r\n")
     await expect(upstream, b"220", RuntimeError)
+
+
+class UpstreamCertificateTests(ProxyTestCase):
+    """Implicit TLS to an upstream whose certificate must not be trusted, for the name
+    the route expects and from the CA mailrelay trusts unless said otherwise: the route
+    fails with the reason, and the upstream sees its handshake refused. (A certificate
+    for another name, or from another CA, is refused in tests/test_tls.py.)"""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.pki = PKI(self)
+        self.now = datetime.datetime.now(datetime.UTC)
+
+    def tls_upstream(self, configure: Any) -> Any:
+        """A TLS upstream whose context `configure(context)` gives its certificate; its
+        result is what became of the handshake."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        configure(context)
+
+        def serve(conn: socket.socket) -> str:
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    return f"served: {tls.recv(100)!r}"
+            except (ssl.SSLError, OSError) as e:
+                return f"handshake failed: {e}"
+
+        return self.server(serve)
+
+    async def refusal(self, configure: Any) -> tuple[str, str]:
+        """Why the connector refused the upstream `configure` sets up, and how the
+        upstream's handshake ended."""
+        server = self.tls_upstream(configure)
+        route = Route(host="127.0.0.1", port=server.port, tls="tls", server_name="mail.test")
+        connector = UpstreamConnector(reactor, connect_timeout=5, tls=ClientTLS(self.pki.ca_file))
+        with self.assertRaises(UpstreamUnavailable) as caught:
+            await Deferred.fromCoroutine(connector.connect([route]))
+        [(_, why)] = caught.exception.failures
+        return why, await self.in_thread(server.result)
+
+    async def test_an_expired_certificate_fails_the_route(self) -> None:
+        expired = self.pki.ca.issue_cert(
+            "mail.test", not_before=self.now - datetime.timedelta(days=30), not_after=self.now - datetime.timedelta(days=1)
+        )
+        why, upstream = await self.refusal(expired.configure_cert)
+        self.assertEqual(why, "TLS: certificate verify failed")
+        self.assertIn("alert certificate expired", upstream)
+
+    async def test_a_certificate_not_yet_valid_fails_the_route(self) -> None:
+        early = self.pki.ca.issue_cert(
+            "mail.test", not_before=self.now + datetime.timedelta(days=1), not_after=self.now + datetime.timedelta(days=30)
+        )
+        why, upstream = await self.refusal(early.configure_cert)
+        self.assertEqual(why, "TLS: certificate verify failed")
+        self.assertIn("alert bad certificate", upstream)
+
+    async def test_a_self_signed_certificate_for_the_right_name_fails_the_route(self) -> None:
+        # What a mailrelay without [tls] serves: a self-signed certificate for its name.
+        own = self_signed_certificate("mail.test")
+        pem = self.pki.path("self-signed.pem")
+        with open(pem, "wb") as f:
+            f.write(own.leaf.public_bytes(serialization.Encoding.PEM))
+            f.write(
+                own.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            )
+        why, upstream = await self.refusal(lambda context: context.load_cert_chain(pem))
+        self.assertEqual(why, "TLS: certificate verify failed")
+        self.assertIn("alert unknown ca", upstream)
+
+
+class LoginDeadlineTests(ProxyTestCase):
+    """`login_timeout` bounds each route's whole attempt; the route that overruns it is
+    aborted, named with the stage it was stuck in, and the next one is tried."""
+
+    def silent(self) -> tuple[Any, threading.Event]:
+        """An upstream that accepts and says nothing until mailrelay goes; an Event set on accept."""
+        accepted = threading.Event()
+
+        def serve(conn: socket.socket) -> bytes:
+            accepted.set()
+            try:
+                return recv_all(conn)
+            except OSError:  # mailrelay aborted the connection
+                return b"aborted"
+
+        return self.server(serve), accepted
+
+    def assert_no_timer_left(self) -> None:
+        left = [
+            call
+            for call in reactor.getDelayedCalls()
+            if call.active() and not getattr(getattr(call, "func", None), "__module__", "").startswith("twisted.trial")
+        ]
+        self.assertEqual(left, [])
+
+    async def test_a_silent_upstream_fails_its_route_with_its_stage_and_the_next_is_tried(self) -> None:
+        (silent, _), working = self.silent(), self.server(greeter)
+        routes = [Route(host="127.0.0.1", port=silent.port), Route(host="127.0.0.1", port=working.port)]
+        connector = UpstreamConnector(reactor, connect_timeout=5, login_timeout=0.5)
+        upstream = await Deferred.fromCoroutine(connector.connect(routes, login=ehlo_login, session_id="abc"))
+        self.assertEqual(upstream.route.port, working.port)
+        self.assertIn(f"session abc: upstream 127.0.0.1:{silent.port} failed: no greeting within 0.5s", self.logs.lines())
+        self.assertEqual(await self.in_thread(silent.result), b"aborted")
+        upstream.protocol.transport.loseConnection()
+        await self.in_thread(working.result)
+        self.assert_no_timer_left()
+
+    async def test_a_step_names_the_stage_it_waits_in(self) -> None:
+        def greets(conn: socket.socket) -> bytes:
+            conn.sendall(b"220 hello\r\n")
+            heard = b""
+            try:
+                while data := conn.recv(100):
+                    heard += data
+            except OSError:  # mailrelay aborted the connection
+                pass
+            return heard
+
+        async def foo_login(upstream: UpstreamProtocol, route: Route) -> None:
+            await expect(upstream, b"220")
+            upstream.stage = "answer to FOO"
+            upstream.write(b"FOO\r\n")
+            await expect(upstream, b"250")
+
+        server = self.server(greets)
+        connector = UpstreamConnector(reactor, connect_timeout=5, login_timeout=0.5)
+        with self.assertRaises(UpstreamUnavailable) as caught:
+            await Deferred.fromCoroutine(connector.connect([Route(host="127.0.0.1", port=server.port)], login=foo_login))
+        self.assertEqual(caught.exception.failures[0][1], "no answer to FOO within 0.5s")
+        self.assertEqual(await self.in_thread(server.result), b"FOO\r\n")
+
+    async def test_a_login_timeout_below_the_connect_timeout_bounds_the_connect(self) -> None:
+        connector = UpstreamConnector(reactor, connect_timeout=30, login_timeout=0.5)
+        host, port = self.black_hole()
+        with self.assertRaises(UpstreamUnavailable) as caught:
+            await Deferred.fromCoroutine(connector.connect([Route(host=host, port=port)]))
+        self.assertEqual(caught.exception.failures[0][1], "no connection within 0.5s")
+        self.assert_no_timer_left()
+
+    async def test_the_callers_cancellation_aborts_the_attempt_and_tries_no_other_route(self) -> None:
+        (silent, accepted), second = self.silent(), self.server(greeter)
+        routes = [Route(host="127.0.0.1", port=silent.port), Route(host="127.0.0.1", port=second.port)]
+        connector = UpstreamConnector(reactor, connect_timeout=5, login_timeout=30)
+        connecting = Deferred.fromCoroutine(connector.connect(routes, login=ehlo_login))
+        self.assertTrue(await self.in_thread(accepted.wait, 30))
+        connecting.cancel()
+        with self.assertRaises(CancelledError):
+            await connecting
+        self.assertEqual(await self.in_thread(silent.result), b"aborted")
+        self.assertEqual(second.connections, 0)
+        self.assertFalse(any("failed:" in line for line in self.logs.lines()))
+        self.assert_no_timer_left()

@@ -1,7 +1,8 @@
 """
 What every line-based front-end (SMTP, IMAP, POP3) shares: reading command lines,
 the STARTTLS hand-over, SASL exchanges, counting failed logins and malformed commands,
-the pre-login timeout, and handing the connection on to be routed.
+the pre-login timeouts and the count of commands that achieve nothing, and handing the
+connection on to be routed.
 
 A front-end's life:
 
@@ -25,6 +26,15 @@ Invariants:
 - A line longer than `max_line_length` is skipped up to its end and answered as an
   error; past `max_errors` errors, or `login_timeout` seconds of silence, the
   connection is closed.
+- Before login a client spends at most `login_deadline` seconds from accept (TLS
+  handshake included) and `max_junk_commands` commands that achieve nothing (a NOOP,
+  a third EHLO, a command refused in this state: `junk()`), whatever else it sends. A
+  login or route attempt in flight when the deadline passes is not cut: if it fails,
+  the session closes instead of reading again. The deadline's timer ends when the
+  session is logged in (`logged_in()`), closed, or lost.
+- A client that ends its stream (a half-close) before it is routed is answered for
+  every whole line it sent, then closed at once as `client-gone` (or as its last
+  failed login): nothing waits for a timer.
 - A front-end may take a counted run of bytes instead of a line (`read_bytes()`, an
   IMAP literal); line reading goes on after it.
 """
@@ -40,6 +50,7 @@ from twisted.python.failure import Failure
 
 from .. import sasl
 from ..config import FrontEndConfig
+from ..connector import Upstream
 from ..logtext import loggable
 from ..relay import RoutedConnection
 from ..router import Reject
@@ -65,6 +76,11 @@ class LineFrontEnd(RoutedConnection):
     _discarding = False
     """Inside an over-long line: skipping to its end."""
     _silence: IDelayedCall | None = None
+    _deadline: IDelayedCall | None = None
+    """Fires `login_deadline` seconds after accept, unless logged in or gone first."""
+    _deadline_passed = False
+    """The deadline has passed: an attempt then in flight may finish, but if it fails
+    the session closes instead of reading again."""
     _bytes_wanted: int | None = None
     """Set by `read_bytes()`: the next bytes are taken as they are, not as a line."""
     _parsing = False
@@ -72,6 +88,7 @@ class LineFrontEnd(RoutedConnection):
     _sasl: sasl.Exchange | None = None
     failed_logins = 0
     errors = 0
+    junk_commands = 0
     last_failure: tuple[str, str] | None = None
     """(outcome, reason) of the last login that did not succeed: what the session line
     says if the client gives up after it."""
@@ -82,6 +99,7 @@ class LineFrontEnd(RoutedConnection):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self._deadline = self.factory.clock.callLater(self.config.login_deadline, self._deadline_reached)
         if self.listener.mode == "tls":
             self.expect_handshake()  # greet once TLS is up
         else:
@@ -94,6 +112,9 @@ class LineFrontEnd(RoutedConnection):
     def resume(self) -> None:
         """Read command lines (again): after the greeting, a handshake, a failed login."""
         self._task = None
+        if self._deadline_passed:  # a login that was in flight at the deadline failed
+            self.login_timed_out()
+            return
         self._reading = True
         self._listen_for_silence()
         self.pendingReceived()
@@ -111,11 +132,37 @@ class LineFrontEnd(RoutedConnection):
 
     def _silent_too_long(self) -> None:
         self._silence = None
-        self.timed_out()
+        self.timed_out("idle-timeout", f"no command within {self.config.login_timeout:g}s before login")
 
-    def timed_out(self) -> None:
-        """The client said nothing for `login_timeout` seconds. Front-ends say so first."""
-        self.close("idle-timeout", f"no command within {self.config.login_timeout:g}s before login")
+    def _deadline_reached(self) -> None:
+        self._deadline = None
+        self._deadline_passed = True
+        if self._task is not None or self._splice is not None:
+            return  # the Router and the upstream have their own deadlines; `resume()` closes
+        if self._handshake_timer is not None:
+            # No protocol reply can reach a client inside a TLS handshake.
+            self._stop_handshake_timer()
+            self.finish("login-timeout", self._deadline_reason() + " (in a TLS handshake)")
+            self.transport.abortConnection()
+            return
+        self.login_timed_out()
+
+    def _deadline_reason(self) -> str:
+        return f"not logged in within {self.config.login_deadline:g}s"
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def login_timed_out(self) -> None:
+        """`login_deadline` seconds passed since accept, and no login succeeded."""
+        self.timed_out("login-timeout", self._deadline_reason())
+
+    def timed_out(self, outcome: str, reason: str) -> None:
+        """The client took too long: `login_timeout` seconds of silence ("idle-timeout"),
+        or past `login_deadline` ("login-timeout"). Front-ends say goodbye first."""
+        self.close(outcome, reason)
 
     def greet(self) -> None:
         """Say the protocol's greeting."""
@@ -140,6 +187,26 @@ class LineFrontEnd(RoutedConnection):
         """`max_errors` malformed commands: front-ends say goodbye first."""
         self.close("protocol-error", f"{self.errors} malformed or unknown commands")
 
+    def junk(self) -> bool:
+        """
+        Count a command that achieves nothing before login: a NOOP, one more EHLO or
+        CAPABILITY than a client needs, a command refused in the session's state. Call
+        it before answering; whether to answer. Past `max_junk_commands` the command is
+        not answered: the client hears `too_many_junk_commands()` and is closed.
+
+        Malformed commands (`error()`) and failed logins have their own limits and are
+        not junk.
+        """
+        self.junk_commands += 1
+        if self.junk_commands <= self.config.max_junk_commands:
+            return True
+        self.too_many_junk_commands()
+        return False
+
+    def too_many_junk_commands(self) -> None:
+        """Past `max_junk_commands`: front-ends say goodbye first."""
+        self.close("protocol-error", f"more than {self.config.max_junk_commands} commands that achieve nothing before login")
+
     def quit(self, goodbye: bytes) -> None:
         """The client asked to leave before it was routed."""
         self.send(goodbye)
@@ -150,6 +217,7 @@ class LineFrontEnd(RoutedConnection):
     def close(self, outcome: str, reason: str) -> None:
         self._reading = False
         self._stop_listening_for_silence()
+        self._stop_deadline()
         super().close(outcome, reason)
 
     def send(self, data: bytes) -> None:
@@ -235,7 +303,13 @@ class LineFrontEnd(RoutedConnection):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_listening_for_silence()
+        self._stop_deadline()
         super().connectionLost(reason)
+
+    def logged_in(self, upstream: Upstream) -> None:
+        """The deadline is met: the session is handed on. Front-ends that override this
+        (to tell the client) call it first."""
+        self._stop_deadline()
 
     def lost_before_routing(self, reason: Failure) -> None:
         if self.last_failure is not None and self._handshake_timer is None:

@@ -18,6 +18,10 @@ The client's tagged reply to its login is the upstream's own (`a1 OK [CAPABILITY
 Logged in`), with whatever untagged lines the upstream sent before it: the client learns
 the real post-login capabilities. A refused login gets `NO [AUTHENTICATIONFAILED]` after
 the Reject's delay; after `max_attempts` of them, `* BYE`.
+
+Junk (`max_junk_commands`): NOOP, CAPABILITY after the first two (one before STARTTLS,
+one after), ID after the first, an AUTHENTICATE the client cancels, and a login refused
+with `NO` before it is tried (LOGIN disabled, no TLS yet, an unsupported mechanism).
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ class IMAPFrontEnd(LineFrontEnd):
     client_id: ClientID | None = None
     """The fields of the client's ID command, to pass on upstream."""
     _upstream_login: IMAPUpstreamLogin | None = None
+    busy_reply = "* BYE Too many connections, try again later"
+    capability_commands = 0
+    id_commands = 0
 
     COMMANDS = {
         b"CAPABILITY": "imap_CAPABILITY",
@@ -69,6 +76,11 @@ class IMAPFrontEnd(LineFrontEnd):
 
     def tagged(self, tag: bytes, status: bytes, text: bytes) -> None:
         self.send_line(tag + b" " + status + b" " + text)
+
+    def junk_no(self, tag: bytes, text: bytes) -> None:
+        """Refuse a command that cannot succeed in this state (junk: see `junk()`)."""
+        if self.junk():
+            self.tagged(tag, b"NO", text)
 
     def bad(self, tag: bytes | None, text: bytes) -> None:
         """A malformed or unknown command: `BAD` (untagged when the tag is unusable)."""
@@ -167,11 +179,15 @@ class IMAPFrontEnd(LineFrontEnd):
         if args:
             self.bad(tag, b"CAPABILITY takes no arguments")
             return
+        self.capability_commands += 1
+        if self.capability_commands > 2 and not self.junk():
+            return
         self.send_line(b"* CAPABILITY " + " ".join(self.capabilities()).encode())
         self.tagged(tag, b"OK", b"CAPABILITY completed")
 
     def imap_NOOP(self, tag: bytes, args: list[Token]) -> None:
-        self.tagged(tag, b"OK", b"NOOP completed")
+        if self.junk():
+            self.tagged(tag, b"OK", b"NOOP completed")
 
     def imap_LOGOUT(self, tag: bytes, args: list[Token]) -> None:
         self.quit(b"* BYE Logging out\r\n" + tag + b" OK LOGOUT completed\r\n")
@@ -180,6 +196,9 @@ class IMAPFrontEnd(LineFrontEnd):
         fields = _id_fields(args)
         if fields is None:
             self.bad(tag, b'ID takes NIL or a list of field-value pairs: ID ("name" "value")')
+            return
+        self.id_commands += 1
+        if self.id_commands > 1 and not self.junk():
             return
         self.client_id = fields
         self.send_line(b"* ID NIL")
@@ -202,7 +221,7 @@ class IMAPFrontEnd(LineFrontEnd):
 
     def _refuse_plaintext(self, tag: bytes) -> bool:
         if self.tls_required():
-            self.tagged(tag, b"NO", b"[PRIVACYREQUIRED] Use STARTTLS first: logins are not accepted before TLS")
+            self.junk_no(tag, b"[PRIVACYREQUIRED] Use STARTTLS first: logins are not accepted before TLS")
             return True
         return False
 
@@ -211,7 +230,7 @@ class IMAPFrontEnd(LineFrontEnd):
         if self._refuse_plaintext(tag):
             return True
         if not self.login_allowed():
-            self.tagged(tag, b"NO", b"[CANNOT] LOGIN is disabled: use AUTHENTICATE")
+            self.junk_no(tag, b"[CANNOT] LOGIN is disabled: use AUTHENTICATE")
             return True
         return False
 
@@ -239,7 +258,7 @@ class IMAPFrontEnd(LineFrontEnd):
             return
         mechanism = args[0].decode("ascii", "replace").lower()
         if mechanism not in self.mechanisms():
-            self.tagged(tag, b"NO", b"Unsupported authentication mechanism")
+            self.junk_no(tag, b"Unsupported authentication mechanism")
             return
         self.tag = tag
         initial = args[1] if len(args) == 2 else None
@@ -250,7 +269,8 @@ class IMAPFrontEnd(LineFrontEnd):
 
     def sasl_cancelled(self) -> None:
         assert self.tag is not None
-        self.tagged(self.tag, b"BAD", b"Authentication cancelled")
+        if self.junk():
+            self.tagged(self.tag, b"BAD", b"Authentication cancelled")
 
     def sasl_malformed(self, why: str) -> None:
         self.bad(self.tag, _text(f"Invalid authentication: {why}"))
@@ -272,6 +292,7 @@ class IMAPFrontEnd(LineFrontEnd):
         return self._upstream_login.login, self._upstream_login.starttls
 
     def logged_in(self, upstream: Upstream) -> None:
+        super().logged_in(upstream)
         assert self._upstream_login is not None
         self.send(self._upstream_login.client_reply)
 
@@ -295,9 +316,14 @@ class IMAPFrontEnd(LineFrontEnd):
         else:
             self.tagged(self.tag, b"NO", b"[UNAVAILABLE] Temporary failure, try again later")
 
-    def timed_out(self) -> None:
+    def timed_out(self, outcome: str, reason: str) -> None:
+        # Dovecot's words, for its hard pre-login limit as for silence.
         self.send_line(b"* BYE Disconnected for inactivity")
-        super().timed_out()
+        super().timed_out(outcome, reason)
+
+    def too_many_junk_commands(self) -> None:
+        self.send_line(b"* BYE Too many commands")
+        super().too_many_junk_commands()
 
     def too_many_errors(self) -> None:
         self.send_line(b"* BYE Too many invalid commands")

@@ -84,6 +84,7 @@ class IMAPUpstreamLogin:
             return
         self._connection = upstream
         self._capabilities = None
+        upstream.stage = "greeting"
         line = await upstream.read_line(MAX_RESPONSE_LINE)
         greeting = status(line)
         if greeting is None or greeting.tag != b"*":
@@ -104,6 +105,7 @@ class IMAPUpstreamLogin:
         """Send one of mailrelay's commands (CRLF added) and read up to its tagged answer,
         which must be OK when `required`. `what` names it in errors: never the line itself."""
         tag = b"mr%d" % next(self._tags)
+        upstream.stage = f"answer to {what}"
         upstream.write(tag + b" " + line + b"\r\n")
         answer = await self._answer(upstream, tag)
         if required and answer.status.status != b"OK":
@@ -161,6 +163,7 @@ class IMAPUpstreamLogin:
         credentials = upstream_credentials(self.facts.request, route)
         tag = self.facts.tag
         mechanism = credentials.mechanism
+        upstream.stage = "login reply"
         if mechanism == "plain" and "AUTH=PLAIN" not in capabilities:
             mechanism = "login"  # every IMAP server has LOGIN
         if mechanism == "login":

@@ -12,6 +12,11 @@ an upstream or an auth service. Replies carry RFC 2449/3206 response
 codes: `-ERR [AUTH]` for a refused login (after the Reject's delay; the connection closes
 after `max_attempts` of them), `-ERR [SYS/TEMP]` for a temporary failure. Command lines
 may be as long as OAuth tokens need (`max_line_length`), not nginx's 128 bytes.
+
+Junk (`max_junk_commands`): NOOP, CAPA and a bare AUTH (the mechanism list) after the
+first two of each (one before STLS, one after), a USER that replaces one awaiting its
+PASS, an AUTH the client cancels, and a command refused for the session's state (STLS
+when not available, a login before TLS, PASS without USER...).
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ class POP3FrontEnd(LineFrontEnd):
     timestamp: str | None = None
     """The greeting's APOP timestamp, when APOP is allowed."""
     _upstream_login: POP3UpstreamLogin | None = None
+    busy_reply = "-ERR [SYS/TEMP] Too many connections, try again later"
+    capa_commands = 0
+    mechanism_lists = 0
 
     COMMANDS = {
         b"CAPA": "pop3_CAPA",
@@ -56,6 +64,11 @@ class POP3FrontEnd(LineFrontEnd):
 
     def reply(self, line: bytes) -> None:
         self.send(line + b"\r\n")
+
+    def junk_reply(self, line: bytes) -> None:
+        """Answer a command that achieves nothing (see `junk()`) with `line`."""
+        if self.junk():
+            self.reply(line)
 
     def greet(self) -> None:
         greeting = b"+OK " + self.config.hostname.encode() + b" POP3 ready"
@@ -92,26 +105,29 @@ class POP3FrontEnd(LineFrontEnd):
 
     def _refuse_plaintext(self) -> bool:
         if self.tls_required():
-            self.reply(b"-ERR [AUTH] Use STLS first: logins are not accepted before TLS")
+            self.junk_reply(b"-ERR [AUTH] Use STLS first: logins are not accepted before TLS")
             return True
         return False
 
     # Commands
 
     def pop3_CAPA(self, args: bytes) -> None:
+        self.capa_commands += 1
+        if self.capa_commands > 2 and not self.junk():
+            return
         self.send(b"+OK Capability list follows\r\n" + b"".join(c.encode() + b"\r\n" for c in self.capabilities()) + b".\r\n")
 
     def pop3_NOOP(self, args: bytes) -> None:
-        self.reply(b"+OK")
+        self.junk_reply(b"+OK")
 
     def pop3_QUIT(self, args: bytes) -> None:
         self.quit(b"+OK Bye\r\n")
 
     def pop3_STLS(self, args: bytes) -> None:
         if self.tls is not None:
-            self.reply(b"-ERR TLS is already active")
+            self.junk_reply(b"-ERR TLS is already active")
         elif not self.can_start_tls():
-            self.reply(b"-ERR STLS is not available")
+            self.junk_reply(b"-ERR STLS is not available")
         else:
             self.start_tls(b"+OK Begin TLS negotiation now\r\n")
 
@@ -122,10 +138,10 @@ class POP3FrontEnd(LineFrontEnd):
         if self._refuse_plaintext():
             return
         if not self.password_logins():
-            self.reply(b"-ERR USER is disabled: use AUTH")
+            self.junk_reply(b"-ERR USER is disabled: use AUTH")
         elif not args:
             self.error(b"-ERR USER takes a user name\r\n")
-        else:
+        elif self.user is None or self.junk():
             self.user = args
             self.reply(b"+OK")
 
@@ -133,7 +149,7 @@ class POP3FrontEnd(LineFrontEnd):
         if self._refuse_plaintext():
             return
         if self.user is None:
-            self.reply(b"-ERR Send USER first")
+            self.junk_reply(b"-ERR Send USER first")
             return
         user, self.user = self.user, None
         try:
@@ -148,7 +164,7 @@ class POP3FrontEnd(LineFrontEnd):
             return
         match = _APOP.fullmatch(args)
         if self.timestamp is None:
-            self.reply(b"-ERR APOP is not available")
+            self.junk_reply(b"-ERR APOP is not available")
         elif match is None:
             self.error(b"-ERR APOP takes a user name and a 32-digit hexadecimal digest\r\n")
         else:
@@ -165,12 +181,15 @@ class POP3FrontEnd(LineFrontEnd):
         mechanisms = self.mechanisms()
         if not args:
             # Not in RFC 5034, but what clients probe with (and nginx and Dovecot answer).
+            self.mechanism_lists += 1
+            if self.mechanism_lists > 2 and not self.junk():
+                return
             self.send(b"+OK\r\n" + b"".join(m.upper().encode() + b"\r\n" for m in mechanisms) + b".\r\n")
             return
         name, _, initial = args.partition(b" ")
         mechanism = name.decode("ascii", "replace").lower()
         if mechanism not in mechanisms:
-            self.reply(b"-ERR Unsupported authentication mechanism")
+            self.junk_reply(b"-ERR Unsupported authentication mechanism")
             return
         self.authenticate(mechanism, initial.strip(b" ") or None)
 
@@ -178,7 +197,7 @@ class POP3FrontEnd(LineFrontEnd):
         self.reply(b"+ " + sasl.encode(challenge))
 
     def sasl_cancelled(self) -> None:
-        self.reply(b"-ERR Authentication cancelled")
+        self.junk_reply(b"-ERR Authentication cancelled")
 
     def sasl_malformed(self, why: str) -> None:
         self.error(b"-ERR " + _text(f"Invalid authentication: {why}") + b"\r\n")
@@ -193,6 +212,7 @@ class POP3FrontEnd(LineFrontEnd):
         return self._upstream_login.login, self._upstream_login.starttls
 
     def logged_in(self, upstream: Upstream) -> None:
+        super().logged_in(upstream)
         assert self._upstream_login is not None
         self.send(self._upstream_login.client_reply)
 
@@ -208,9 +228,13 @@ class POP3FrontEnd(LineFrontEnd):
         else:
             self.reply(b"-ERR [SYS/TEMP] Temporary failure, try again later")
 
-    def timed_out(self) -> None:
+    def timed_out(self, outcome: str, reason: str) -> None:
         self.reply(b"-ERR Disconnected for inactivity")
-        super().timed_out()
+        super().timed_out(outcome, reason)
+
+    def too_many_junk_commands(self) -> None:
+        self.reply(b"-ERR Too many commands")
+        super().too_many_junk_commands()
 
     def too_many_errors(self) -> None:
         self.reply(b"-ERR Too many invalid commands")

@@ -52,6 +52,7 @@ class POP3UpstreamLogin:
             return
         self._connection = upstream
         self._capabilities = None
+        upstream.stage = "greeting"
         greeting = await upstream.read_line(MAX_RESPONSE_LINE)
         if not greeting.startswith(b"+OK"):
             raise UpstreamProtocolError(f"upstream greeted with {shown(greeting)}")
@@ -60,6 +61,7 @@ class POP3UpstreamLogin:
     async def capabilities(self, upstream: UpstreamProtocol) -> dict[str, tuple[str, ...]]:
         """CAPA (RFC 2449): keyword -> arguments; empty for a server without CAPA."""
         if self._capabilities is None:
+            upstream.stage = "answer to CAPA"
             upstream.write(b"CAPA\r\n")
             first = await upstream.read_line(MAX_RESPONSE_LINE)
             found: dict[str, tuple[str, ...]] = {}
@@ -81,6 +83,7 @@ class POP3UpstreamLogin:
     async def _command(self, upstream: UpstreamProtocol, line: bytes, what: str) -> bytes:
         """Send a command (CRLF added), return its +OK line; `what` names it in errors,
         never the line itself (it may hold a credential)."""
+        upstream.stage = f"answer to {what}"
         upstream.write(line + b"\r\n")
         reply = await upstream.read_line(MAX_RESPONSE_LINE)
         if not reply.startswith(b"+OK"):
@@ -129,6 +132,7 @@ class POP3UpstreamLogin:
 
     async def _verdict(self, upstream: UpstreamProtocol, line: bytes, mechanism: str) -> None:
         """One login command; its +OK is kept as the client's reply."""
+        upstream.stage = "login reply"
         upstream.write(line + b"\r\n")
         reply = await upstream.read_line(MAX_RESPONSE_LINE)
         if reply.startswith(b"+ ") or reply.rstrip(b"\r\n") == b"+":

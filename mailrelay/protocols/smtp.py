@@ -15,6 +15,12 @@ RCPT is the client's.
 Replies carry enhanced status codes (RFC 2034, 3463). Pre-login commands may be
 pipelined (RFC 2920): they are answered in order, and what the client sends behind the
 command that hands it on reaches the upstream after the login.
+
+Junk (`max_junk_commands`): NOOP, RSET, HELP, VRFY and EXPN, an EHLO or HELO after the
+first two (one before STARTTLS and one after are what a client needs), a SASL exchange
+the client cancels, and any command refused for the session's state (AUTH before EHLO,
+MAIL without a login, a second STARTTLS...). With `auth = ["none"]` the
+`login_deadline` runs until the first RCPT the Router accepts.
 """
 
 from __future__ import annotations
@@ -47,7 +53,10 @@ class SMTPFrontEnd(LineFrontEnd):
     rcpt: bytes | None = None
     """The RCPT command being vetted by the Router."""
     authenticating = False
+    hellos = 0
+    """Well-formed EHLO and HELO commands so far (the first two are not junk)."""
     _upstream_login: SMTPUpstreamLogin | None = None
+    busy_reply = "421 4.7.0 {hostname} Error: too many connections, try again later"
 
     COMMANDS = {
         b"EHLO": "smtp_EHLO",
@@ -68,6 +77,11 @@ class SMTPFrontEnd(LineFrontEnd):
 
     def reply(self, line: str) -> None:
         self.send(line.encode("utf-8") + b"\r\n")
+
+    def junk_reply(self, line: str) -> None:
+        """Answer a command that achieves nothing (see `junk()`) with `line`."""
+        if self.junk():
+            self.reply(line)
 
     @property
     def hostname(self) -> str:
@@ -119,6 +133,9 @@ class SMTPFrontEnd(LineFrontEnd):
         if not name:
             self.error(b"501 5.5.4 Syntax: %s hostname\r\n" % (b"EHLO" if esmtp else b"HELO"))
             return
+        self.hellos += 1
+        if self.hellos > 2 and not self.junk():
+            return
         self.helo, self.esmtp = name, esmtp
         self.reset_transaction()
         if not esmtp:
@@ -131,9 +148,9 @@ class SMTPFrontEnd(LineFrontEnd):
         if args:
             self.error(b"501 5.5.4 Syntax: STARTTLS\r\n")
         elif self.tls is not None:
-            self.reply("503 5.5.1 Error: TLS already active")
+            self.junk_reply("503 5.5.1 Error: TLS already active")
         elif not self.can_start_tls():
-            self.reply("502 5.5.1 Error: STARTTLS not available")
+            self.junk_reply("502 5.5.1 Error: STARTTLS not available")
         else:
             self.start_tls(b"220 2.0.0 Ready to start TLS\r\n")
 
@@ -146,13 +163,13 @@ class SMTPFrontEnd(LineFrontEnd):
     def smtp_AUTH(self, args: bytes) -> None:
         mechanisms = self.mechanisms()
         if not mechanisms:
-            self.reply("503 5.5.1 Error: authentication not enabled")
+            self.junk_reply("503 5.5.1 Error: authentication not enabled")
         elif self.tls_required():
-            self.reply("530 5.7.0 Must issue a STARTTLS command first")
+            self.junk_reply("530 5.7.0 Must issue a STARTTLS command first")
         elif self.helo is None:
-            self.reply("503 5.5.1 Error: send EHLO first")
+            self.junk_reply("503 5.5.1 Error: send EHLO first")
         elif self.mail is not None:
-            self.reply("503 5.5.1 Error: MAIL transaction in progress")
+            self.junk_reply("503 5.5.1 Error: MAIL transaction in progress")
         elif not args:
             self.error(b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n")
         else:
@@ -169,7 +186,7 @@ class SMTPFrontEnd(LineFrontEnd):
 
     def sasl_cancelled(self) -> None:
         self.authenticating = False
-        self.reply("501 5.7.0 Authentication cancelled")
+        self.junk_reply("501 5.7.0 Authentication cancelled")
 
     def sasl_malformed(self, why: str) -> None:
         self.authenticating = False
@@ -182,6 +199,7 @@ class SMTPFrontEnd(LineFrontEnd):
         return self.helo.decode("utf-8", "replace") if self.helo is not None else None
 
     def logged_in(self, upstream: Upstream) -> None:
+        super().logged_in(upstream)
         if self.authenticating:
             self.reply("235 2.7.0 Authentication successful")
 
@@ -189,13 +207,13 @@ class SMTPFrontEnd(LineFrontEnd):
 
     def smtp_MAIL(self, args: bytes) -> None:
         if "none" not in self.config.auth:
-            self.reply("530 5.7.0 Authentication required")
+            self.junk_reply("530 5.7.0 Authentication required")
         elif self.tls_required():
-            self.reply("530 5.7.0 Must issue a STARTTLS command first")
+            self.junk_reply("530 5.7.0 Must issue a STARTTLS command first")
         elif self.helo is None:
-            self.reply("503 5.5.1 Error: send HELO/EHLO first")
+            self.junk_reply("503 5.5.1 Error: send HELO/EHLO first")
         elif self.mail is not None:
-            self.reply("503 5.5.1 Error: nested MAIL command")
+            self.junk_reply("503 5.5.1 Error: nested MAIL command")
         elif (match := MAIL_ARGUMENTS.fullmatch(args)) is None:
             self.error(MAIL_SYNTAX)
         elif self.config.size and (size := _SIZE.search(match[2] or b"")) and int(size[1]) > self.config.size:
@@ -206,11 +224,11 @@ class SMTPFrontEnd(LineFrontEnd):
 
     def smtp_RCPT(self, args: bytes) -> None:
         if "none" not in self.config.auth:
-            self.reply("530 5.7.0 Authentication required")
+            self.junk_reply("530 5.7.0 Authentication required")
         elif self.tls_required():
-            self.reply("530 5.7.0 Must issue a STARTTLS command first")
+            self.junk_reply("530 5.7.0 Must issue a STARTTLS command first")
         elif self.mail is None:
-            self.reply("503 5.5.1 Error: need MAIL command")
+            self.junk_reply("503 5.5.1 Error: need MAIL command")
         elif RCPT_ARGUMENTS.fullmatch(args) is None:
             self.error(RCPT_SYNTAX)
         else:
@@ -224,29 +242,30 @@ class SMTPFrontEnd(LineFrontEnd):
 
     def smtp_DATA(self, args: bytes) -> None:
         if "none" not in self.config.auth:
-            self.reply("530 5.7.0 Authentication required")
+            self.junk_reply("530 5.7.0 Authentication required")
         elif self.mail is None:
-            self.reply("503 5.5.1 Error: need MAIL command")
+            self.junk_reply("503 5.5.1 Error: need MAIL command")
         else:
-            self.reply("554 5.5.1 Error: no valid recipients")
+            self.junk_reply("554 5.5.1 Error: no valid recipients")
 
     # Other commands
 
     def smtp_RSET(self, args: bytes) -> None:
-        self.reset_transaction()
-        self.reply("250 2.0.0 Ok")
+        if self.junk():
+            self.reset_transaction()
+            self.reply("250 2.0.0 Ok")
 
     def smtp_NOOP(self, args: bytes) -> None:
-        self.reply("250 2.0.0 Ok")
+        self.junk_reply("250 2.0.0 Ok")
 
     def smtp_QUIT(self, args: bytes) -> None:
         self.quit(b"221 2.0.0 Bye\r\n")
 
     def smtp_HELP(self, args: bytes) -> None:
-        self.reply("214 2.0.0 Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT")
+        self.junk_reply("214 2.0.0 Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP QUIT")
 
     def smtp_VRFY(self, args: bytes) -> None:
-        self.reply("502 5.5.1 Error: command not implemented")
+        self.junk_reply("502 5.5.1 Error: command not implemented")
 
     # Routing
 
@@ -319,9 +338,13 @@ class SMTPFrontEnd(LineFrontEnd):
         else:
             self.reply("451 4.3.0 Temporary failure, try again later")
 
-    def timed_out(self) -> None:
+    def timed_out(self, outcome: str, reason: str) -> None:
         self.reply(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
-        super().timed_out()
+        super().timed_out(outcome, reason)
+
+    def too_many_junk_commands(self) -> None:
+        self.reply(f"421 4.7.0 {self.hostname} Error: too many commands")
+        super().too_many_junk_commands()
 
     def too_many_errors(self) -> None:
         self.reply(f"421 4.7.0 {self.hostname} Error: too many errors")

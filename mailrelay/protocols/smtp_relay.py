@@ -24,6 +24,9 @@ Invariants:
   the client's message, answers `554 5.6.0` and closes.
 - Memory is bounded: each connection stops being read while the other's transport is
   full (`splice.Pacer`), and at most `MAX_PIPELINE` replies may be owed at once.
+- The session ends when both connections are gone: once it is over, each is closed
+  after what was written to it, and aborted `close_grace` seconds later if its peer
+  has not taken it (a client that reads nothing), as a `Splice` does.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -73,6 +76,9 @@ class SMTPRelay:
     """Carries one SMTP session between a logged-in client and its upstream."""
 
     log = Logger()
+    close_grace = 10.0
+    """Seconds a connection closed at the end of the session has to take what was
+    written to it before it is aborted (`Splice.close_grace`)."""
 
     def __init__(
         self,
@@ -104,7 +110,11 @@ class SMTPRelay:
         self._checker = ContentChecker()
         self._ended_by: str | None = None
         self._refusing = False
+        self._result: SpliceResult | None = None
+        """How the session ended, once it has; `_done` fires with it when both
+        connections are gone."""
         self._done: Deferred[SpliceResult] = Deferred()
+        self._abort_call: IDelayedCall | None = None
         clock = front.factory.clock
         self._clock = clock
         self._idle_timeout = front.listener.idle_timeout
@@ -133,7 +143,9 @@ class SMTPRelay:
                 connection.transport.abortConnection()
 
     def _finish(self, outcome: str, ended_by: str | None, reason: str | None = None) -> None:
-        if self._done.called:
+        """End the session: close both connections (abort them after `close_grace`);
+        `_done` fires once both are gone."""
+        if self._result is not None:
             return
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
@@ -149,7 +161,18 @@ class SMTPRelay:
             self._drained = None
         for deferred in waiting:
             deferred.errback(_Finished())
-        self._done.callback(SpliceResult(self.bytes_up, self.bytes_down, outcome, ended_by, reason))
+        self._result = SpliceResult(self.bytes_up, self.bytes_down, outcome, ended_by, reason)
+        closed = gatherResults([self.front.when_lost(), self.server.when_lost()])
+        if not closed.called:
+            self._abort_call = self._clock.callLater(self.close_grace, self._abort_both)
+        closed.addCallback(self._closed)
+
+    def _closed(self, _: object) -> None:
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
+        assert self._result is not None
+        self._done.callback(self._result)
 
     def _crashed(self, failure: Failure) -> None:
         if failure.check(_Finished):
@@ -251,21 +274,21 @@ class SMTPRelay:
 
     async def _drain(self) -> None:
         """Wait until the upstream has answered every command forwarded so far."""
-        if self._done.called:
+        if self._result is not None:
             raise _Finished()
         if self._owed:
             self._drained = self._drained or Deferred()
             await self._drained
 
     async def _more(self) -> None:
-        if self._done.called:
+        if self._result is not None:
             raise _Finished()
         await self.front.more()
         self._activity()
 
     async def _commands(self) -> None:
         try:
-            while not self._done.called:
+            while self._result is None:
                 if len(self._owed) >= MAX_PIPELINE:
                     await self._drain()
                 line = await self._command_line()

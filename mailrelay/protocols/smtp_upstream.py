@@ -73,6 +73,7 @@ async def command(upstream: UpstreamProtocol, line: bytes, expect: tuple[int, ..
     """Send one command line (CRLF added) and read its reply, which must be one of
     `expect`. `what` names the command in errors: never the line, which may hold a
     credential."""
+    upstream.stage = f"answer to {what}"
     upstream.write(line + b"\r\n")
     reply = await read_reply(upstream)
     if reply.code not in expect:
@@ -142,6 +143,7 @@ class SMTPUpstreamLogin:
         if self._connection is upstream:
             return
         self._connection = upstream
+        upstream.stage = "greeting"
         greeting = await read_reply(upstream)
         if greeting.code != 220:
             raise UpstreamProtocolError(f"upstream greeted with {greeting}")
@@ -216,6 +218,7 @@ class SMTPUpstreamLogin:
             upstream.write(sasl.encode(secret.encode()) + b"\r\n")
         else:
             upstream.write(b"AUTH " + mechanism.upper().encode() + b" " + sasl.encode(credentials.sasl_response()) + b"\r\n")
+        upstream.stage = "login reply"
         reply = await read_reply(upstream)
         if reply.code == 334:  # a token mechanism's error challenge: answer it to get the verdict
             upstream.write(b"\r\n" if mechanism == "xoauth2" else sasl.encode(b"\x01") + b"\r\n")
@@ -231,6 +234,7 @@ class SMTPUpstreamLogin:
     async def _replay(self, upstream: UpstreamProtocol, route: Route) -> None:
         assert self.facts.envelope is not None
         mail, rcpt = self.facts.envelope
+        upstream.stage = "answer to MAIL FROM"
         upstream.write(mail + b"\r\n")
         reply = await read_reply(upstream)
         if reply.code != 250:
