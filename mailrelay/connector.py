@@ -64,6 +64,11 @@ class UpstreamTLSError(Exception):
     """The TLS handshake with the upstream failed (certificate, name, protocol)."""
 
 
+class UpstreamProtocolError(Exception):
+    """The upstream said something that is not its protocol, or not what a login step
+    needs: the route is unusable (the next one is tried)."""
+
+
 class UpstreamTimeout(Exception):
     """A route attempt's `login_timeout` passed: the message says what the upstream
     left unanswered."""
@@ -208,7 +213,7 @@ def tcp_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamC
 
 def describe_failure(error: BaseException, timeout: float) -> str:
     """A short reason for the log, in an administrator's words."""
-    if isinstance(error, (UpstreamTLSError, UpstreamTimeout, TLSSetupError, PeerClosed, LineTooLong)):
+    if isinstance(error, (UpstreamTLSError, UpstreamTimeout, UpstreamProtocolError, TLSSetupError, PeerClosed, LineTooLong)):
         return str(error)
     if isinstance(error, ConnectionRefusedError):
         return "connection refused"
@@ -217,7 +222,9 @@ def describe_failure(error: BaseException, timeout: float) -> str:
     if isinstance(error, DNSLookupError):
         return "host name does not resolve"
     if isinstance(error, ConnectError):
-        return error.osError if isinstance(getattr(error, "osError", None), str) else str(error).strip()
+        # "Connection reset by peer", not "An error occurred while connecting: 104: ...".
+        detail = [str(part) for part in (error.osError, *error.args) if part and not isinstance(part, int)]
+        return ": ".join(detail) if detail else str(error).strip()
     return f"{type(error).__name__}: {error}"
 
 

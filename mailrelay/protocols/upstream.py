@@ -8,17 +8,13 @@ from __future__ import annotations
 import attrs
 
 from .. import sasl
+from ..connector import UpstreamProtocolError as UpstreamProtocolError  # for the login steps
 from ..router import Route, RouteRequest
 
 MAX_RESPONSE_LINE = 64 * 1024
 """Longest line an upstream may send during the login (capability lists run long)."""
 MAX_RESPONSE_LINES = 100
 """Most lines an upstream may send in answer to one login command."""
-
-
-class UpstreamProtocolError(Exception):
-    """The upstream said something that is not its protocol, or not what this step
-    needs: the route is unusable (the connector tries the next one)."""
 
 
 @attrs.frozen
