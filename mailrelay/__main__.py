@@ -51,6 +51,7 @@ def check(path: str) -> int:
             print(
                 f"  {listener.protocol}: hostname={front.hostname}{starttls} auth={','.join(front.auth)}{vetting}"
                 f" max_attempts={front.max_attempts} max_errors={front.max_errors} login_timeout={front.login_timeout:g}s"
+                f" login_deadline={front.login_deadline:g}s max_junk_commands={front.max_junk_commands}"
             )
         print(f"  router: {listener.router.description if listener.router else 'the default router'}")
         router = listener.router or config.router

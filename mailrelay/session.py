@@ -9,7 +9,8 @@ Each session logs exactly one line when it ends:
 `up` counts bytes from the client to the upstream, `down` the other way. `outcome` is
 `closed` (spliced, then ended by a peer), `rejected`, `router-error`,
 `upstream-unavailable`, `client-gone` (the client left before the splice),
-`idle-timeout`, `login-timeout` (not logged in within the listener's `login_deadline`),
+`throttled` (past the login limits), `tls-failed`, `protocol-error`, `idle-timeout`,
+`login-timeout` (not logged in within the listener's `login_deadline`),
 `drain-timeout` or `error`. A `reason` field follows when one is
 known. No credential is ever a field of this line, and the user name is shown through
 `logtext.loggable()`: control characters escaped, length bounded.

@@ -362,11 +362,11 @@ def test_the_shipped_smtp_example_checks_and_shows_each_front_end(pems: Path) ->
     lines = result.stdout.splitlines()
     assert (
         "  smtp: hostname=mail.example.org starttls=required auth=plain,login,cram-md5,xoauth2,oauthbearer"
-        " max_attempts=3 max_errors=5 login_timeout=60s"
+        " max_attempts=3 max_errors=5 login_timeout=60s login_deadline=180s max_junk_commands=20"
     ) in lines
     assert (
         "  smtp: hostname=mx.example.org starttls=optional auth=none vet_recipients=all"
-        " max_attempts=3 max_errors=5 login_timeout=60s"
+        " max_attempts=3 max_errors=5 login_timeout=60s login_deadline=180s max_junk_commands=20"
     ) in lines
     assert any(line.startswith('listener "smtps": tcp:465:backlog=1024 mode=tls protocol=smtp') for line in lines), lines
 
@@ -383,9 +383,12 @@ def test_the_shipped_imap_example_checks_and_shows_each_front_end(pems: Path) ->
     lines = result.stdout.splitlines()
     assert (
         "  imap: hostname=mail.example.org starttls=required auth=plain,login,xoauth2,oauthbearer"
-        " max_attempts=3 max_errors=5 login_timeout=60s"
+        " max_attempts=3 max_errors=5 login_timeout=60s login_deadline=180s max_junk_commands=20"
     ) in lines
-    assert "  pop3: hostname=mail.example.org auth=plain,login max_attempts=3 max_errors=5 login_timeout=60s" in lines
+    assert (
+        "  pop3: hostname=mail.example.org auth=plain,login max_attempts=3 max_errors=5 login_timeout=60s"
+        " login_deadline=180s max_junk_commands=20"
+    ) in lines
     assert "router: static: imap.internal.example.org:143 (tls=starttls, forward_client)" in lines
     assert [line.split(":")[0] for line in lines if line.startswith("listener")] == [
         'listener "imap"',
