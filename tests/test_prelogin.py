@@ -354,6 +354,26 @@ class SMTPPreLoginTests(PreLoginTests):
         )
         await self.ended()
 
+    async def test_recipients_the_router_refuses_before_one_is_accepted_are_junk(self) -> None:
+        # An MX client probing addresses asks the Router each time: bounded like NOOPs
+        # (Postfix counts refused recipients towards its smtpd_hard_error_limit).
+        def answer(request: Any) -> Any:
+            raise Reject("no such user", code="550 5.1.1")
+
+        port = await self.listen(Router(answer=answer, verifies_passwords=True), auth=["none"], max_junk_commands=2)
+
+        def client() -> bytes:
+            conn = self.connect(port)
+            self.hello(conn)
+            conn.sendall(b"MAIL FROM:<a@example.test>\r\n" + b"".join(b"RCPT TO:<u%d@example.test>\r\n" % n for n in range(5)))
+            return recv_all(conn)
+
+        received = await self.in_thread(client)
+
+        self.assertEqual(received, b"250 2.1.0 Ok\r\n" + b"550 5.1.1 no such user\r\n" * 3 + self.junk_goodbye)
+        line = await self.ended()
+        self.assertEqual(line["outcome"], "protocol-error")
+
     async def test_malformed_commands_are_errors_not_junk(self) -> None:
         port = await self.listen(max_junk_commands=1, max_errors=3)
 

@@ -315,7 +315,7 @@ class SMTPFrontEnd(LineFrontEnd):
             self.refuse_recipient(reject)
             if reject.close:
                 self.close("rejected", reject.message)
-            else:
+            elif self.junk():  # each one cost a Router question: bounded as NOOPs are
                 self.last_failure = ("rejected", reject.message)
                 self.resume()
             return
