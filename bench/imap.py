@@ -79,6 +79,9 @@ mode = "starttls"
 protocol = "{protocol}"
 hostname = "relay.bench.example"
 router = {{ type = "static", host = "127.0.0.1", port = {port}{route} }}
+# the load comes from one address: no per-client connection limits
+[listener.connection_limits]
+exempt = ["127.0.0.0/8"]
 """
 
 NGINX_MAIL_CONFIG = (

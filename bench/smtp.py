@@ -67,6 +67,9 @@ protocol = "smtp"
 hostname = "relay.bench.example"
 auth = ["plain"]
 router = {{ type = "static", host = "127.0.0.1", port = {port}, login = "passthrough"{route} }}
+# the load comes from one address: no per-client connection limits
+[listener.connection_limits]
+exempt = ["127.0.0.0/8"]
 """
 
 NGINX_MAIL_CONFIG = (

@@ -60,6 +60,9 @@ mode = "splice"
 type = "static"
 host = "127.0.0.1"
 port = {bulk}
+# the load comes from one address: no per-client connection limits
+[listener.connection_limits]
+exempt = ["127.0.0.0/8"]
 
 [[listener]]
 name = "smtp"
@@ -69,6 +72,9 @@ mode = "splice"
 type = "static"
 host = "127.0.0.1"
 port = {line}
+# the load comes from one address: no per-client connection limits
+[listener.connection_limits]
+exempt = ["127.0.0.0/8"]
 """
 
 # Runs twistd in this interpreter with mailrelay's TCP_NODELAY switched off, to show

@@ -276,7 +276,6 @@ class SoakResult:
     session_log: common.SessionLog | None = None
     upstream_summary: dict[str, int] = attrs.field(factory=dict)
     upstream_problems: list[str] = attrs.field(factory=list)
-    limits_note: str = ""
 
     @property
     def started(self) -> int:
@@ -372,8 +371,6 @@ class SoakResult:
             outcomes = ", ".join(f"{listener} {outcome}={n:,}" for (listener, outcome), n in sorted(log.outcomes.items()))
             lines.append(f"mailrelay log: {outcomes or 'no session lines'}; tracebacks/errors: {len(log.problems)}")
         lines.append(f"upstream: {self.upstream_summary or 'no summary'}")
-        if self.limits_note:
-            lines.append(self.limits_note)
         lines.append(f"failed sessions: {len(self.failures)}")
         lines += [f"  {failure}" for failure in self.failures[:10]]
         return lines
@@ -581,21 +578,6 @@ async def pop3_login(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 # The whole run
 
 
-def connection_limits_known(workdir: Path) -> bool:
-    """Whether the installed mailrelay knows `[listener.connection_limits]` (asked of
-    `python -m mailrelay check` run outside the source tree, as twistd runs)."""
-    probe = workdir / "probe.toml"
-    probe.write_text(
-        '[[listener]]\nlisten = "tcp:0:interface=127.0.0.1"\nmode = "splice"\n'
-        'router = { type = "static", host = "127.0.0.1", port = 9 }\n' + CONNECTION_LIMITS
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    checked = subprocess.run(
-        [sys.executable, "-m", "mailrelay", "check", str(probe)], cwd=workdir, env=env, capture_output=True, timeout=60
-    )
-    return checked.returncode == 0
-
-
 def run_soak(options: SoakOptions, children: common.Children, workdir: Path) -> SoakResult:
     """Start the upstream and mailrelay, run the sessions, stop the upstream; `children`
     holds every process started (the caller stops them, whatever happens)."""
@@ -603,19 +585,16 @@ def run_soak(options: SoakOptions, children: common.Children, workdir: Path) -> 
     upstream_err = workdir / "upstream.err"
     with open(upstream_err, "wb") as err:
         upstream = common.Upstream(children, 1, echo=True, stderr=err)
-    limits = connection_limits_known(workdir)
     config = MAILRELAY_CONFIG.format(
         chain=certs.chain,
         key=certs.key,
         echo=upstream.echo,
         pop3_echo=upstream.pop3_echo,
         idle_timeout=options.idle_timeout,
-        limits=CONNECTION_LIMITS if limits else "",
+        limits=CONNECTION_LIMITS,
     )
     proc, ports, log, _ = common.start_twistd(children, workdir, "mailrelay", config, len(LISTENERS))
     result = SoakResult(options, proc.pid, log)
-    if not limits:
-        result.limits_note = "(the installed mailrelay has no [listener.connection_limits]: not configured)"
     pool = random.Random(f"soak-pool:{options.seed}").randbytes(options.max_size + POOL_SLACK)
     client = Client(options, ports, certs.dial.context(), pool, result)
     upstream_cpu = common.cpu_of_group(upstream.proc.pid)
