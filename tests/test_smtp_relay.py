@@ -263,13 +263,13 @@ PREAMBLES = {
 
 
 class RelayTestCase(SMTPTestCase):
-    async def relay(self, mode: str) -> tuple[Any, int]:
+    async def relay(self, mode: str, **listener: Any) -> tuple[Any, int]:
         upstream = self.server(RecordingSMTP())
         if mode == "login":
-            port = await self.proxy(vetting_router(upstream.port, verifies=True), mode="tls", auth=["plain"])
+            port = await self.proxy(vetting_router(upstream.port, verifies=True), mode="tls", auth=["plain"], **listener)
         else:
             vet = "all" if mode == "vet-all" else "first"
-            port = await self.proxy(vetting_router(upstream.port), mode="tls", auth=["none"], vet_recipients=vet)
+            port = await self.proxy(vetting_router(upstream.port), mode="tls", auth=["none"], vet_recipients=vet, **listener)
         return upstream, port
 
     def session(self, port: int, send: bytes) -> bytes:
@@ -373,6 +373,19 @@ class RelayTests(RelayTestCase):
         self.assertIn(stream.RCPT_SYNTAX, replies)
         heard = await self.in_thread(upstream.result)
         self.assertFalse(any(REFUSED.search(line) for line in heard.commands), heard.commands)
+
+    async def test_recipients_refused_past_the_junk_limit_end_the_session(self) -> None:
+        # Each refusal asked the Router and never reached the upstream to be counted there.
+        upstream, port = await self.relay("vet-all", max_junk_commands=3)
+        refused = b"".join(b"RCPT TO:<no%d@y.example>\r\n" % n for n in range(6))
+        replies = await self.in_thread(self.session, port, PREAMBLES["vet-all"] + refused + b"QUIT\r\n")
+        lines = replies.split(b"\r\n")
+        self.assertEqual(sum(line.startswith(b"550 5.7.1") for line in lines), 4, replies)
+        self.assertEqual(lines[-2], b"421 4.7.0 relay.test Error: too many recipients refused")
+        heard = await self.in_thread(upstream.result)
+        self.assertFalse(any(REFUSED.search(line) for line in heard.commands), heard.commands)
+        line = await self.session_line()
+        self.assertEqual((line["outcome"], line["reason"]), ("protocol-error", "more than 3 recipients refused"))
 
     async def test_a_bare_lf_in_a_bdat_chunk_is_refused_before_the_chunk_completes(self) -> None:
         upstream, port = await self.relay("login")

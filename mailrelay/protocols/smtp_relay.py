@@ -378,6 +378,13 @@ class SMTPRelay:
             if reject.close:
                 self._finish("rejected", None, reject.message)
                 raise _Finished() from None
+            # Each refusal cost a Router question, and the upstream never saw it to count
+            # it (Postfix's smtpd_hard_error_limit): the front-end's junk budget goes on.
+            front.junk_commands += 1
+            if front.junk_commands > front.config.max_junk_commands:
+                self._answer(f"421 4.7.0 {front.hostname} Error: too many recipients refused\r\n".encode())
+                self._finish("protocol-error", None, f"more than {front.config.max_junk_commands} recipients refused")
+                raise _Finished() from None
             return False
         except RouterError:
             self._answer(b"451 4.3.0 Temporary failure, try again later\r\n")
