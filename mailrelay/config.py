@@ -281,6 +281,8 @@ def _listener(table: Table) -> ListenerConfig | None:
     )
 
 
+OPTIONAL_FRONT_END_KEYS = ("capabilities", "size")
+"""Front-end keys whose value may be None (not set); None in any other is an error."""
 FRONT_END_KEYS = (
     "hostname",
     "auth",
@@ -347,20 +349,7 @@ def _front_end(table: Table, mode: str | None, protocol: str | None) -> FrontEnd
             )
             values["capabilities"] = None
             break
-    if None in (
-        values[k]
-        for k in (
-            "hostname",
-            "starttls",
-            "auth",
-            "max_attempts",
-            "max_errors",
-            "login_timeout",
-            "login_deadline",
-            "max_junk_commands",
-            "vet_recipients",
-        )
-    ):
+    if any(value is None for key, value in values.items() if key not in OPTIONAL_FRONT_END_KEYS):
         return None
     if capabilities is not None and values["capabilities"] is None:
         return None

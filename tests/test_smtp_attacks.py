@@ -96,6 +96,35 @@ class VettingAttackTests(PostfixAttackTestCase):
         self.assertEqual([message for _, message in delivered], [MESSAGE.replace(b"\r\n", b"\n")] * 3)
         self.assert_nothing_for_bob()
 
+    async def test_a_refused_recipient_glued_to_an_allowed_one_is_refused_whole(self) -> None:
+        # The Router reads the first path; a server might read what is glued after it.
+        port = await self.proxy(self.vetting_router(), starttls="optional", auth=["none"], vet_recipients="all")
+        alice, bob = b"<" + USER.encode() + b">", b"<" + BOB.encode() + b">"
+        glued = [
+            alice + b"RCPT TO:" + bob,
+            alice + bob,
+            alice[:-1] + bob + b">",
+            b"<" + USER.encode() + b"," + BOB.encode() + b">x",
+        ]
+        answer = await self.in_thread(
+            self.talk,
+            port,
+            b"EHLO mx.sender.example\r\nMAIL FROM:<s@sender.example>\r\nRCPT TO:"
+            + alice
+            + b"\r\n"
+            + b"".join(b"RCPT TO:" + line + b"\r\n" for line in glued)
+            + b"DATA\r\n"
+            + STUFFED
+            + b".\r\nQUIT\r\n",
+        )
+        tail = replies(answer)[-(len(glued) + 5) :]
+        self.assertEqual(tail[0], b"250 2.1.5 Ok", tail)
+        self.assertEqual(tail[1 : 1 + len(glued)], [b"501 5.5.4 Syntax: RCPT TO:<address>"] * len(glued), tail)
+        self.assertTrue(tail[-4].startswith(b"354 ") and tail[-3].startswith(b"250 2.0.0 Ok: queued"), tail)
+        [(_, message)] = await self.delivered_to_alice(1)
+        self.assertEqual(message, MESSAGE.replace(b"\r\n", b"\n"))
+        self.assert_nothing_for_bob()
+
     async def test_smuggled_messages_are_refused_in_data_and_bdat(self) -> None:
         port = await self.proxy(self.vetting_router(), starttls="optional", auth=["none"], vet_recipients="all")
         envelope = b"EHLO mx.sender.example\r\nMAIL FROM:<s@sender.example>\r\nRCPT TO:<" + USER.encode() + b">\r\n"
