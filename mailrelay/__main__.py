@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from .config import ConfigError, load_config
-from .routers import RouterSpec
+from .routerspec import RouterSpec
 from .service import MailrelayService
 
 

@@ -19,10 +19,10 @@ from twisted.internet.endpoints import serverFromString
 
 from .configtable import ConfigError, Errors, Table, read_toml
 from .connlimits import ConnectionLimits, read_connection_limits
-from .guard import LoginLimits, Network
+from .guard import LoginLimits
+from .networks import Network, read_networks
 from .router import MODES, PASSWORDLESS_METHODS, PROTOCOLS
-from .routers import RouterSpec, parse_router, refuse_unchecked_logins
-from .routers.map import _networks as read_networks
+from .routerspec import RouterSpec, parse_router, refuse_unchecked_logins
 from .sasl import MECHANISMS
 from .tls import MIN_VERSIONS, CertificateFiles, ServerTLSConfig
 

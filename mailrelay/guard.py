@@ -49,9 +49,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .logtext import loggable
+from .networks import Network
 from .router import RouteRequest
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Key = tuple[str, str]
 """What is counted: ("client", its `client_block`) or ("user", its `user_key`)."""
 

@@ -7,9 +7,10 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from zope.interface import implementer
 
 from mailrelay.config import ConfigError, parse_config
-from mailrelay.router import ClientCertificate, Reject, Route, RouteRequest, RouterError
+from mailrelay.router import ClientCertificate, IRouter, Reject, Route, RouteRequest, RouterError
 from mailrelay.routers import components
 from mailrelay.routers.cache import CachingRouter
 
@@ -30,8 +31,11 @@ def login(user: str | None = "alice@example.org", password: str | None = "right"
     return RouteRequest(user=user, password=password, **values)
 
 
+@implementer(IRouter)
 class CountingRouter:
     """Answers like an auth service would, counting the questions."""
+
+    verifies_passwords = False  # undeclared, as IRouter's default
 
     def __init__(self) -> None:
         self.asked: list[RouteRequest] = []
@@ -209,6 +213,7 @@ def test_a_cached_route_map_answers_from_its_new_file_at_once(tmp_path: Any) -> 
     assert config.router is not None
     clock = Clock()
     router = config.router.build(clock)
+    assert isinstance(router, CachingRouter)  # cache_ttl wraps the map
     file_map = components(router)[-1]
     file_map.startService()
     try:

@@ -33,14 +33,14 @@ from mailrelay.connector import UpstreamConnector
 from mailrelay.guard import LoginGuard, LoginLimits, client_block, user_key
 from mailrelay.listener import ListenerFactory
 from mailrelay.router import Reject, Route, RouteRequest, RouterError, ask_router
-from mailrelay.routers import map as map_router
-from mailrelay.routers import parse_router
-from mailrelay.routers.map import bounded_verify, verify_password
+from mailrelay.routers import passwords as map_router  # its verify_password is what a map router runs
+from mailrelay.routers.passwords import bounded_verify, verify_password
+from mailrelay.routerspec import parse_router
 from mailrelay.session import Sessions
-from tests.frontends import PASSWORD, USER, FrontEndTestCase
-from tests.pop3_support import ScriptedPOP3, logged_in_reply
-from tests.support import WAIT, LogCapture, ProxyTestCase, echo, read_line
-from tests.test_starttls import ToyFrontEnd
+from tests.support.frontends import PASSWORD, USER, FrontEndTestCase
+from tests.support.net import WAIT, LogCapture, ProxyTestCase, echo, read_line, tcp_port
+from tests.support.pop3 import ScriptedPOP3, logged_in_reply
+from tests.support.toy import ToyFrontEnd
 
 BCRYPT_HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
 THROTTLED = b"-ERR [SYS/TEMP] Too many failed logins, try again later"
@@ -291,9 +291,10 @@ class GuardedSessionTests(ProxyTestCase):
             connection_class=ToyFrontEnd,
             guard=self.guard,
         )
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        # Twisted annotates the factory as a ServerFactory; any IProtocolFactory does.
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[arg-type]
         self.addCleanup(port.stopListening)
-        return port.getHost().port
+        return tcp_port(port)
 
     async def test_past_the_client_limit_the_router_is_not_asked_and_the_reply_is_temporary(self) -> None:
         upstream = self.server(echo)

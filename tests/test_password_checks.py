@@ -36,12 +36,12 @@ from mailrelay.__main__ import check
 from mailrelay.config import ConfigError, load_config, parse_config
 from mailrelay.router import ask_router
 from mailrelay.routers.cache import CachingRouter
-from mailrelay.routers.map import FileMapRouter, MapRouter, verify_password
+from mailrelay.routers.map import FileMapRouter, MapRouter
+from mailrelay.routers.passwords import verify_password
 from mailrelay.routers.static import StaticRouter
 from mailrelay.service import MailrelayService
-from tests.frontends import PASSWORD, USER
-from tests.test_smtp import MESSAGE, SMTPTestCase
-from tests.test_smtp_postfix import BOB, PostfixTestCase, lf
+from tests.support.frontends import PASSWORD, USER
+from tests.support.smtp import BOB, MESSAGE, PostfixTestCase, SMTPTestCase, lf
 
 WAIT = 60.0  # hang guard for a subprocess, never a timing assertion
 REPO = Path(__file__).resolve().parent.parent

@@ -30,16 +30,18 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogLevel, globalLogPublisher
-from twisted.python.failure import Failure
 
 from mailrelay import ConfigError, IReloadable, IRouter, Reject, Route, RouteRequest
 from mailrelay.config import load_config, parse_config
 from mailrelay.configtable import Errors, Table
 from mailrelay.router import ask_router
-from mailrelay.routers import RouterSpec, parse_router
-from mailrelay.routers.map import FileMapRouter, MapRouter, RouteMap, Rule, threaded_verify, verify_password
+from mailrelay.routers.map import FileMapRouter, MapRouter
+from mailrelay.routers.map_rules import RouteMap, Rule
+from mailrelay.routers.passwords import threaded_verify, verify_password
+from mailrelay.routerspec import RouterSpec, parse_router
 from mailrelay.service import MailrelayService
-from tests.support import LogCapture, ProxyTestCase, echo, exchange
+from mailrelay.testing import resolve, route_request
+from tests.support.net import LogCapture, ProxyTestCase, echo, exchange, tcp_port
 
 PASSWORD = "correct horse battery"
 BCRYPT_HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
@@ -50,15 +52,8 @@ LISTENER = {"name": "relay", "listen": "tcp:0:interface=127.0.0.1", "mode": "spl
 
 
 def request(**fields: Any) -> RouteRequest:
-    values: dict[str, Any] = dict(
-        listener="imap",
-        protocol="none",
-        mode="splice",
-        client=("192.0.2.7", 51514),
-        local=("198.51.100.1", 143),
-    )
-    values.update(fields)
-    return RouteRequest(**values)
+    defaults = {"listener": "imap", "protocol": "none", "mode": "splice", "client": ("192.0.2.7", 51514)}
+    return route_request(**{**defaults, "local": ("198.51.100.1", 143), **fields})
 
 
 def sync_verify(hashed: str, password: str) -> Deferred[bool]:
@@ -88,25 +83,23 @@ def router_of(text: str, clock: Clock | None = None) -> Any:
     return spec.build(clock or Clock(), verify=sync_verify)
 
 
-def ask(router: IRouter, **fields: Any) -> Any:
-    """The routes `router` answers for a request with `fields`, or the Failure."""
-    return outcome(ask_router(router, request(**fields), Clock(), 5))
+def ask(router: IRouter, **fields: Any) -> list[Route]:
+    """The routes `router` answers for a request with `fields` (a refusal is raised)."""
+    return resolve(router, request(**fields), router_timeout=5)
 
 
 def ports(router: IRouter, **fields: Any) -> list[int] | str:
     """The ports of the answer's routes, or the Reject message."""
-    answer = ask(router, **fields)
-    if isinstance(answer, Failure):
-        answer.trap(Reject)
-        return f"reject: {answer.value.message}"
-    return [route.port for route in answer]
+    try:
+        return [route.port for route in ask(router, **fields)]
+    except Reject as reject:
+        return f"reject: {reject.message}"
 
 
 def rejection(router: IRouter, **fields: Any) -> Reject:
-    answer = ask(router, **fields)
-    assert isinstance(answer, Failure) and answer.check(Reject), answer
-    value: Reject = answer.value
-    return value
+    with pytest.raises(Reject) as refused:
+        ask(router, **fields)
+    return refused.value
 
 
 def config_errors(router: dict[str, Any], source: str = "mailrelay.toml") -> list[str]:
@@ -393,7 +386,7 @@ def test_ten_thousand_user_rules_match_by_lookup() -> None:
 
 
 def _facts(**fields: Any) -> Any:
-    from mailrelay.routers.map import _Facts
+    from mailrelay.routers.map_rules import _Facts
 
     return _Facts.of(request(**fields))
 
@@ -534,7 +527,7 @@ def map_file(tmp_path: Path) -> MapFile:
     return MapFile(tmp_path / "routes.toml")
 
 
-def file_router(map_file: MapFile, clock: Clock, check_interval: float = 2) -> Any:
+def file_router(map_file: MapFile, clock: Clock, check_interval: float = 2) -> FileMapRouter:
     spec, errors = spec_of(
         f'[router]\ntype = "map"\nfile = "{map_file.path.name}"\ncheck_interval = {check_interval}\n',
         base_dir=str(map_file.path.parent),
@@ -630,7 +623,7 @@ def test_reload_reads_the_file_now_and_reports_every_time(map_file: MapFile, log
     router.startService()
     assert IReloadable.providedBy(router)
     map_file.write(rules_to(("alice", 2)))
-    assert router.reload() is None
+    router.reload()  # synchronous: the new map answers as soon as it returns
     assert ports(router, user="alice") == [2]
     map_file.write("not = [toml\n")
     router.reload()
@@ -654,6 +647,7 @@ def test_a_session_keeps_the_map_it_was_routed_with(map_file: MapFile) -> None:
     spec, _ = spec_of(f'[router]\ntype = "map"\nfile = "{map_file.path}"\n')
     assert spec is not None
     router = spec.build(Clock(), verify=slow_verify)
+    assert isinstance(router, FileMapRouter)
     d = ask_router(router, request(user="alice", password=PASSWORD, auth_method="plain"), Clock(), 5)
     map_file.write(rules_to(("alice", 2)))
     router.reload()
@@ -906,7 +900,7 @@ class EndToEndTests(ProxyTestCase):
         service, alpha = await self.start_proxy(config)
         beta_port = service.listeners["beta"].port
         assert beta_port is not None
-        beta = (await beta_port).getHost().port
+        beta = tcp_port(await beta_port)
 
         self.assertEqual(await self.in_thread(exchange, alpha, b"hello"), b"A:hello")
         self.assertEqual(await self.in_thread(exchange, beta, b"hello"), b"B:hello")

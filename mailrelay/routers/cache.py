@@ -28,13 +28,16 @@ import hashlib
 import hmac
 import secrets
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
+import attrs
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from ..interfaces import IReloadable
 from ..router import IRouter, Route, RouteRequest, call_router, verifies_passwords
+from ..routerspec import PasswordListener, RouterSpec
 
 UNCACHEABLE_METHODS = frozenset({"cram-md5", "apop"})
 
@@ -113,3 +116,15 @@ def _is_success(answer: object) -> bool:
     if isinstance(answer, Route):
         return True
     return isinstance(answer, (list, tuple)) and bool(answer) and all(isinstance(r, Route) for r in answer)
+
+
+def cached(spec: RouterSpec, ttl: float, size: int) -> RouterSpec:
+    """`spec` with its successful answers remembered for `ttl` seconds, at most `size` of them."""
+
+    def build(reactor: Any = None, password_listeners: Iterable[PasswordListener] = ()) -> IRouter:
+        if reactor is None:
+            from twisted.internet import reactor
+        return CachingRouter(spec.build(reactor, password_listeners=password_listeners), ttl, size, reactor)
+
+    description = f"{spec.description} (answers cached {ttl:g}s)"
+    return attrs.evolve(spec, description=description, build=build)

@@ -4,8 +4,9 @@ already asks decides where mailrelay's sessions go, unchanged.
 
 For every routing decision mailrelay sends one `GET` to `url` with the facts in request
 headers, and reads the decision from the response headers; the status code and the body
-are ignored. `auth_request_headers()` builds the request and `parse_auth_response()` reads
-the answer; both are pure functions. `HTTPRouter` does the I/O.
+are ignored. `http_request.auth_request_headers()` builds the request and
+`http_answer.parse_auth_response()` reads the answer, both pure functions;
+`http_url.parse_url()` checks `url`. `HTTPRouter`, here, does the I/O.
 
 Configuration (`[router]`, or a listener's `router = { ... }`):
 
@@ -84,7 +85,7 @@ not the service's decision (unreachable, refused, timed out, reset, not HTTP, no
 invalid `Auth-Status`, an `OK` without a server) raises `RouterError`: the client gets
 its protocol's temporary failure, never "wrong password". The messages never carry a
 password or a configured header value, and show the URL without the password of its
-user information or its query string (`display_url()`).
+user information or its query string (`http_url.display_url()`).
 
 Deviations from nginx:
 
@@ -111,16 +112,12 @@ Deviations from nginx:
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from collections.abc import Sequence
+from typing import Any
 
-import attrs
 from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet import error as net
-from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
@@ -136,396 +133,16 @@ from zope.interface import implementer
 from ..configtable import ConfigError, Table
 from ..connector import tcp_endpoint
 from ..interfaces import IReloadable
-from ..logtext import loggable
-from ..router import AUTH_MECHANISMS, LOGINS, UPSTREAM_TLS, IRouter, Reject, Route, RouteRequest, RouterError
-from ..tls import ClientTLS, TLSSetupError, describe_tls_error
+from ..router import IRouter, Route, RouteRequest, RouterError
+from ..routerspec import RouterSpec
+from ..tls import TLSSetupError
+from ..tls_client import ClientTLS
+from ..tls_facts import describe_tls_error
+from .http_answer import Wait, parse_auth_response
+from .http_request import HEADER_NAME, RESERVED_HEADERS, ExactCaseHeaders, auth_request_headers
+from .http_url import parse_url
 
-if TYPE_CHECKING:
-    from . import RouterSpec
-
-__all__ = ["HTTPRouter", "Wait", "auth_request_headers", "display_url", "escape", "parse_auth_response", "parse_url"]
-
-
-# -- the request ---------------------------------------------------------------------------
-
-_AUTH_METHODS = {
-    "plain": b"plain",
-    "login": b"plain",  # nginx reports AUTH LOGIN as plain
-    "cram-md5": b"cram-md5",
-    "apop": b"apop",
-    "external": b"external",
-    "none": b"none",
-    "xoauth2": b"xoauth2",
-    "oauthbearer": b"oauthbearer",
-}
-
-_ESCAPED = frozenset(range(0x20)) | {ord(" "), ord("%")}
-
-REQUEST_HEADERS = (
-    "Host",
-    "Auth-Method",
-    "Auth-User",
-    "Auth-Pass",
-    "Auth-Salt",
-    "Auth-Protocol",
-    "Auth-Login-Attempt",
-    "Client-IP",
-    "Client-Host",
-    "Auth-SMTP-Helo",
-    "Auth-SMTP-From",
-    "Auth-SMTP-To",
-    "Auth-SSL",
-    "Auth-SSL-Protocol",
-    "Auth-SSL-Cipher",
-    "Auth-SSL-Verify",
-    "Auth-SSL-Subject",
-    "Auth-SSL-Issuer",
-    "Auth-SSL-Serial",
-    "Auth-SSL-Fingerprint",
-)
-"""Every header mailrelay sends itself; a configured extra header may not reuse one."""
-
-_RESERVED = frozenset(name.lower() for name in (*REQUEST_HEADERS, "Connection", "Content-Length", "Transfer-Encoding"))
-
-
-def _utf8(value: str) -> bytes:
-    try:
-        return value.encode("utf-8", "surrogateescape")  # bytes a front-end could not decode, as received
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "replace")
-
-
-def escape(value: str) -> bytes:
-    """nginx's escaping of Auth-User and Auth-Pass: control bytes, space and `%` as `%XX`."""
-    return b"".join(b"%%%02X" % byte if byte in _ESCAPED else bytes((byte,)) for byte in _utf8(value))
-
-
-def _raw(value: str) -> bytes:
-    """A value nginx sends unescaped; a line break (which no front-end lets through)
-    becomes a space, as Twisted would write it anyway."""
-    return b" ".join(_utf8(value).splitlines())
-
-
-def auth_request_headers(request: RouteRequest, host: str, extra: Sequence[tuple[str, str]] = ()) -> list[tuple[bytes, bytes]]:
-    """The request headers nginx would send for `request`, in its order, then `extra`."""
-    method = _AUTH_METHODS[request.auth_method]
-    headers = [
-        (b"Host", host.encode("ascii")),
-        (b"Auth-Method", method),
-        (b"Auth-User", escape(request.user or "")),
-        (b"Auth-Pass", escape(request.password or "")),
-    ]
-    if method in (b"cram-md5", b"apop") and request.salt:
-        headers.append((b"Auth-Salt", _raw(request.salt)))
-    client = request.client[0]
-    headers += [
-        (b"Auth-Protocol", request.protocol.encode("ascii")),
-        (b"Auth-Login-Attempt", b"%d" % request.attempt),
-        (b"Client-IP", _raw(client) if isIPAddress(client) or isIPv6Address(client) else b"unix:"),
-    ]
-    if request.protocol == "smtp":
-        headers.append((b"Client-Host", b"[UNAVAILABLE]"))
-        if method == b"none":
-            headers += [
-                (b"Auth-SMTP-Helo", _raw(request.helo or "")),
-                (b"Auth-SMTP-From", _raw(request.mail_from or "")),
-                (b"Auth-SMTP-To", _raw(request.rcpt_to or "")),
-            ]
-    if request.tls:
-        headers.append((b"Auth-SSL", b"on"))
-        if request.tls_version:
-            headers.append((b"Auth-SSL-Protocol", _raw(request.tls_version)))
-        if request.tls_cipher:
-            headers.append((b"Auth-SSL-Cipher", _raw(request.tls_cipher)))
-        cert = request.client_cert
-        if cert is not None:
-            headers += [
-                (b"Auth-SSL-Verify", b"SUCCESS"),
-                (b"Auth-SSL-Subject", escape(cert.subject)),
-                (b"Auth-SSL-Issuer", escape(cert.issuer)),
-                (b"Auth-SSL-Serial", _raw(cert.serial)),
-                (b"Auth-SSL-Fingerprint", _raw(cert.fingerprint)),
-            ]
-    headers += [(name.encode("ascii"), _raw(value)) for name, value in extra]
-    return headers
-
-
-class _ExactCaseHeaders(Headers):
-    """
-    Headers written with the spelling given (`Client-IP`, `Auth-SSL`), not Twisted's
-    canonical `Client-Ip`: names are case-insensitive, but an auth script written for
-    nginx may not know it.
-    """
-
-    __slots__ = ("_spelling",)
-
-    def __init__(self, pairs: Iterable[tuple[bytes, bytes]] = ()) -> None:
-        super().__init__()
-        self._spelling: dict[bytes, bytes] = {}
-        for name, value in pairs:
-            self.addRawHeader(name, value)
-            self._spelling[name.lower()] = name
-
-    def copy(self) -> _ExactCaseHeaders:
-        new = _ExactCaseHeaders()
-        new._rawHeaders = {name: list(values) for name, values in self._rawHeaders.items()}
-        new._spelling = dict(self._spelling)
-        return new
-
-    def getAllRawHeaders(self) -> Any:
-        for name, values in super().getAllRawHeaders():
-            yield self._spelling.get(name.lower(), name), values
-
-
-# -- the response --------------------------------------------------------------------------
-
-
-@attrs.frozen
-class Wait:
-    """The service answered `Auth-Status: WAIT`: ask again after `seconds`."""
-
-    seconds: float
-
-
-MAX_AUTH_WAIT = 60.0
-"""The longest `Auth-Wait` obeyed, in seconds (for WAIT and for a refusal): a longer one
-is taken as this, so that a broken service cannot hold a session for hours."""
-
-_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
-_NUMBER = re.compile(r"[0-9]+(\.[0-9]+)?")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _host(value: str) -> str | None:
-    """An IP address (IPv6 with or without brackets) or a host name; None if neither."""
-    if value.startswith("[") and value.endswith("]"):
-        return value[1:-1] if isIPv6Address(value[1:-1]) else None
-    if isIPAddress(value) or isIPv6Address(value):
-        return value
-    if len(value) > 253 or not _HOST_NAME.fullmatch(value) or re.fullmatch(r"[0-9.]+", value):
-        return None
-    return value
-
-
-def _port(value: str) -> int | None:
-    return int(value) if value.isascii() and value.isdigit() and 0 < int(value) < 65536 else None
-
-
-def _address(value: str) -> tuple[str, int] | None:
-    """`host:port` or `[v6]:port`."""
-    if value.startswith("["):
-        host, sep, port = value[1:].partition("]:")
-        return (host, p) if sep and isIPv6Address(host) and (p := _port(port)) else None
-    host, sep, port = value.rpartition(":")
-    return (h, p) if sep and ":" not in host and (h := _host(host)) and (p := _port(port)) else None
-
-
-class _Answer:
-    """The response headers, read one name at a time, each at most once."""
-
-    def __init__(self, headers: Headers | Iterable[tuple[str | bytes, str | bytes]], service: str) -> None:
-        # Pairs are kept as given (a `Headers` would turn a CR or LF into a space), so
-        # that a value holding one is refused, not quietly changed.
-        pairs = headers.getAllRawHeaders() if isinstance(headers, Headers) else ((n, [v]) for n, v in headers)
-        self.values: dict[bytes, list[bytes]] = {}
-        for name, values in pairs:
-            for value in values:
-                key = (name.encode("latin-1") if isinstance(name, str) else name).lower()
-                self.values.setdefault(key, []).append(value.encode("utf-8") if isinstance(value, str) else value)
-        self.service = service
-
-    def error(self, reason: str) -> RouterError:
-        return RouterError(f"{self.service}: {reason}")
-
-    def get(self, name: str) -> str | None:
-        values = self.values.get(name.lower().encode("ascii"))
-        if not values:
-            return None
-        if len(values) > 1:
-            raise self.error(f"answered with {len(values)} {name} headers")
-        try:
-            value = values[0].decode("utf-8").strip(" \t")
-        except UnicodeDecodeError:
-            raise self.error(f"answered with a {name} that is not UTF-8") from None
-        if _CONTROL.search(value):
-            # Never shown: it may be Auth-Pass, and it is not fit for a log line anyway.
-            raise self.error(f"answered with control characters in {name}")
-        return value
-
-    def invalid(self, name: str, value: str) -> RouterError:
-        shown = value if len(value) <= 100 else value[:100] + "..."
-        return self.error(f'answered with an invalid {name}: "{shown}"')
-
-    def choice(self, name: str, choices: dict[str, Any], default: Any) -> Any:
-        value = self.get(name)
-        if value is None:
-            return default
-        if value not in choices:
-            raise self.invalid(name, value)
-        return choices[value]
-
-    def seconds(self, name: str) -> float:
-        value = self.get(name)
-        if value is None:
-            return 0.0
-        if not _NUMBER.fullmatch(value):
-            raise self.invalid(name, value)
-        return min(float(value), MAX_AUTH_WAIT)
-
-
-def parse_auth_response(
-    headers: Headers | Iterable[tuple[str | bytes, str | bytes]],
-    request: RouteRequest,
-    service: str = "auth service",
-) -> list[Route] | Wait:
-    """
-    Read an auth_http answer to `request`: the routes to try, in order, or `Wait`.
-
-    Raises `Reject` when the service refuses the session and `RouterError` (its message
-    starting with `service`) when the answer is missing, malformed or incomplete.
-    """
-    answer = _Answer(headers, service)
-    status = answer.get("Auth-Status")
-    if status is None:
-        raise answer.error("answered without Auth-Status")
-    if status == "WAIT":
-        return Wait(answer.seconds("Auth-Wait"))
-    if status != "OK":
-        if not status:
-            raise answer.error("answered with an empty Auth-Status")
-        wait = answer.seconds("Auth-Wait")
-        code = answer.get("Auth-Error-Code") or None
-        raise Reject(status, wait=wait, code=code, close=wait == 0)
-
-    server, port = answer.get("Auth-Server"), answer.get("Auth-Port")
-    missing = [name for name, value in (("Auth-Server", server), ("Auth-Port", port)) if not value]
-    if missing:
-        raise answer.error(f"answered OK without {' and '.join(missing)}")
-    assert server and port
-    host, port_number = _host(server), _port(port)
-    if host is None:
-        raise answer.invalid("Auth-Server", server)
-    if port_number is None:
-        raise answer.invalid("Auth-Port", port)
-    addresses = [(host, port_number)]
-    fallback = answer.get("Mailrelay-Fallback")
-    if fallback is not None:
-        for item in fallback.split(","):
-            address = _address(item.strip())
-            if address is None:
-                raise answer.invalid("Mailrelay-Fallback", fallback)
-            addresses.append(address)
-
-    server_name = answer.get("Mailrelay-Server-Name")
-    if server_name is not None and _host(server_name) is None:
-        raise answer.invalid("Mailrelay-Server-Name", server_name)
-    password = answer.get("Auth-Pass")
-    login = answer.choice("Mailrelay-Login", {v: v for v in LOGINS}, "xclient" if request.protocol == "smtp" else "passthrough")
-    needs_password = request.auth_method in ("cram-md5", "apop")
-    if needs_password and login == "passthrough" and password is None:
-        raise answer.error(f"answered OK to a {request.auth_method} login without the Auth-Pass the upstream login needs")
-    settings = dict(
-        tls=answer.choice("Mailrelay-TLS", {v: v for v in UPSTREAM_TLS}, "none"),
-        tls_verify=answer.choice("Mailrelay-TLS-Verify", {"on": True, "off": False}, True),
-        server_name=server_name,
-        user=answer.get("Auth-User"),
-        password=password,
-        login=login,
-        proxy_protocol=answer.choice("Mailrelay-Proxy-Protocol", {"1": 1, "2": 2}, None),
-        auth_mechanism=answer.choice("Mailrelay-Auth-Mechanism", {v: v for v in AUTH_MECHANISMS}, "plain"),
-        forward_client=answer.choice("Mailrelay-Forward-Client", {"on": True, "off": False}, False),
-    )
-    return [Route(host=h, port=p, **settings) for h, p in addresses]
-
-
-# -- the service's address -----------------------------------------------------------------
-
-
-@attrs.frozen
-class AuthURL:
-    """A checked `url`: what to connect to and what to call it in messages."""
-
-    url: str
-    scheme: str
-    host: str
-    """As written, without IPv6 brackets."""
-    port: int
-
-    @property
-    def host_header(self) -> str:
-        """What nginx sends as `Host`: the host without the port."""
-        return f"[{self.host}]" if ":" in self.host else self.host
-
-    @property
-    def display(self) -> str:
-        """The URL for messages (`display_url()`)."""
-        return display_url(self.url)
-
-
-def display_url(url: str) -> str:
-    """
-    `url` as a message may show it, whatever it holds (a malformed one too): the
-    password of its user information is `...` (`http://user:...@host/`), a query string
-    or fragment (which may hold a key) is `?...` / `#...`, control characters are
-    escaped. Every message about a configured URL shows it through this.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    # The authority is taken up to the first `/` only: a password may hold `?` or `#`.
-    slash = rest.find("/")
-    authority, path = (rest[:slash], rest[slash:]) if slash >= 0 else (rest, "")
-    if "@" in authority:
-        userinfo, _, host = authority.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        if any(c in user for c in "?#"):
-            user = "..."
-        elif colon:
-            user += ":..."
-        authority = f"{user}@{host}"
-    rest = authority + path
-    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=-1)
-    if cut >= 0:
-        rest = rest[:cut] + rest[cut] + "..."
-    return loggable(scheme + sep + rest, 500)
-
-
-def parse_url(url: str) -> AuthURL:
-    """Check an auth service URL; ValueError says what is wrong with it (showing the URL
-    through `display_url()`: no password, no query string)."""
-    shown = display_url(url)
-    if not url.isascii() or any(c.isspace() or ord(c) < 0x20 for c in url):
-        raise ValueError(f'must be ASCII without spaces (percent-encode the path, a host name in its xn-- form), not "{shown}"')
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-    except ValueError:  # "Invalid IPv6 URL", and other things urlsplit cannot split
-        raise ValueError(f'is not a valid URL: "{shown}"') from None
-    if parts.scheme.lower() not in ("http", "https") or not url.lower().startswith(parts.scheme.lower() + "://"):
-        raise ValueError(f'must be an http:// or https:// URL, not "{shown}"')
-    if "@" in netloc:
-        raise ValueError("must not hold a user name or password (send credentials with headers)")
-    if parts.fragment or url.endswith("#"):
-        raise ValueError(f'must not have a #fragment: "{shown}"')
-    if netloc.startswith("["):
-        host, _, rest = netloc[1:].partition("]")
-        if not isIPv6Address(host):
-            raise ValueError(f'has an invalid IPv6 address: "{shown}"')
-        port_text = rest[1:] if rest.startswith(":") else None
-        if rest and port_text is None:
-            raise ValueError(f'has an invalid host: "{shown}"')
-    else:
-        host, sep, port_text_or_empty = netloc.partition(":")
-        port_text = port_text_or_empty if sep else None
-        if not host:
-            raise ValueError(f'has no host: "{shown}"')
-        if _host(host) is None:
-            raise ValueError(f'has an invalid host "{loggable(host)}"')
-    default = 443 if parts.scheme.lower() == "https" else 80
-    port = default if port_text is None else _port(port_text)
-    if port is None:
-        raise ValueError(f'has an invalid port (1 to 65535): "{shown}"')
-    return AuthURL(url=url, scheme=parts.scheme.lower(), host=host, port=port)
+__all__ = ["HTTPRouter", "describe_failure", "parse"]
 
 
 # -- TLS to the service --------------------------------------------------------------------
@@ -648,7 +265,7 @@ class HTTPRouter(Service):
             reactor = global_reactor
         self.url = parse_url(url)
         for name, _ in headers:
-            if not _TOKEN.fullmatch(name) or name.lower() in _RESERVED:
+            if not HEADER_NAME.fullmatch(name) or name.lower() in RESERVED_HEADERS:
                 raise ValueError(f'"{name}" cannot be an extra header')
         self.service = f"auth service {self.url.display}"
         self.timeout = timeout
@@ -681,7 +298,7 @@ class HTTPRouter(Service):
     async def ask(self, headers: Sequence[tuple[bytes, bytes]]) -> Headers:
         """One GET; the response's headers once its body has been read (and dropped)."""
         deadline = self.reactor.seconds() + self.timeout
-        d: Deferred[IResponse] = self.agent.request(b"GET", self.url.url.encode("ascii"), _ExactCaseHeaders(headers))
+        d: Deferred[IResponse] = self.agent.request(b"GET", self.url.url.encode("ascii"), ExactCaseHeaders(headers))
         d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=self._expired)
         try:
             response = await d
@@ -718,8 +335,6 @@ class HTTPRouter(Service):
 
 # -- configuration -------------------------------------------------------------------------
 
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
 
 def _extra_headers(table: Table) -> list[tuple[str, str]] | None:
     """`headers = { Name = "value" }`: names checked, values never shown (secrets)."""
@@ -728,9 +343,9 @@ def _extra_headers(table: Table) -> list[tuple[str, str]] | None:
     valid = True
     for name in list(table.data):
         value = table.string(name, secret=True)
-        if not _TOKEN.fullmatch(name):
+        if not HEADER_NAME.fullmatch(name):
             table.error(name, "is not a valid HTTP header name")
-        elif name.lower() in _RESERVED:
+        elif name.lower() in RESERVED_HEADERS:
             table.error(name, "is a header mailrelay sends itself")
         elif name.lower() in seen:
             table.error(name, f'repeats the header "{seen[name.lower()]}" (header names are case-insensitive)')
@@ -745,8 +360,6 @@ def _extra_headers(table: Table) -> list[tuple[str, str]] | None:
 
 
 def parse(table: Table) -> RouterSpec | None:
-    from . import RouterSpec
-
     url_text = table.string("url")
     url = table.check("url", parse_url) if isinstance(url_text, str) else None
     timeout = table.seconds("timeout", 10.0)

@@ -4,13 +4,11 @@ table's other keys as keyword arguments."""
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..configtable import ConfigError, Table
 from ..router import IRouter, verifies_passwords
-
-if TYPE_CHECKING:
-    from . import RouterSpec
+from ..routerspec import RouterSpec
 
 
 def load_class(spec: str) -> type:
@@ -35,8 +33,6 @@ def load_class(spec: str) -> type:
 
 
 def parse(table: Table) -> RouterSpec | None:
-    from . import RouterSpec
-
     spec = table.string("class")
     options = table.rest()
     if spec is None:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import attrs
 from zope.interface import implementer
 
 from ..configtable import Table
 from ..router import AUTH_MECHANISMS, LOGINS, TRUSTING_LOGINS, UPSTREAM_TLS, IRouter, Route, RouteRequest
-
-if TYPE_CHECKING:
-    from . import RouterSpec, UncheckedLogin
+from ..routerspec import RouterSpec, UncheckedLogin
 
 
 @implementer(IRouter)
@@ -55,8 +53,6 @@ def route_from_table(table: Table) -> Route | None:
 
 
 def parse(table: Table) -> RouterSpec | None:
-    from . import RouterSpec
-
     if table.has("routes"):
         tables = list(table.tables("routes"))
         routes = [route_from_table(t) for t in tables]

@@ -80,7 +80,7 @@ from pathlib import Path
 
 import attrs
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
@@ -99,7 +99,7 @@ SETTLE_WAIT = 60.0
 """Hang guard for mailrelay to log sessions that have ended: never a timing assertion."""
 
 MAILRELAY_CONFIG = """\
-# written by tests/soak_support.py
+# written by tests/support/soak.py
 drain_timeout = 1
 
 [tls]

@@ -13,8 +13,8 @@ from typing import Any
 
 import attrs
 
-from tests.frontends import PASSWORD, USER
-from tests.support import read_line
+from tests.support.frontends import PASSWORD, USER
+from tests.support.net import read_line
 
 MESSAGE = (
     b"From: Alice <alice@example.test>\r\nTo: bob@example.test\r\nSubject: caf\xc3\xa9\r\n"

@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from tests.support import WAIT, read_line
+from tests.support.net import WAIT, read_line
 
 GREETING_CAPABILITIES = ("IMAP4rev1", "SASL-IR", "ID", "LITERAL+", "AUTH=PLAIN")
 LOGGED_IN_CAPABILITIES = "IMAP4rev1 IDLE MOVE"

@@ -1,19 +1,26 @@
 """
 SMTP peers for the front-end tests: a scripted upstream that records every byte it
-hears (to check XCLIENT, AUTH and replayed commands byte for byte), and smtplib
-helpers.
+hears (to check XCLIENT, AUTH and replayed commands byte for byte), smtplib helpers,
+and the TestCase of the SMTP front-end's tests.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
+import os
+import shutil
+import smtplib
 import socket
 import ssl
 from typing import Any
 
 import attrs
 
-from tests.support import WAIT
+from tests.support import frontends
+from tests.support.frontends import PASSWORD, USER, FrontEndTestCase
+from tests.support.net import WAIT, recv_all
+from tests.support.postfix import Postfix, split_delivered
 
 
 @attrs.define
@@ -159,13 +166,6 @@ class ScriptedSMTP:
                 send(b"500 5.5.2 what?")
 
 
-def client_context(ca: Any) -> ssl.SSLContext:
-    """A client context trusting the test CA (a trustme CA)."""
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
-
-
 def raw_reply(conn: Any) -> bytes:
     """One whole (multi-line) SMTP reply, read a byte at a time."""
     reply = b""
@@ -183,3 +183,123 @@ def raw_reply(conn: Any) -> bytes:
 
 def timeout_socket(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+
+
+REFUSED = "Authentication credentials invalid"
+
+password_check = functools.partial(frontends.password_check, message=REFUSED)
+"""`tests.support.frontends.password_check`, refusing with SMTP's words."""
+
+
+class SMTPTestCase(FrontEndTestCase):
+    """mailrelay with one SMTP listener, a `ScriptedSMTP` upstream per test, smtplib clients."""
+
+    protocol = "smtp"
+
+    def upstream(self, **options: Any) -> Any:
+        options.setdefault("users", {USER: PASSWORD})
+        return self.server(ScriptedSMTP(**options))
+
+    def smtp(self, port: int, mode: str = "starttls") -> smtplib.SMTP:
+        """An smtplib client, through TLS (STARTTLS or implicit) and EHLO'd."""
+        if mode == "tls":
+            client: smtplib.SMTP = smtplib.SMTP_SSL(
+                "127.0.0.1", port, local_hostname="client.example", timeout=WAIT, context=self.context
+            )
+        else:
+            client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=WAIT)
+            client.starttls(context=self.context)
+        client.ehlo()
+        return client
+
+    def tls_connect(self, port: int, context: Any = None) -> Any:
+        """A raw client of an implicit-TLS listener, its greeting read."""
+        raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        conn = (context or self.context).wrap_socket(raw, server_hostname="relay.test")
+        self.assertEqual(raw_reply(conn)[:4], b"220 ")
+        return conn
+
+    def tls_exchange(self, port: int, send: bytes) -> bytes:
+        """Over implicit TLS: EHLO, then `send` in one write; everything until the close."""
+        with self.tls_connect(port) as conn:
+            conn.sendall(b"EHLO c.example\r\n")
+            raw_reply(conn)
+            conn.sendall(send)
+            return recv_all(conn)
+
+    def try_auth(self, port: int, mode: str = "tls", password: str = PASSWORD) -> tuple[int, bytes]:
+        """AUTH PLAIN with smtplib: the reply's code and text, success or not."""
+        with self.smtp(port, mode) as smtp:
+            smtp.user, smtp.password = USER, password
+            try:
+                return smtp.auth("PLAIN", smtp.auth_plain)
+            except smtplib.SMTPAuthenticationError as e:
+                return e.smtp_code, e.smtp_error
+
+    def raw(self, port: int) -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        self.addCleanup(conn.close)
+        self.assertEqual(raw_reply(conn)[:4], b"220 ")
+        return conn
+
+
+MESSAGE = (
+    b"From: Alice <alice@example.test>\r\nTo: bob@example.test\r\nSubject: caf\xc3\xa9\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    b"Hello Bob,\r\n.a line that starts with a dot\r\n8-bit: \xe2\x82\xac \xff\xfe\r\n"
+)
+
+
+# -- in front of a real Postfix (the slow tier)
+
+CLIENT_ADDRESS = "127.0.0.2"
+"""Where clients connect from: Postfix sees mailrelay at 127.0.0.1, so it can learn the
+client's address only through XCLIENT."""
+BOB = "bob@example.test"
+
+
+def lf(message: bytes) -> bytes:
+    """A message as Postfix stores it in a maildir: LF line ends."""
+    return message.replace(b"\r\n", b"\n")
+
+
+class PostfixTestCase(SMTPTestCase):
+    """The SMTP front-end in front of a real Postfix, started once for the class, which
+    delivers mail for alice and bob to maildirs; clients connect from CLIENT_ADDRESS."""
+
+    postfix: Postfix
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        # The directory is open to others: Postfix's daemons and its delivery agent go through it.
+        cert, key = cls.upstream_pki("mailrelay-postfix-", "mx.upstream.test")
+        os.mkdir(f"{cls.directory}/postfix")
+        cls.postfix = Postfix(f"{cls.directory}/postfix", tls=(cert, key), users=(USER, BOB))
+        cls.postfix.start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.postfix.stop()
+        shutil.rmtree(cls.directory, ignore_errors=True)
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.delivered_before = len(self.postfix.messages(BOB))
+
+    def smtp_from(self, port: int, mode: str = "starttls") -> smtplib.SMTP:
+        """smtplib from 127.0.0.2, through TLS, EHLO'd."""
+        source = (CLIENT_ADDRESS, 0)
+        if mode == "tls":
+            client: smtplib.SMTP = smtplib.SMTP_SSL(
+                "127.0.0.1", port, local_hostname="client.example", timeout=WAIT, context=self.context, source_address=source
+            )
+        else:
+            client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=WAIT, source_address=source)
+            client.starttls(context=self.context)
+        client.ehlo()
+        return client
+
+    async def next_delivery(self, count: int = 1) -> list[tuple[bytes, bytes]]:
+        """The next `count` messages delivered to bob: (Postfix's trace fields, message)."""
+        files = await self.in_thread(self.postfix.wait_for_messages, BOB, self.delivered_before + count)
+        return [split_delivered(f) for f in files[self.delivered_before :]]

@@ -16,9 +16,8 @@ from typing import Any
 import trustme
 
 from mailrelay.router import Reject, Route, RouteRequest
-from tests.pki import PKI
-from tests.smtp_support import client_context
-from tests.support import ProxyTestCase
+from tests.support.net import ProxyTestCase
+from tests.support.pki import PKI, client_context
 
 USER = "alice@example.test"
 PASSWORD = "s3cret-Pa55"

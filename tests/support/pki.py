@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import tempfile
 from typing import Any
 
@@ -50,6 +51,13 @@ class PKI:
         leaf.private_key_pem.write_to_path(issued.key)
         leaf.private_key_and_cert_chain_pem.write_to_path(issued.pem)
         return issued
+
+
+def client_context(ca: Any) -> ssl.SSLContext:
+    """A client context trusting the test CA (a trustme CA)."""
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
 
 
 def _leaf_of(leaf: trustme.LeafCert) -> x509.Certificate:
