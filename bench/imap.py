@@ -17,7 +17,7 @@ read until the server closes. A POP3 session: greeting, STLS, TLS handshake, USE
 PASS, RETR 1 (checked likewise), QUIT.
 
 Everything runs on 127.0.0.1 with ephemeral ports and one ECDSA P-256 certificate made
-by trustme for the run. Dovecot is `tests.mailservers.Dovecot` (Dovecot 2.3, started as
+by trustme for the run. Dovecot is `tests.support.dovecot.Dovecot` (Dovecot 2.3, started as
 root, in a directory from tempfile.mkdtemp()); mailrelay runs as a real `twistd`
 subprocess. Every process the script started is stopped when it ends, also on Ctrl-C,
 SIGTERM or an error.
@@ -28,7 +28,6 @@ See bench/README.md for what each number means.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import socket
@@ -37,22 +36,28 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import _common as common
+from common import cli
+from common.auth_http import start_auth_http
+from common.clients import TLSDial, connect, make_message, negotiated
+from common.dovecot import dovecot_log_summary, dovecot_pgid, mailservers, release, start_watchdog
+from common.measure import Measurements, finish
+from common.processes import Children
+from common.proxies import launch_nginx_mail, start_other
+from common.report import print_logs_and_notes, print_machine, print_targets, pyopenssl_version
+from common.smtp_server import SMTP_PASSWORD, SMTP_USER
+from common.targets import SERVER_NAME, Certificates, ScriptedTarget, Target, free_port, wait_until_serving
+from common.twistd import mailrelay_config, mailrelay_listener, start_twistd
 
 if TYPE_CHECKING:
-    from tests.mailservers import Dovecot
-
-ROOT = Path(__file__).resolve().parent.parent
+    from tests.support.dovecot import Dovecot
 
 # One mailbox, the same account as the SMTP benchmark's (nginx's auth_http in
-# bench/_common.py knows it).
-USER = common.SMTP_USER
-PASSWORD = common.SMTP_PASSWORD
+# bench/common/auth_http.py knows it).
+USER = SMTP_USER
+PASSWORD = SMTP_PASSWORD
 MAX_LINE = 65536
 
 # The listeners of the one mailrelay process: (protocol, listener, column, route keys beyond host and port).
@@ -62,62 +67,11 @@ LISTENERS = (
     ("pop3", "pop3-plain-up", "mailrelay", ""),
 )
 
-MAILRELAY_HEAD = """\
-# written by bench/imap.py
-drain_timeout = 1
+# Their keys beyond name and mode (`mailrelay_listener`).
+LISTENER_KEYS = 'protocol = "{protocol}"\nhostname = "relay.bench.example"\n'
 
-[tls]
-cert = "{chain}"
-key = "{key}"
-"""
-
-MAILRELAY_LISTENER = """
-[[listener]]
-name = "{name}"
-listen = "tcp:0:interface=127.0.0.1"
-mode = "starttls"
-protocol = "{protocol}"
-hostname = "relay.bench.example"
-router = {{ type = "static", host = "127.0.0.1", port = {port}{route} }}
-# the load comes from one address: no per-client connection limits
-[listener.connection_limits]
-exempt = ["127.0.0.0/8"]
-"""
-
-NGINX_MAIL_CONFIG = (
-    common.NGINX_PREAMBLE
-    + """\
-mail {{
-    auth_http 127.0.0.1:{auth_port}/auth;
-    server {{
-        listen 127.0.0.1:{port};
-        protocol imap;
-        server_name relay.bench.example;
-        starttls only;
-        ssl_certificate {chain};
-        ssl_certificate_key {key};
-        ssl_protocols TLSv1.2 TLSv1.3;  # nginx 1.22's default stops at TLSv1.2
-        imap_auth plain login;
-    }}
-}}
-"""
-)
-
-# nginx's auth_http: bench/_common.py's service (SMTP_USER, SMTP_PASSWORD), answering with
-# Dovecot's IMAP port, in a process of its own; it ends when its stdin closes.
-AUTH_HTTP_SERVER = """\
-import asyncio, sys
-sys.path.insert(0, sys.argv[1])
-import _common
-async def main():
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _common.AuthHTTPProtocol(int(sys.argv[2])), _common.HOST, 0, backlog=4096)
-    print("port", server.sockets[0].getsockname()[1], flush=True)
-    done = loop.create_future()
-    loop.add_reader(0, lambda: done.done() or done.set_result(None))
-    await done
-asyncio.run(main())
-"""
+# nginx's mail proxy: its directives beyond those of every mail benchmark (`launch_nginx_mail`).
+NGINX_SERVER = ("imap_auth plain login;",)
 
 # Column name -> what it is, for the legend under the header.
 LEGEND = {
@@ -147,17 +101,11 @@ SESSION_TEXT = {
 # The clients
 
 
-def make_message(size: int) -> bytes:
-    """A plain-text message of exactly `size` bytes (CRLF lines, none starting with a dot)."""
-    head = (
-        b"From: Bench Sender <sender@example.org>\r\nTo: <" + USER.encode() + b">\r\n"
-        b"Subject: mailrelay IMAP benchmark\r\nMessage-ID: <imap-bench@example.org>\r\n\r\n"
-    )
-    line = b"The quick brown fox jumps over the lazy dog, 0123456789 times over and again.\r\n"
-    lines, rest = divmod(size - len(head) - 2, len(line))
-    if lines < 0:
-        raise ValueError(f"a message needs at least {len(head) + 2} bytes")
-    return head + line * lines + b"x" * rest + b"\r\n"
+# The headers of the message in the mailbox (`make_message`).
+MESSAGE_HEADERS = (
+    b"From: Bench Sender <sender@example.org>\r\nTo: <" + USER.encode() + b">\r\n"
+    b"Subject: mailrelay IMAP benchmark\r\nMessage-ID: <imap-bench@example.org>\r\n"
+)
 
 
 class Connection:
@@ -209,7 +157,13 @@ class Connection:
             start = max(0, len(self.buffer) - len(marker) + 1)
             self._fill()
 
-    def starttls(self, tls: common.TLSDial) -> None:
+    def greeted(self, ok: bytes) -> None:
+        """Read the greeting; it must start with `ok`."""
+        greeting = self.line()
+        if not greeting.startswith(ok):
+            raise ConnectionError(f"greeting: {greeting[:200]!r}")
+
+    def starttls(self, tls: TLSDial) -> None:
         if self.buffer:
             raise ConnectionError(f"data after the STARTTLS answer: {self.buffer[:200]!r}")
         self.sock = tls.wrap(self.sock)
@@ -219,10 +173,8 @@ class Connection:
             raise ConnectionError("data after the goodbye")
 
     def negotiated(self) -> str:
-        sock = self.sock
-        assert isinstance(sock, ssl.SSLSocket)
-        cipher = sock.cipher()
-        return f"{sock.version()} {cipher[0] if cipher else '?'}"
+        assert isinstance(self.sock, ssl.SSLSocket)
+        return negotiated(self.sock)
 
 
 _LITERAL = re.compile(rb"\{(\d+)\}\r\n\Z")
@@ -248,13 +200,11 @@ def imap_command(conn: Connection, tag: bytes, command: bytes) -> tuple[list[byt
         untagged.append(first)
 
 
-def imap_session(port: int, tls: common.TLSDial, message: bytes) -> str:
+def imap_session(port: int, tls: TLSDial, message: bytes) -> str:
     """One IMAP session (see SESSION_TEXT); returns the TLS version and cipher the client negotiated."""
-    conn = Connection(common.connect(port))
+    conn = Connection(connect(port))
     try:
-        greeting = conn.line()
-        if not greeting.startswith(b"* OK"):
-            raise ConnectionError(f"greeting: {greeting[:200]!r}")
+        conn.greeted(b"* OK")
         imap_command(conn, b"a1", b"STARTTLS")
         conn.starttls(tls)
         imap_command(conn, b"a2", b'LOGIN "' + USER.encode() + b'" "' + PASSWORD.encode() + b'"')
@@ -282,13 +232,11 @@ def pop3_command(conn: Connection, command: bytes) -> bytes:
     return reply
 
 
-def pop3_session(port: int, tls: common.TLSDial, message: bytes) -> str:
+def pop3_session(port: int, tls: TLSDial, message: bytes) -> str:
     """One POP3 session (see SESSION_TEXT); returns the TLS version and cipher the client negotiated."""
-    conn = Connection(common.connect(port))
+    conn = Connection(connect(port))
     try:
-        greeting = conn.line()
-        if not greeting.startswith(b"+OK"):
-            raise ConnectionError(f"greeting: {greeting[:200]!r}")
+        conn.greeted(b"+OK")
         pop3_command(conn, b"STLS")
         conn.starttls(tls)
         pop3_command(conn, b"USER " + USER.encode())
@@ -306,190 +254,63 @@ def pop3_session(port: int, tls: common.TLSDial, message: bytes) -> str:
         conn.close()
 
 
-@dataclass
-class MailTarget(common.Target):
-    """A target whose sessions are IMAP (or POP3) sessions on its line port."""
+SESSIONS = {"imap": imap_session, "pop3": pop3_session}
 
-    protocol: str = "imap"
-    tls: common.TLSDial | None = None
-    message: bytes = field(default=b"", repr=False)
 
-    def session(self, commands: list[list[bytes]], quit_parts: list[bytes]) -> None:
-        self.mail_session()
-
-    def mail_session(self) -> str:
-        assert self.tls is not None
-        run = imap_session if self.protocol == "imap" else pop3_session
-        return run(self.line_port, self.tls, self.message)
+def mail_target(
+    name: str, protocol: str, port: int, certs: Certificates, message: bytes, pgid: int | None = None, **kwargs: Any
+) -> ScriptedTarget:
+    """A target whose sessions are IMAP (or POP3) sessions on `port`."""
+    return ScriptedTarget(name, 0, port, pgid, script=SESSIONS[protocol], tls=certs.dial, message=message, **kwargs)
 
 
 # --------------------------------------------------------------------------------------
-# Dovecot, mailrelay, nginx
-
-
-def mailservers() -> ModuleType:
-    """tests/mailservers.py (the repository's test helpers), imported from the repository root."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    import tests.mailservers
-
-    return tests.mailservers
-
-
-def dovecot_pgid(dovecot: Dovecot) -> int:
-    """The process group of Dovecot's processes (REAPER's: the master and its children stay in it)."""
-    groups = set()
-    for pid in dovecot.processes():
-        try:
-            groups.add(os.getpgid(pid))
-        except ProcessLookupError:
-            pass
-    if len(groups) != 1:
-        raise RuntimeError(f"Dovecot's processes are in {len(groups)} process groups ({sorted(groups)}), not one")
-    return groups.pop()
-
-
-# Dovecot is not a child of ours in the sense of Children (tests.mailservers starts it in
-# its own session, without PR_SET_PDEATHSIG), so a watchdog process kills its process group
-# should the bench die without stopping it (SIGKILL): its stdin closes without "disarm".
-WATCHDOG = """\
-import os, signal, sys
-signal.signal(signal.SIGTERM, signal.SIG_IGN)  # PR_SET_PDEATHSIG: what counts is stdin
-if sys.stdin.buffer.read() != b"disarm":
-    try:
-        os.killpg(int(sys.argv[1]), signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-"""
-
-
-def start_watchdog(children: common.Children, pgid: int) -> subprocess.Popen[bytes]:
-    return children.popen([sys.executable, "-c", WATCHDOG, str(pgid)], stdin=subprocess.PIPE)
-
-
-def release(watchdog: subprocess.Popen[bytes], kill: bool) -> None:
-    """Dovecot was stopped: the watchdog exits without killing anything; or it was not (`kill`): it kills what is left."""
-    assert watchdog.stdin is not None
-    try:
-        if not kill:
-            watchdog.stdin.write(b"disarm")
-        watchdog.stdin.close()
-        watchdog.wait(5)
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-
-
-def dovecot_log_summary(text: str, limit: int = 6) -> list[str]:
-    """Logins and logouts counted, and Dovecot's warning and error lines (pids, ids and numbers folded), with counts."""
-    logins = logouts = 0
-    counts: dict[str, int] = {}
-    for line in text.splitlines():
-        if "-login: Info: Login: " in line:
-            logins += 1
-        elif re.search(r": Info: (?:Disconnected: )?Logged out ", line):
-            logouts += 1
-        elif re.search(r": (?:Warning|Error|Fatal|Panic): |Disconnected|process_limit|client_limit", line):
-            if not logins and "Aborted login by logging out (no auth attempts" in line:
-                continue  # Dovecot.start()'s check that it greets
-            folded = re.sub(r"^\w{3} +\d+ [\d:]+ ", "", line)  # the timestamp
-            folded = re.sub(r"<[^<>]*>", "<>", folded)
-            folded = re.sub(r"\d+", "N", folded)
-            counts[folded] = counts.get(folded, 0) + 1
-    lines = [
-        f"Dovecot log: logins {logins}, logged out {logouts}; warnings, errors, limits and other disconnections: {sum(counts.values())}"
-    ]
-    ranked = sorted(counts.items(), key=lambda item: -item[1])
-    lines += [f"  {n:6d} x {text}" for text, n in ranked[:limit]]
-    if len(ranked) > limit:
-        lines.append(f"  ... and {len(ranked) - limit} more kinds")
-    return lines
-
-
-def mailrelay_config(protocols: list[str], dovecot: Dovecot, certs: common.Certificates) -> str:
-    ports = {"imap": dovecot.imap_port, "pop3": dovecot.pop3_port}
-    listeners = [
-        MAILRELAY_LISTENER.format(
-            name=name,
-            protocol=protocol,
-            port=ports[protocol],
-            route=route.format(ca=certs.ca, server_name=common.SERVER_NAME),
-        )
-        for protocol, name, _, route in LISTENERS
-        if protocol in protocols
-    ]
-    return MAILRELAY_HEAD.format(chain=certs.chain, key=certs.key) + "".join(listeners)
+# mailrelay, nginx
 
 
 def start_mailrelay(
-    children: common.Children,
+    children: Children,
     workdir: Path,
     protocols: list[str],
     dovecot: Dovecot,
-    certs: common.Certificates,
+    certs: Certificates,
     message: bytes,
-) -> dict[str, list[common.Target]]:
+) -> dict[str, list[Target]]:
     """One twistd with the listeners of `protocols`; a target per listener, by protocol."""
     listeners = [item for item in LISTENERS if item[0] in protocols]
-    proc, ports, log, twistd_args = common.start_twistd(
-        children, workdir, "mailrelay", mailrelay_config(protocols, dovecot, certs), len(listeners)
+    upstream_ports = {"imap": dovecot.imap_port, "pop3": dovecot.pop3_port}
+    config = mailrelay_config(
+        "imap.py",
+        [
+            mailrelay_listener(
+                name,
+                "starttls",
+                upstream_ports[protocol],
+                LISTENER_KEYS.format(protocol=protocol),
+                route.format(ca=certs.ca, server_name=SERVER_NAME),
+            )
+            for protocol, name, _, route in listeners
+        ],
+        certs,
     )
+    proc, ports, log, twistd_args = start_twistd(children, workdir, "mailrelay", config, len(listeners))
     note = " ".join(["twistd", *twistd_args])
-    targets: dict[str, list[common.Target]] = {protocol: [] for protocol in protocols}
+    targets: dict[str, list[Target]] = {protocol: [] for protocol in protocols}
     for protocol, name, column, _ in listeners:
-        target = MailTarget(column, 0, ports[name], proc.pid, note, proc=proc, protocol=protocol, tls=certs.dial, message=message)
-        common.wait_until_serving(target, proc, 10, f"mailrelay ({name})")
+        target = mail_target(column, protocol, ports[name], certs, message, pgid=proc.pid, note=note, proc=proc)
+        wait_until_serving(target, proc, 10, f"mailrelay ({name})")
         targets[protocol].append(target)
     targets[protocols[0]][0].log_files = [log]  # one process, one log: summarised once
     return targets
 
 
 def start_nginx_mail(
-    args: argparse.Namespace,
-    children: common.Children,
-    workdir: Path,
-    dovecot: Dovecot,
-    certs: common.Certificates,
-    message: bytes,
-) -> tuple[common.Target | None, str | None]:
-    """nginx's IMAP proxy in front of Dovecot, when wanted and possible: (target, None) or (None, why not)."""
-    binary = shutil.which("nginx")
-    if not args.others:
-        return None, "nginx (--no-others)"
-    if binary is None:
-        return None, "nginx (not on PATH)"
-    try:
-        usable, load_module = common.nginx_module(binary, "mail")
-        if not usable:
-            return None, f"nginx ({load_module})"
-        auth = children.popen(
-            [sys.executable, "-c", AUTH_HTTP_SERVER, str(Path(__file__).resolve().parent), str(dovecot.imap_port)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        assert auth.stdout is not None
-        line = auth.stdout.readline().decode()
-        if not line.startswith("port "):
-            raise RuntimeError(f"nginx's auth_http service did not start (said {line!r})")
-        port = common.free_port()
-        config = workdir / "nginx.conf"
-        config.write_text(
-            NGINX_MAIL_CONFIG.format(
-                workdir=workdir,
-                user=common.nginx_user_line(),
-                load_module=load_module,
-                auth_port=int(line.split()[1]),
-                port=port,
-                chain=certs.chain,
-                key=certs.key,
-            )
-        )
-        argv = [binary, "-p", f"{workdir}/", "-c", str(config), "-e", f"{workdir}/nginx-error.log"]
-        target = MailTarget("nginx", 0, port, None, protocol="imap", tls=certs.dial, message=message)
-        how = "(mail, protocol imap, starttls only, imap_auth plain login, auth_http, worker_processes 1)"
-        return common.launch_proxy(children, workdir, target, argv, how, ["nginx-error.log"]), None
-    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-        print(f"nginx failed to start:\n{e}", file=sys.stderr)
-        return None, f"nginx (failed to start: {str(e).splitlines()[0]})"
+    children: Children, workdir: Path, binary: str, dovecot: Dovecot, certs: Certificates, message: bytes
+) -> Target:
+    """nginx's IMAP proxy in front of Dovecot, asking an auth_http service of its own."""
+    auth_port = start_auth_http(children, dovecot.imap_port)
+    target = mail_target("nginx", "imap", free_port(), certs, message)
+    return launch_nginx_mail(children, workdir, binary, target, certs, "imap", auth_port, server=NGINX_SERVER)
 
 
 # --------------------------------------------------------------------------------------
@@ -503,28 +324,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--protocol", choices=("imap", "pop3", "both"), default="imap", help="which sessions to measure")
-    parser.add_argument(
-        "--rounds", type=int, default=3, help="passes over all targets for each sessions test (sessions/s: median of the rounds)"
-    )
-    parser.add_argument("--duration", type=float, default=2.0, help="seconds per round of a sessions test")
-    parser.add_argument("--clients", type=int, default=16, help="concurrent clients in the concurrent sessions test")
-    parser.add_argument(
-        "--client-procs", type=int, default=2, help="client processes the concurrent clients are spread over (threads in each)"
-    )
+    cli.add_sessions_arguments(parser, duration=2.0)
     parser.add_argument("--message-bytes", type=int, default=10_000, help="size of the message in the mailbox (headers included)")
     parser.set_defaults(pieces=1)  # the shared sessions measurement asks; these sessions write each command whole
-    return common.parse_args(parser, argv, ("sessions",))
+    return cli.parse_args(parser, argv, ("sessions",))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.run_bench(parse_args(argv), run)
+    return cli.run_bench(parse_args(argv), run)
 
 
-def run(args: argparse.Namespace, children: common.Children, workdir: Path, failures: list[str]) -> int:
+def run(args: argparse.Namespace, children: Children, workdir: Path, failures: list[str]) -> int:
     started = time.monotonic()
     protocols = ["imap", "pop3"] if args.protocol == "both" else [args.protocol]
-    message = make_message(args.message_bytes)
-    certs = common.Certificates(workdir)
+    message = make_message(args.message_bytes, MESSAGE_HEADERS)
+    certs = Certificates(workdir)
     servers = mailservers()
     # Dovecot's mail processes run as nobody and must reach its directory: not under the
     # bench's own (mode 0700) temporary directory.
@@ -556,60 +370,53 @@ def run(args: argparse.Namespace, children: common.Children, workdir: Path, fail
 
 def measure(
     args: argparse.Namespace,
-    children: common.Children,
+    children: Children,
     workdir: Path,
     failures: list[str],
     started: float,
     protocols: list[str],
     message: bytes,
-    certs: common.Certificates,
+    certs: Certificates,
     dovecot: Dovecot,
 ) -> int:
     ports = {"imap": dovecot.imap_port, "pop3": dovecot.pop3_port}
-    targets: dict[str, list[common.Target]] = {
-        protocol: [MailTarget("direct", 0, ports[protocol], None, protocol=protocol, tls=certs.dial, message=message)]
-        for protocol in protocols
-    }
-    for direct in targets.values():
-        assert isinstance(direct[0], MailTarget)
-        direct[0].mail_session()  # Dovecot greets already (start() waited for it); this checks the mailbox
+    directs = {protocol: mail_target("direct", protocol, ports[protocol], certs, message) for protocol in protocols}
+    for direct in directs.values():
+        direct.run_script()  # Dovecot greets already (start() waited for it); this checks the mailbox
+    targets: dict[str, list[Target]] = {protocol: [direct] for protocol, direct in directs.items()}
     for protocol, proxied in start_mailrelay(children, workdir, protocols, dovecot, certs, message).items():
         targets[protocol] += proxied
     skipped = None
     if "imap" in protocols:
-        nginx, skipped = start_nginx_mail(args, children, workdir, dovecot, certs, message)
+        nginx, skipped = start_other(
+            args, "nginx", lambda binary: start_nginx_mail(children, workdir, binary, dovecot, certs, message)
+        )
         if nginx is not None:
             targets["imap"].append(nginx)
     pgid = dovecot_pgid(dovecot)
 
-    common.print_machine(
-        "mailrelay IMAP benchmark" if protocols == ["imap"] else f"mailrelay {'/'.join(protocols).upper()} benchmark"
-    )
+    print_machine("mailrelay IMAP benchmark" if protocols == ["imap"] else f"mailrelay {'/'.join(protocols).upper()} benchmark")
     version = subprocess.run([mailservers().dovecot_command(), "--version"], capture_output=True, text=True).stdout.strip()
     print(
-        f"OpenSSL: {ssl.OPENSSL_VERSION} (Python ssl: clients); {common.pyopenssl_version()} (pyOpenSSL: mailrelay); "
+        f"OpenSSL: {ssl.OPENSSL_VERSION} (Python ssl: clients); {pyopenssl_version()} (pyOpenSSL: mailrelay); "
         f"Dovecot {version} (its own OpenSSL)"
     )
     for protocol in protocols:
-        names = [t.name for t in targets[protocol]]
-        width = max(len(name) for name in names)
-        print(f"{protocol.upper()} targets: {', '.join(names)}")
-        for name in names:
-            print(f"  {name:<{width}} {LEGEND[protocol][name]}")
+        print_targets(f"{protocol.upper()} targets", targets[protocol], LEGEND[protocol])
     if skipped:
         print(f"skipped: {skipped}")
     print(
-        f"certificate: ECDSA P-256 (trustme; CA ECDSA P-256 too), names {common.SERVER_NAME} and 127.0.0.1, used by Dovecot, "
-        f"mailrelay and nginx; clients send SNI {common.SERVER_NAME!r} and verify the chain and the name (so does mailrelay "
+        f"certificate: ECDSA P-256 (trustme; CA ECDSA P-256 too), names {SERVER_NAME} and 127.0.0.1, used by Dovecot, "
+        f"mailrelay and nginx; clients send SNI {SERVER_NAME!r} and verify the chain and the name (so does mailrelay "
         "towards Dovecot)"
     )
     print(
         "negotiated by the client: "
         + "; ".join(
-            f"{protocol} {t.name} {t.mail_session()}"
+            f"{protocol} {t.name} {t.run_script()}"
             for protocol in protocols
             for t in targets[protocol]
-            if isinstance(t, MailTarget)
+            if isinstance(t, ScriptedTarget)
         )
     )
     for protocol in protocols:
@@ -620,25 +427,18 @@ def measure(
         f"of {args.duration:g}s, after 20 warm-up sessions per round; rounds go over all targets in turn; session times pooled (ms)"
     )
     print(
-        "upstream: Dovecot 2.3 (tests/mailservers.py: a login process per connection, a mail process per session, "
+        "upstream: Dovecot 2.3 (tests/support/dovecot.py: a login process per connection, a mail process per session, "
         "one user, maildir); its CPU includes the login and mail processes that exited"
     )
     print(flush=True)
 
-    concurrent = f"{args.clients} concurrent"
     for protocol in protocols:
         if len(protocols) > 1:
             print(f"\n=== {protocol.upper()}")
-        m = common.Measurements(targets[protocol], pgid, started, failures, upstream_reaped=True)
+        m = Measurements(targets[protocol], pgid, started, failures, upstream_reaped=True)
         m.sessions(args, children, f"{protocol.upper()} sessions", times=True)
         m.print_results("session times (ms)")
-        values = m.values
-        counts = "; ".join(
-            f"{key}: "
-            + ", ".join(f"{t.name} {values[(f'{key}_n', t.name)]}" for t in targets[protocol] if (f"{key}_n", t.name) in values)
-            for key in ("serial", "concurrent")
-        )
-        print(f"sessions timed: {counts}")
+        m.print_session_counts()
         m.print_session_errors()
         m.print_cpu(machine=True)
         notes = ["the upstream is all of Dovecot's processes"]
@@ -648,19 +448,13 @@ def measure(
             notes.append("nginx's auth_http service is in neither (one HTTP request per session)")
         print(f"({'; '.join(notes)})")
         print()
-        common.print_cpu_per_session(m, [t.name for t in targets[protocol]], [("serial", "1 client"), ("concurrent", concurrent)])
+        m.print_cpu_per_session(args.clients)
 
     print()
     everything = [targets[protocols[0]][0], *(t for protocol in protocols for t in targets[protocol][1:])]
-    common.print_logs_and_notes(everything)
+    print_logs_and_notes(everything)
     print("\n".join(dovecot_log_summary(dovecot.log_text())))
-    print(f"\ntotal time {time.monotonic() - started:.1f}s")
-    if failures:
-        print("\nFAILED measurements:")
-        for f in dict.fromkeys(failures):
-            print(f"  {f}")
-        return 1
-    return 0
+    return finish(started, failures)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Soak run: many sessions through one running mailrelay (splice, tls and pop3s listeners),
 every payload hash-checked end to end, mailrelay's RSS and open descriptors compared
 idle after the warm-up and idle at the end. The same run as tests/test_soak.py (its code
-is tests/soak_support.py), as one command that can run longer:
+is tests/support/soak.py), as one command that can run longer:
 
     .venv/bin/python bench/soak.py                      # 30,000 sessions, about 80 s
     .venv/bin/python bench/soak.py --sessions 100000    # longer
@@ -19,13 +19,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import _common as common
+from common.cli import run_bench
+from common.processes import Children
+from common.report import print_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests import soak_support  # noqa: E402
+from tests.support import soak as soak_support  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, children: common.Children, workdir: Path, failures: list[str]) -> int:
+def run(args: argparse.Namespace, children: Children, workdir: Path, failures: list[str]) -> int:
     values = dict(
         sessions=args.sessions,
         warmup=args.warmup,
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace, children: common.Children, workdir: Path, fail
     if args.seed is not None:
         values["seed"] = args.seed
     options = soak_support.SoakOptions(**values)
-    common.print_machine("mailrelay soak run")
+    print_machine("mailrelay soak run")
     print(f"sessions: {options.sessions:,}, {soak_support.concurrency_text(options)}, seed {options.seed}", flush=True)
     result = soak_support.run_soak(options, children, workdir)
     print("\n".join(result.report()))
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace, children: common.Children, workdir: Path, fail
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.run_bench(parse_args(argv), run)
+    return run_bench(parse_args(argv), run)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ proxies if present, and kills every process it started when it ends, also on Ctr
 SIGTERM or an error (and, through PR_SET_PDEATHSIG, if it is killed outright).
 
 See bench/README.md for what each number means. What bench/tls.py shares with this
-script lives in bench/_common.py.
+script lives in bench/common/.
 """
 
 from __future__ import annotations
@@ -23,59 +23,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import (
-    CHUNK,
-    NOOP,
-    QUIT,
-    Children,
-    Measurements,
-    Target,
-    Upstream,
-    Window,
-    command,
-    connect,
-    mailrelay_log_summary,
-    percentile,
-    pieces_of,
-    print_machine,
-    read_line,
-    run_bench,
-    start_others,
-    start_twistd,
-    wait_until_serving,
-)
-from _common import (
-    parse_args as common_parse_args,
-)
-
-MAILRELAY_CONFIG = """\
-# written by bench/splice.py
-drain_timeout = 1
-
-[[listener]]
-name = "bulk"
-listen = "tcp:0:interface=127.0.0.1"
-mode = "splice"
-[listener.router]
-type = "static"
-host = "127.0.0.1"
-port = {bulk}
-# the load comes from one address: no per-client connection limits
-[listener.connection_limits]
-exempt = ["127.0.0.0/8"]
-
-[[listener]]
-name = "smtp"
-listen = "tcp:0:interface=127.0.0.1"
-mode = "splice"
-[listener.router]
-type = "static"
-host = "127.0.0.1"
-port = {line}
-# the load comes from one address: no per-client connection limits
-[listener.connection_limits]
-exempt = ["127.0.0.0/8"]
-"""
+from common.cli import add_bulk_arguments, add_sessions_arguments, run_bench
+from common.cli import parse_args as common_parse_args
+from common.clients import command, connect, pieces_of, read_line
+from common.logs import mailrelay_log_summary
+from common.measure import Measurements, Window, percentile
+from common.processes import Children
+from common.proxies import start_others
+from common.report import print_machine
+from common.targets import Target, wait_until_serving
+from common.twistd import mailrelay_config, mailrelay_listener, start_twistd
+from common.upstream import Upstream
+from common.wire import CHUNK, NOOP, QUIT
 
 # Runs twistd in this interpreter with mailrelay's TCP_NODELAY switched off, to show
 # what it buys. Nothing under mailrelay/ is changed: the function is replaced in memory.
@@ -90,7 +49,8 @@ run()
 
 
 def start_mailrelay(children: Children, workdir: Path, name: str, upstream: Upstream, nagle: bool) -> Target:
-    config = MAILRELAY_CONFIG.format(bulk=upstream.bulk, line=upstream.line)
+    listeners = [mailrelay_listener("bulk", "splice", upstream.bulk), mailrelay_listener("smtp", "splice", upstream.line)]
+    config = mailrelay_config("splice.py", listeners)
     proc, ports, log, twistd_args = start_twistd(children, workdir, name, config, 2, NAGLE_WRAPPER if nagle else None)
     shown = "twistd" if not nagle else f"{sys.executable} -c '<set_nodelay replaced by a no-op; twistd>'"
     target = Target(name, ports["bulk"], ports["smtp"], proc.pid, " ".join([shown, *twistd_args]))
@@ -133,24 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Benchmark mailrelay's splice mode against a direct connection (and haproxy/nginx if on PATH).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--bulk-mib", type=int, default=256, help="MiB per bulk transfer, each direction")
-    parser.add_argument("--repeat", type=int, default=3, help="bulk transfers per direction and target (median reported)")
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=3,
-        help="passes over all targets for the sessions and latency tests (sessions/s: median of the rounds; latency: samples pooled)",
-    )
-    parser.add_argument(
-        "--duration",
-        type=float,
-        default=1.0,
-        help="seconds per round of a sessions/s test; also the cap per round of a latency test",
-    )
-    parser.add_argument("--clients", type=int, default=16, help="concurrent clients in the concurrent sessions/s test")
-    parser.add_argument(
-        "--client-procs", type=int, default=2, help="client processes the concurrent clients are spread over (threads in each)"
-    )
+    add_bulk_arguments(parser)
+    add_sessions_arguments(parser, latency=True)
     parser.add_argument(
         "--pieces", type=int, default=2, help="writes per command line in the sessions/s tests and the split latency test"
     )

@@ -15,8 +15,8 @@ process), mailrelay as a real `twistd` subprocess, and the other proxies if pres
 and kills every process it started when it ends, also on Ctrl-C, SIGTERM or an error
 (and, through PR_SET_PDEATHSIG, if it is killed outright).
 
-See bench/README.md for what each number means; bench/_common.py holds what this
-script shares with bench/splice.py.
+See bench/README.md for what each number means; bench/common/ holds what this script
+shares with the other benchmarks.
 """
 
 from __future__ import annotations
@@ -27,7 +27,16 @@ import sys
 import time
 from pathlib import Path
 
-import _common as common
+from common import cli
+from common.clients import TLSDial, command, negotiated, read_line
+from common.measure import Measurements
+from common.processes import Children
+from common.proxies import start_others
+from common.report import print_logs_and_notes, print_machine, print_targets, pyopenssl_version
+from common.targets import SERVER_NAME, Certificates, Target, wait_until_serving
+from common.twistd import mailrelay_config, mailrelay_listener, start_twistd
+from common.upstream import Upstream
+from common.wire import CHUNK, QUIT
 
 # The listeners of the one mailrelay process: (listener, column, mode, extra keys, upstream, route keys).
 LISTENERS = (
@@ -35,31 +44,8 @@ LISTENERS = (
     ("tls-smtp", "tls", "tls", "", "line", ""),
     ("splice-smtp", "splice", "splice", "", "tls_line", ""),  # the client's TLS passed through
     ("splice-sni-smtp", "splice-sni", "splice", "preread_sni = true\n", "tls_line", ""),  # ... its server name peeked first
-    ("to-tls-smtp", "plain-to-tls", "splice", "", "tls_line", f', tls = "tls", server_name = "{common.SERVER_NAME}"'),
+    ("to-tls-smtp", "plain-to-tls", "splice", "", "tls_line", f', tls = "tls", server_name = "{SERVER_NAME}"'),
 )
-
-MAILRELAY_HEAD = """\
-# written by bench/tls.py
-drain_timeout = 1
-
-[tls]
-cert = "{chain}"
-key = "{key}"
-
-[upstream]
-ca = "{ca}"
-"""
-
-MAILRELAY_LISTENER = """
-[[listener]]
-name = "{name}"
-listen = "tcp:0:interface=127.0.0.1"
-mode = "{mode}"
-{extra}router = {{ type = "static", host = "127.0.0.1", port = {port}{route} }}
-# the load comes from one address: no per-client connection limits
-[listener.connection_limits]
-exempt = ["127.0.0.0/8"]
-"""
 
 # Column name -> what it is, for the legend under the header.
 LEGEND = {
@@ -73,26 +59,19 @@ LEGEND = {
 }
 
 
-def mailrelay_config(upstream: common.Upstream, certs: common.Certificates) -> str:
-    ports = {"bulk": upstream.bulk, "line": upstream.line, "tls_line": upstream.tls_line}
+def start_mailrelay(children: Children, workdir: Path, upstream: Upstream, certs: Certificates) -> list[Target]:
+    """One twistd with every listener; a target per column (the `tls` one has the bulk listener too)."""
+    upstream_ports = {"bulk": upstream.bulk, "line": upstream.line, "tls_line": upstream.tls_line}
     listeners = [
-        MAILRELAY_LISTENER.format(name=name, mode=mode, extra=extra, port=ports[port], route=route)
+        mailrelay_listener(name, mode, upstream_ports[port], keys=extra, route=route)
         for name, _, mode, extra, port, route in LISTENERS
     ]
-    return MAILRELAY_HEAD.format(chain=certs.chain, key=certs.key, ca=certs.ca) + "".join(listeners)
-
-
-def start_mailrelay(
-    children: common.Children, workdir: Path, upstream: common.Upstream, certs: common.Certificates
-) -> list[common.Target]:
-    """One twistd with every listener; a target per column (the `tls` one has the bulk listener too)."""
-    proc, ports, log, twistd_args = common.start_twistd(
-        children, workdir, "mailrelay", mailrelay_config(upstream, certs), len(LISTENERS)
-    )
+    config = mailrelay_config("tls.py", listeners, certs, upstream_ca=True)
+    proc, ports, log, twistd_args = start_twistd(children, workdir, "mailrelay", config, len(LISTENERS))
     note = " ".join(["twistd", *twistd_args])
-    targets: dict[str, common.Target] = {}
+    targets: dict[str, Target] = {}
     for name, column, _, _, port, route in LISTENERS:
-        target = targets.setdefault(column, common.Target(column, 0, 0, proc.pid, note, proc=proc, until_closed=True))
+        target = targets.setdefault(column, Target(column, 0, 0, proc.pid, note, proc=proc, until_closed=True))
         if 'tls = "tls"' not in route:  # the client speaks TLS, unless mailrelay does it for them
             target.dial = certs.dial
         if port == "bulk":
@@ -100,22 +79,22 @@ def start_mailrelay(
         else:
             target.line_port = ports[name]
     for target in targets.values():
-        common.wait_until_serving(target, proc, 10, f"mailrelay ({target.name})")
+        wait_until_serving(target, proc, 10, f"mailrelay ({target.name})")
     targets["tls"].log_files = [log]  # one process, one log: summarised once
     return list(targets.values())
 
 
-def negotiated(target: common.Target) -> str:
+def negotiated_with(target: Target) -> str:
     """What a client's handshake with `target` settled on."""
-    if not isinstance(target.dial, common.TLSDial):
+    if not isinstance(target.dial, TLSDial):
         return "client speaks plain TCP (mailrelay's upstream leg is TLS)"
     with target.dial(target.line_port) as sock:
         assert isinstance(sock, ssl.SSLSocket)
-        cipher, version = sock.cipher(), sock.version()
-        common.read_line(sock)  # a whole session, so that it is logged as any other
-        common.command(sock, [common.QUIT], b"221")
+        settled = negotiated(sock)
+        read_line(sock)  # a whole session, so that it is logged as any other
+        command(sock, [QUIT], b"221")
         sock.recv(4096)
-    return f"{version} {cipher[0] if cipher else '?'}"
+    return settled
 
 
 # --------------------------------------------------------------------------------------
@@ -127,49 +106,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "TLS connection (and haproxy/nginx terminating TLS, if on PATH).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--bulk-mib", type=int, default=256, help="MiB per bulk transfer, each direction")
-    parser.add_argument("--repeat", type=int, default=3, help="bulk transfers per direction and target (median reported)")
-    parser.add_argument(
-        "--rounds", type=int, default=3, help="passes over all targets for the sessions tests (sessions/s: median of the rounds)"
-    )
-    parser.add_argument("--duration", type=float, default=1.0, help="seconds per round of a sessions test")
-    parser.add_argument("--clients", type=int, default=16, help="concurrent clients in the concurrent sessions test")
-    parser.add_argument(
-        "--client-procs", type=int, default=2, help="client processes the concurrent clients are spread over (threads in each)"
-    )
+    cli.add_bulk_arguments(parser)
+    cli.add_sessions_arguments(parser)
     parser.add_argument("--pieces", type=int, default=1, help="writes (so TLS records) per command line in the sessions tests")
     parser.add_argument("--upstream-procs", type=int, default=2, help="processes of the line upstream (SO_REUSEPORT)")
-    return common.parse_args(parser, argv, ("sessions", "bulk"))
+    return cli.parse_args(parser, argv, ("sessions", "bulk"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.run_bench(parse_args(argv), run)
+    return cli.run_bench(parse_args(argv), run)
 
 
-def run(args: argparse.Namespace, children: common.Children, workdir: Path, failures: list[str]) -> int:
+def run(args: argparse.Namespace, children: Children, workdir: Path, failures: list[str]) -> int:
     started = time.monotonic()
-    certs = common.Certificates(workdir)
-    upstream = common.Upstream(children, args.upstream_procs, str(certs.combined))
-    direct = common.Target("direct", upstream.tls_bulk, upstream.tls_line, None, dial=certs.dial, until_closed=True)
-    common.wait_until_serving(direct, upstream.proc, 10, "the upstream")
-    common.wait_until_serving(common.Target("plain", upstream.bulk, upstream.line, None), upstream.proc, 10, "the plain upstream")
+    certs = Certificates(workdir)
+    upstream = Upstream(children, args.upstream_procs, str(certs.combined))
+    direct = Target("direct", upstream.tls_bulk, upstream.tls_line, None, dial=certs.dial, until_closed=True)
+    wait_until_serving(direct, upstream.proc, 10, "the upstream")
+    wait_until_serving(Target("plain", upstream.bulk, upstream.line, None), upstream.proc, 10, "the plain upstream")
 
     targets = [direct, *start_mailrelay(children, workdir, upstream, certs)]
-    skipped = common.start_others(args, children, workdir, targets, upstream, certs)
+    skipped = start_others(args, children, workdir, targets, upstream, certs)
 
-    names = [t.name for t in targets]
-    common.print_machine("mailrelay TLS benchmark")
-    print(f"OpenSSL: {ssl.OPENSSL_VERSION} (Python ssl: clients, upstream); {common.pyopenssl_version()} (pyOpenSSL: mailrelay)")
-    print(f"targets: {', '.join(names)}")
-    for name in names:
-        print(f"  {name:<13} {LEGEND[name]}")
+    print_machine("mailrelay TLS benchmark")
+    print(f"OpenSSL: {ssl.OPENSSL_VERSION} (Python ssl: clients, upstream); {pyopenssl_version()} (pyOpenSSL: mailrelay)")
+    print_targets("targets", targets, LEGEND)
     if skipped:
         print(f"skipped: {'; '.join(skipped)}")
     print(
-        f"certificate: ECDSA P-256 (trustme; CA ECDSA P-256 too), names {common.SERVER_NAME} and 127.0.0.1; TLS clients send SNI "
-        f"{common.SERVER_NAME!r} and verify the chain and the name"
+        f"certificate: ECDSA P-256 (trustme; CA ECDSA P-256 too), names {SERVER_NAME} and 127.0.0.1; TLS clients send SNI "
+        f"{SERVER_NAME!r} and verify the chain and the name"
     )
-    print("negotiated: " + "; ".join(f"{t.name} {negotiated(t)}" for t in targets))
+    print("negotiated: " + "; ".join(f"{t.name} {negotiated_with(t)}" for t in targets))
     procs = max(1, min(args.client_procs, args.clients))
     print(
         "sessions: new TCP connection + full TLS handshake (no resumption: clients never offer a session, and a resumed "
@@ -178,7 +146,7 @@ def run(args: argparse.Namespace, children: common.Children, workdir: Path, fail
         f"{procs} processes; median of {args.rounds} rounds of {args.duration:g}s; session times pooled (ms)"
     )
     print(
-        f"bulk:     one TLS session from this process, {common.CHUNK >> 20} MiB send/recv buffers, {args.bulk_mib} MiB per "
+        f"bulk:     one TLS session from this process, {CHUNK >> 20} MiB send/recv buffers, {args.bulk_mib} MiB per "
         f"transfer, median of {args.repeat} per direction (targets that terminate TLS only)"
     )
     print("clients set TCP_NODELAY; rounds go over all targets in turn")
@@ -188,30 +156,24 @@ def run(args: argparse.Namespace, children: common.Children, workdir: Path, fail
     )
     print(flush=True)
 
-    m = common.Measurements(targets, upstream.proc.pid, started, failures)
-    values = m.values
-    concurrent = f"{args.clients} concurrent"
+    m = Measurements(targets, upstream.proc.pid, started, failures)
     if "sessions" in args.only:
         m.sessions(args, children, "TLS sessions", times=True)
     if "bulk" in args.only:
         m.bulk(args)
     m.print_results("session times (ms)")
     if "sessions" in args.only:
-        counts = "; ".join(
-            f"{key}: " + ", ".join(f"{t.name} {values[(f'{key}_n', t.name)]}" for t in targets if (f"{key}_n", t.name) in values)
-            for key in ("serial", "concurrent")
-        )
-        print(f"sessions timed: {counts}")
+        m.print_session_counts()
     m.print_session_errors()
 
     m.print_cpu(machine=True)
     print("(mailrelay's columns are one twistd process serving all its listeners)")
     if "sessions" in args.only:
         print()
-        common.print_cpu_per_session(m, names, [("serial", "1 client"), ("concurrent", concurrent)])
+        m.print_cpu_per_session(args.clients)
 
     print()
-    common.print_logs_and_notes(targets)
+    print_logs_and_notes(targets)
     return m.finish()
 
 

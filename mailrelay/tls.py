@@ -1,11 +1,11 @@
 """
-TLS set-up: the certificates mailrelay serves to clients, the trust it places in
-upstreams, and what a finished handshake tells a Router.
+TLS towards clients: the certificates mailrelay serves and the policy it enforces, for
+every `tls` and `starttls` listener.
 
-Server side (`ServerTLS`): one default certificate and any number of SNI
-certificates, each read from PEM files into its own `SSL.Context`. A client's SNI name
-picks a context during the handshake (exact name first, then a `*.` wildcard one label
-deep, then the default). Every context refuses TLS below the configured minimum (1.2
+`ServerTLS` holds one default certificate and any number of SNI certificates, each
+read from PEM files into its own `SSL.Context`. A client's SNI name picks a context
+during the handshake (exact name first, then a `*.` wildcard one label deep, then the
+default). Every context refuses TLS below the configured minimum (1.2
 by default), compression and renegotiation; when a listener speaks a known protocol,
 its ALPN name is required of clients that send ALPN at all (the ALPACA defence).
 
@@ -14,9 +14,8 @@ the contexts it started with, so a running session never sees the change, and a 
 that fails to load leaves the old one serving. OpenSSL contexts cannot be changed once
 used, which is why a reload builds new ones instead of editing.
 
-Client side (`ClientTLS`): connection creators for upstream TLS, verified against the
-system trust store or a CA file, with the host name checked by service_identity. They
-are cached, because building a context loads a whole trust store.
+Upstream TLS is `mailrelay.tls_client`; what a finished (or failed) handshake tells a
+Router and the log is `mailrelay.tls_facts`.
 """
 
 from __future__ import annotations
@@ -35,22 +34,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
-from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
-from twisted.internet.ssl import (
-    Certificate,
-    CertificateOptions,
-    TLSVersion,
-    optionsForClientTLS,
-    platformTrust,
-    trustRootFromCertificates,
-)
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from .interfaces import IReloadable
-from .router import ClientCertificate, Route
+from .tls_facts import ALPNRefused, ssl_reason
 
 MIN_VERSIONS = {
     "1.0": SSL.TLS1_VERSION,
@@ -133,7 +123,8 @@ class LoadedCertificate:
         return f"{', '.join(self.names) or self.leaf.subject.rfc4514_string()} (until {until})"
 
 
-def _read(path: str, what: str, where: str) -> bytes:
+def read_pem_file(path: str, what: str, where: str) -> bytes:
+    """The bytes of `path`; TLSSetupError naming `where` (a configuration key) if unreadable."""
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -152,12 +143,12 @@ def certificate_names(certificate: x509.Certificate) -> tuple[str, ...]:
 
 def load_certificate(files: CertificateFiles) -> LoadedCertificate:
     """Read and check one certificate, chain and key; raise TLSSetupError if unusable."""
-    cert_pem = _read(files.cert, "certificate", files.where + ".cert")
+    cert_pem = read_pem_file(files.cert, "certificate", files.where + ".cert")
     try:
         chain = tuple(x509.load_pem_x509_certificates(cert_pem))
     except ValueError:
         raise TLSSetupError(f"{files.where}.cert: {files.cert} holds no PEM certificate") from None
-    key_pem = cert_pem if files.key == files.cert else _read(files.key, "key", files.where + ".key")
+    key_pem = cert_pem if files.key == files.cert else read_pem_file(files.key, "key", files.where + ".key")
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:
@@ -195,31 +186,6 @@ def self_signed_certificate(name: str | None = None) -> LoadedCertificate:
         .sign(key, hashes.SHA256())
     )
     return LoadedCertificate((certificate,), key, tuple(names), "self-signed")
-
-
-def client_certificate_of(certificate: x509.Certificate) -> ClientCertificate:
-    """What a Router learns of a verified client certificate (as nginx tells auth_http)."""
-    return ClientCertificate(
-        subject=certificate.subject.rfc4514_string(),
-        issuer=certificate.issuer.rfc4514_string(),
-        serial=format(certificate.serial_number, "X"),
-        fingerprint=hashlib.sha1(certificate.public_bytes(serialization.Encoding.DER)).hexdigest(),
-    )
-
-
-class ALPNRefused(SSL.Error):
-    """The client offered ALPN protocols, none of them ours (cross-protocol attack or a
-    misdirected client). An `SSL.Error`, so the handshake fails like any other."""
-
-    def __init__(self, message: str) -> None:
-        # Shaped like OpenSSL's error queue, [(library, function, reason)], as Twisted's
-        # TLS layer reads every SSL.Error: a bare string made it crash instead of
-        # sending the client its no_application_protocol alert.
-        super().__init__([("SSL routines", "", message)])
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def _alpn_selector(protocol: bytes) -> Any:
@@ -330,7 +296,7 @@ class ServerTLS:
                 raise TLSSetupError(f"{certificate.where}: the certificate names no DNS name; set names = [...]")
         client_cas: list[x509.Certificate] = []
         if config.client_ca is not None:
-            pem = _read(config.client_ca, "CA file", "tls.client_ca")
+            pem = read_pem_file(config.client_ca, "CA file", "tls.client_ca")
             try:
                 client_cas = x509.load_pem_x509_certificates(pem)
             except ValueError:
@@ -370,7 +336,7 @@ class ServerTLS:
             context.set_options(_SERVER_OPTIONS)
             context.set_cipher_list((config.ciphers or _default_ciphers(config.min_version)).encode("ascii"))
         except SSL.Error as e:
-            raise TLSSetupError(f"tls.ciphers: OpenSSL refuses {config.ciphers!r}: {_ssl_reason(e)}") from None
+            raise TLSSetupError(f"tls.ciphers: OpenSSL refuses {config.ciphers!r}: {ssl_reason(e)}") from None
         context.use_certificate(certificate.leaf)
         for intermediate in certificate.chain[1:]:
             context.add_extra_chain_cert(intermediate)
@@ -400,146 +366,3 @@ class ServerTLS:
 
 def _default_ciphers(min_version: str) -> str:
     return MODERN_CIPHERS if MIN_VERSIONS[min_version] >= SSL.TLS1_2_VERSION else LEGACY_CIPHERS
-
-
-def _ssl_reason(error: SSL.Error) -> str:
-    """The last OpenSSL reason string of an SSL.Error ("certificate verify failed")."""
-    details = error.args[0] if error.args else None
-    if isinstance(details, list) and details and isinstance(details[-1], tuple):
-        return str(details[-1][-1])
-    return str(error) or type(error).__name__
-
-
-def describe_tls_error(error: BaseException | None) -> str:
-    """A short reason for a failed handshake, in an administrator's words."""
-    from service_identity import VerificationError
-
-    if isinstance(error, VerificationError):
-        names = []
-        for mismatch in error.errors:
-            wanted = getattr(mismatch, "mismatched_id", None)
-            value = getattr(wanted, "hostname", None) or getattr(wanted, "ip", None)
-            names.append(value.decode("ascii", "replace") if isinstance(value, bytes) else str(value))
-        return f"TLS: the upstream certificate is not valid for {', '.join(names) or 'the expected name'}"
-    if isinstance(error, ALPNRefused):
-        return f"TLS: {error}"
-    if isinstance(error, SSL.Error):
-        return f"TLS: {_ssl_reason(error)}"
-    return f"{type(error).__name__}: {error}"
-
-
-def tls_facts(transport: Any) -> TLSFacts:
-    """What a finished server-side handshake on `transport` established."""
-    connection: SSL.Connection = transport.getHandle()
-    name = connection.get_servername()
-    peer = connection.get_peer_certificate(as_cryptography=True)
-    return TLSFacts(
-        sni=name.decode("ascii", "replace").lower().rstrip(".") if name else None,
-        version=connection.get_protocol_version_name(),
-        cipher=connection.get_cipher_name(),
-        client_cert=client_certificate_of(peer) if peer is not None else None,
-    )
-
-
-@attrs.frozen
-class TLSFacts:
-    sni: str | None
-    version: str
-    cipher: str | None
-    client_cert: ClientCertificate | None
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class _UnverifiedClientTLS:
-    """Upstream TLS without certificate checks (`tls_verify = false`), still sending SNI."""
-
-    def __init__(self, options: CertificateOptions, server_name: str) -> None:
-        self.options = options
-        self.send_name = not (isIPAddress(server_name) or isIPv6Address(server_name))
-        self.server_name = server_name.encode("idna") if self.send_name else b""
-
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        connection = self.options.clientConnectionForTLS(tlsProtocol)
-        if self.send_name:
-            connection.set_tlsext_host_name(self.server_name)
-        return connection
-
-
-@implementer(IReloadable)
-class ClientTLS:
-    """
-    Connection creators for TLS to servers mailrelay connects to (upstreams, an https
-    auth service). Verified against `ca` (a PEM file) or, when None, the system trust
-    store (OpenSSL's default paths, so `SSL_CERT_FILE` and `SSL_CERT_DIR` apply); a
-    Route may name its own CA file in `tls_ca`. `where` names `ca` in messages.
-    """
-
-    log = Logger()
-    cache_size = 1024
-
-    def __init__(self, ca: str | None = None, min_version: str = "1.2", where: str = "upstream.ca") -> None:
-        """Raise TLSSetupError when `ca` is unusable (a configuration error)."""
-        self.ca = ca
-        self.where = where
-        self.min_version = TLSVersion.TLSv1_3 if min_version == "1.3" else TLSVersion.TLSv1_2
-        self._trust: dict[str | None, Any] = {ca: load_trust_root(ca, where)}
-        self._creators: dict[tuple[str, str | None, bool], IOpenSSLClientConnectionCreator] = {}
-        self._warned: set[tuple[str, str]] = set()
-
-    def reload(self) -> None:
-        """Read `ca` (or the system store) again; keep the old one when it is now broken.
-        A Route's own CA files are read again at their next use."""
-        try:
-            trust = load_trust_root(self.ca, self.where)
-        except TLSSetupError as e:
-            self.log.error("TLS trust not reloaded, keeping the previous one: {why}", why=str(e))
-            return
-        self._trust = {self.ca: trust}
-        self._creators.clear()
-
-    def creator(self, route: Route) -> IOpenSSLClientConnectionCreator:
-        """How to speak TLS to `route`; raise TLSSetupError if its CA file is unusable."""
-        server_name = route.server_name or route.host
-        if not route.tls_verify and (route.address, server_name) not in self._warned:
-            self._warned.add((route.address, server_name))
-            self.log.warn(
-                "upstream {upstream}: TLS certificate NOT verified (tls_verify = false); anyone between mailrelay"
-                " and it can read and change the sessions",
-                upstream=route.address,
-            )
-        return self.creator_for(server_name, route.tls_ca, route.tls_verify)
-
-    def creator_for(self, server_name: str, ca: str | None = None, verify: bool = True) -> IOpenSSLClientConnectionCreator:
-        """For a server that must prove it is `server_name` (sent as SNI too), against
-        `ca` or this object's own trust. Cached: a context loads a whole trust store."""
-        ca = ca or self.ca
-        key = (server_name, ca, verify)
-        creator = self._creators.get(key)
-        if creator is None:
-            if len(self._creators) >= self.cache_size:
-                self._creators.clear()
-            if verify:
-                if ca not in self._trust:
-                    self._trust[ca] = load_trust_root(ca, "route tls_ca")
-                creator = optionsForClientTLS(
-                    server_name, trustRoot=self._trust[ca], extraCertificateOptions={"raiseMinimumTo": self.min_version}
-                )
-            else:
-                creator = _UnverifiedClientTLS(CertificateOptions(verify=False, raiseMinimumTo=self.min_version), server_name)
-            self._creators[key] = creator
-        return creator
-
-
-def load_trust_root(ca: str | None, where: str) -> Any:
-    """The CAs in the PEM file `ca`, or the system's trust store when None."""
-    if ca is None:
-        return platformTrust()
-    return trustRootFromCertificates([Certificate(c) for c in _load_cas(ca, where)])
-
-
-def _load_cas(path: str, where: str) -> list[Any]:
-    pem = _read(path, "CA file", where)
-    try:
-        return [crypto.X509.from_cryptography(c) for c in x509.load_pem_x509_certificates(pem)]
-    except ValueError:
-        raise TLSSetupError(f"{where}: {path} holds no PEM certificate") from None

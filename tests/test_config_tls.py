@@ -20,7 +20,7 @@ from twisted.internet.testing import MemoryReactor
 
 from mailrelay.config import ConfigError, load_config
 from mailrelay.service import MailrelayService
-from tests.test_config import run_check
+from tests.support.processes import run_check
 
 ROUTER = '[router]\ntype = "static"\nhost = "127.0.0.1"\nport = 25\n\n'
 

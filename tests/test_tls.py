@@ -7,6 +7,7 @@ threads), mailrelay in the reactor, certificates from `trustme`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import select
@@ -31,9 +32,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from mailrelay import ConfigError, Route, Router, RouteRequest, makeService
-from mailrelay.tls import ALPNRefused, CertificateFiles, ServerTLS, ServerTLSConfig, describe_tls_error
-from tests.pki import PKI, Issued, common_name, dns_names
-from tests.support import WAIT, ProxyTestCase, connect, echo, payload, recv_all, sha
+from mailrelay.tls import CertificateFiles, ServerTLS, ServerTLSConfig
+from mailrelay.tls_facts import ALPNRefused, describe_tls_error
+from tests.support.net import WAIT, ProxyTestCase, connect, echo, payload, recv_all, sha, tcp_port
+from tests.support.pki import PKI, Issued, common_name, dns_names
 
 MiB = 1 << 20
 LISTEN = "tcp:0:interface=127.0.0.1"
@@ -223,6 +225,11 @@ def tls_server(issued: Issued, then: Callable[[ssl.SSLSocket], Any]) -> Callable
             return then(tls)
 
     return handle
+
+
+def named_echo(name: str, tls: ssl.SSLSocket) -> tuple[str, int]:
+    """`echo`, and the name of the server that did it."""
+    return name, echo(tls)
 
 
 def swap(send: bytes, expect: int) -> Callable[[socket.socket], tuple[str, int]]:
@@ -643,8 +650,13 @@ class PrereadTests(TLSTestCase):
         servers = {}
         for name in ["a.test", "b.test"]:
             issued = self.pki.issue(name, name)
-            servers[name] = self.server(tls_server(issued, lambda tls, name=name: (name, echo(tls))))
-        router = RecordingRouter(lambda request: Route(host="127.0.0.1", port=servers[request.sni].port))
+            servers[name] = self.server(tls_server(issued, functools.partial(named_echo, name)))
+
+        def by_name(request: RouteRequest) -> Route:
+            assert request.sni is not None
+            return Route(host="127.0.0.1", port=servers[request.sni].port)
+
+        router = RecordingRouter(by_name)
         _, port = await self.start_proxy(splice_listener(preread_sni=True), router=router)
         checking = client_context(self.pki.ca_file)
         data = payload(256 * 1024)
@@ -836,6 +848,7 @@ class _Echo(Protocol):
         self.lost = lost
 
     def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
         self.transport.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -848,9 +861,10 @@ class ALPNTests(TLSTestCase):
         server_tls = ServerTLS(ServerTLSConfig(default=CertificateFiles(cert=default.cert, key=default.key)))
         lost: list[Failure] = []
         factory = TLSMemoryBIOFactory(server_tls.creator("imap"), False, Factory.forProtocol(lambda: _Echo(lost)))
-        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        # Twisted annotates the factory as a ServerFactory; any IProtocolFactory does.
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[arg-type]
         self.addCleanup(listening.stopListening)
-        port = listening.getHost().port
+        port = tcp_port(listening)
 
         def offer(protocols: list[str] | None) -> tuple[str | None, bytes]:
             context = client_context(self.pki.ca_file)

@@ -30,9 +30,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from mailrelay.tls import MODERN_CIPHERS
-from tests.frontends import Router
-from tests.pki import PKI
-from tests.support import ProxyTestCase, closed_port
+from tests.support.frontends import Router
+from tests.support.net import ProxyTestCase, closed_port
+from tests.support.pki import PKI
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,388 @@
+"""
+Measuring: rounds of a measurement over every target, what each party's CPU did in the
+measured parts (`Window`), and the bulk, serial and concurrent sessions measurements
+the benchmarks share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from common.clients import bulk_down, bulk_up, session_script
+from common.processes import Children, cpu_of_group, die_with_parent, machine_busy, own_cpu
+from common.report import print_cpu_table, print_grid, print_table
+from common.targets import Target
+from common.wire import IO_TIMEOUT, MB
+
+
+class Window:
+    """
+    The measured parts of one measurement (one per round): wall time and the CPU each
+    party used in them. Warm-ups and start-up waits happen before `begin()`, so they
+    count for nothing.
+    """
+
+    def __init__(self, upstream_pgid: int, proxy_pgid: int | None, upstream_reaped: bool = False) -> None:
+        self.upstream_pgid = upstream_pgid
+        self.proxy_pgid = proxy_pgid
+        self.upstream_reaped = upstream_reaped  # count the upstream's exited children (see cpu_of_group)
+        self.client_cpu: float | None = None  # set by measurements whose clients are other processes
+        self.totals = {"wall": 0.0, "client": 0.0, "upstream": 0.0, "proxy": 0.0, "machine": 0.0}
+
+    def _proxy(self) -> float:
+        return cpu_of_group(self.proxy_pgid) if self.proxy_pgid else 0.0
+
+    def begin(self) -> None:
+        self.client_cpu = None
+        self._t0 = time.perf_counter()
+        self._me0 = own_cpu()
+        self._up0 = cpu_of_group(self.upstream_pgid, self.upstream_reaped)
+        self._px0 = self._proxy()
+        self._all0 = machine_busy()
+
+    def end(self) -> None:
+        self.totals["wall"] += time.perf_counter() - self._t0
+        self.totals["client"] += self.client_cpu if self.client_cpu is not None else own_cpu() - self._me0
+        self.totals["upstream"] += cpu_of_group(self.upstream_pgid, self.upstream_reaped) - self._up0
+        self.totals["proxy"] += self._proxy() - self._px0
+        self.totals["machine"] += machine_busy() - self._all0
+
+    @property
+    def cpu(self) -> dict[str, float]:
+        """% of one core used by each party over all measured parts."""
+        wall = self.totals["wall"] or 1.0
+        return {k: 100 * v / wall for k, v in self.totals.items() if k != "wall"}
+
+
+class Measurements:
+    """
+    The values of one run, keyed by (measurement key, target name), with a Window per
+    pair; `rounds()` runs a measurement over the targets, `store()` keeps its result.
+    """
+
+    def __init__(
+        self, targets: list[Target], upstream_pgid: int, started: float, failures: list[str], upstream_reaped: bool = False
+    ) -> None:
+        self.targets = targets
+        self.upstream_pgid = upstream_pgid
+        self.upstream_reaped = upstream_reaped
+        self.started = started
+        self.failures = failures
+        self.values: dict[tuple[str, str], Any] = {}
+        self.windows: dict[tuple[str, str], Window] = {}
+        self.rows: list[tuple[str, str]] = []
+
+    def progress(self, text: str) -> None:
+        print(f"  [{time.monotonic() - self.started:5.1f}s] {text}", file=sys.stderr, flush=True)
+
+    def rounds(
+        self,
+        key: str,
+        label: str,
+        count: int,
+        body: Callable[[Window, Target], Any],
+        only: Callable[[Target], bool] | None = None,
+    ) -> dict[str, list[Any]]:
+        """
+        `count` passes over every target (those `only` accepts), so that a drift of the
+        machine's speed (it is a shared 2-core VM) affects every column alike. A target
+        that fails once is out of this measurement.
+        """
+        targets = [t for t in self.targets if only is None or only(t)]
+        results: dict[str, list[Any]] = {t.name: [] for t in targets}
+        for n in range(count):
+            for t in targets:
+                if (key, t.name) in self.values:  # failed earlier
+                    continue
+                self.progress(f"{label} via {t.name} ({n + 1}/{count})")
+                win = self.windows.setdefault((key, t.name), Window(self.upstream_pgid, t.pgid, self.upstream_reaped))
+                try:
+                    results[t.name].append(body(win, t))
+                except (OSError, RuntimeError, ValueError) as e:
+                    self.failures.append(f"{label} via {t.name}: {e!r}")
+                    self.values[(key, t.name)] = "ERR"
+                    results[t.name] = []
+        return results
+
+    def store(self, key: str, results: dict[str, list[Any]], reduce: Callable[[list[Any]], dict[str, Any]]) -> None:
+        for name, items in results.items():
+            if items:
+                self.values.update({(k, name): v for k, v in reduce(items).items()})
+            else:
+                for k in (key, f"{key}_med", f"{key}_p99"):
+                    self.values.setdefault((k, name), "ERR")
+
+    def cpu(self) -> dict[tuple[str, str], dict[str, float]]:
+        return {key: win.cpu for key, win in self.windows.items() if win.totals["wall"] > 0}
+
+    def check_alive(self) -> None:
+        for t in self.targets:
+            if t.proc is not None and t.proc.poll() is not None:
+                self.failures.append(f"{t.name} exited during the run with status {t.proc.returncode}")
+
+    def print_results(self, lower_is_better: str) -> None:
+        """The table of the measurements (a row each: per target its value and the ratio to direct)."""
+        self.check_alive()
+        print()
+        print_table(self.rows, [t.name for t in self.targets], self.values)
+        print(f"ratio = value / direct: for MB/s and sessions/s higher is better, for {lower_is_better} lower is better.")
+
+    def print_cpu(self, machine: bool = False) -> None:
+        print()
+        print_cpu_table(self.rows, [t.name for t in self.targets], self.cpu(), machine)
+
+    def bulk(self, args: argparse.Namespace) -> None:
+        """MB/s each way: median of `args.repeat` transfers of `args.bulk_mib` MiB, for the targets with a bulk port."""
+        size = args.bulk_mib << 20
+        for direction, label in (("up", "bulk client->upstream, MB/s"), ("down", "bulk upstream->client, MB/s")):
+            self.rows.append((direction, label))
+            results = self.rounds(
+                direction,
+                f"bulk {direction}",
+                args.repeat,
+                lambda w, t: measure_bulk(w, t, direction, size),
+                only=lambda t: t.bulk_port > 0,
+            )
+            self.store(direction, results, functools.partial(_median_of, direction))
+
+    def sessions(self, args: argparse.Namespace, children: Children, what: str = "sessions", times: bool = False) -> None:
+        """
+        Sessions/s with one client, then with `args.clients` concurrent ones (median of the
+        rounds); with `times`, also the p50 and p99 of every session's duration (ms), pooled.
+        """
+        concurrent = f"{args.clients} concurrent"
+        variants: tuple[tuple[str, str, str, Callable[[Window, Target], SessionsResult]], ...] = (
+            (
+                "serial",
+                "1 client",
+                f"{what} one at a time",
+                lambda w, t: measure_sessions_serial(w, t, args.pieces, args.duration),
+            ),
+            (
+                "concurrent",
+                concurrent,
+                f"{what}, {concurrent}",
+                lambda w, t: measure_sessions_concurrent(
+                    w, children, t, args.pieces, args.duration, args.clients, args.client_procs
+                ),
+            ),
+        )
+        for key, label, progress, measure in variants:
+            self.rows.append((key, f"sessions/s, {label}"))
+            if times:
+                self.rows += [(f"{key}_med", f"session p50 ms, {label}"), (f"{key}_p99", f"session p99 ms, {label}")]
+            results = self.rounds(key, progress, args.rounds, measure)
+            self.store(key, results, functools.partial(_sessions_values, key, times=times))
+
+    def print_session_errors(self) -> None:
+        errors = [
+            f"{t.name}: {self.values[('concurrent_errors', t.name)]} failed sessions "
+            f"({self.values.get(('concurrent_first_error', t.name))})"
+            for t in self.targets
+            if self.values.get(("concurrent_errors", t.name))
+        ]
+        if errors:
+            print("session errors in the concurrent test: " + "; ".join(errors))
+
+    def print_session_counts(self) -> None:
+        """How many sessions each target's times were taken from, serial and concurrent."""
+        values = self.values
+        counts = "; ".join(
+            f"{key}: "
+            + ", ".join(f"{t.name} {values[(f'{key}_n', t.name)]}" for t in self.targets if (f"{key}_n", t.name) in values)
+            for key in ("serial", "concurrent")
+        )
+        print(f"sessions timed: {counts}")
+
+    def print_cpu_per_session(self, clients: int) -> None:
+        """CPU seconds of each party over the measured parts of the sessions tests (`clients`
+        concurrent), divided by the sessions in them (in ms)."""
+        print("CPU per session, ms: client / upstream / proxy")
+        names = [t.name for t in self.targets]
+        table = [["sessions", *names]]
+        for key, label in (("serial", "1 client"), ("concurrent", f"{clients} concurrent")):
+            line = [label]
+            for name in names:
+                win, count = self.windows.get((key, name)), self.values.get((f"{key}_n", name))
+                if win is None or not isinstance(count, int) or not count:
+                    line.append("-")
+                    continue
+                line.append(" / ".join(f"{1000 * win.totals[party] / count:.2f}" for party in ("client", "upstream", "proxy")))
+            table.append(line)
+        print_grid(table)
+
+    def finish(self) -> int:
+        """The end of the report (`finish`); the exit status."""
+        return finish(self.started, self.failures)
+
+
+def finish(started: float, failures: list[str]) -> int:
+    """The end of a report: what failed (each once), the time it all took; the exit status."""
+    if failures:
+        print("\nFAILED measurements:")
+        for f in dict.fromkeys(failures):
+            print(f"  {f}")
+    print(f"\ntotal time {time.monotonic() - started:.1f}s")
+    return 1 if failures else 0
+
+
+def _median_of(key: str, results: list[float]) -> dict[str, float]:
+    return {key: statistics.median(results)}
+
+
+class SessionsResult(NamedTuple):
+    rate: float
+    """Sessions per second."""
+    sessions: int
+    errors: int
+    first_error: str | None
+    samples: list[int]
+    """Nanoseconds of each session."""
+
+
+def _sessions_values(key: str, results: list[SessionsResult], times: bool) -> dict[str, Any]:
+    values = {
+        key: statistics.median(r.rate for r in results),
+        f"{key}_errors": sum(r.errors for r in results),
+        f"{key}_first_error": next((r.first_error for r in results if r.first_error), None),
+    }
+    if times:
+        ordered = sorted(s for r in results for s in r.samples)
+        values[f"{key}_med"] = percentile(ordered, 0.5) / 1e6
+        values[f"{key}_p99"] = percentile(ordered, 0.99) / 1e6
+        values[f"{key}_n"] = len(ordered)
+    return values
+
+
+def measure_bulk(win: Window, target: Target, direction: str, size: int) -> float:
+    """MB/s of one transfer of `size` bytes (after a small warm-up transfer)."""
+    transfer = bulk_up if direction == "up" else bulk_down
+    transfer(target.bulk_port, min(size, 16 << 20), target.dial)
+    win.begin()
+    seconds = transfer(target.bulk_port, size, target.dial)
+    win.end()
+    return size / seconds / MB
+
+
+def measure_sessions_serial(win: Window, target: Target, pieces: int, duration: float) -> SessionsResult:
+    """One client, one session after the other, for `duration` seconds."""
+    commands, quit_parts = session_script(pieces)
+    for _ in range(20):
+        target.session(commands, quit_parts)
+    count = 0
+    samples: list[int] = []
+    win.begin()
+    start = time.perf_counter()
+    end = start + duration
+    now = start
+    while now < end:
+        t0 = time.perf_counter_ns()
+        target.session(commands, quit_parts)
+        samples.append(time.perf_counter_ns() - t0)
+        count += 1
+        now = time.perf_counter()
+    win.end()
+    return SessionsResult(count / (now - start), count, 0, None, samples)
+
+
+def _session_thread(target: Target, pieces: int, start_at: float, end_at: float, out: list[Any]) -> None:
+    commands, quit_parts = session_script(pieces)
+    count = errors = 0
+    first_error = None
+    samples: list[int] = []
+    delay = start_at - time.time()
+    if delay > 0:
+        time.sleep(delay)
+    last = time.time()
+    while last < end_at:
+        t0 = time.perf_counter_ns()
+        try:
+            target.session(commands, quit_parts)
+            samples.append(time.perf_counter_ns() - t0)
+            count += 1
+        except OSError as e:
+            errors += 1
+            first_error = first_error or repr(e)
+        last = time.time()
+    out.append((count, errors, last, first_error, samples))
+
+
+def _session_process(target: Target, pieces: int, threads: int, start_at: float, end_at: float, conn: Any) -> None:
+    """One client process of the concurrent test: `threads` clients, each one session at a time."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent's handlers are not for us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    out: list[Any] = []
+    workers = [
+        threading.Thread(target=_session_thread, args=(target, pieces, start_at, end_at, out), daemon=True)
+        for _ in range(threads)
+    ]
+    for w in workers:
+        w.start()
+    delay = start_at - time.time()
+    if delay > 0:
+        time.sleep(delay)
+    cpu0 = own_cpu()
+    for w in workers:
+        w.join()
+    conn.send((out, own_cpu() - cpu0))
+    conn.close()
+
+
+def measure_sessions_concurrent(
+    win: Window, children: Children, target: Target, pieces: int, duration: float, clients: int, procs: int
+) -> SessionsResult:
+    """`clients` clients at once, threads in `procs` forked processes, each one session after the other."""
+    commands, quit_parts = session_script(pieces)
+    for _ in range(20):
+        target.session(commands, quit_parts)
+    ctx = multiprocessing.get_context("fork")
+    procs = max(1, min(procs, clients))
+    per_proc = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    start_at = time.time() + 0.3
+    end_at = start_at + duration
+    pipes = []
+    workers = []
+    for threads in per_proc:
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        worker = ctx.Process(target=_session_process, args=(target, pieces, threads, start_at, end_at, child_end), daemon=True)
+        worker.start()
+        children.workers.append(worker)
+        child_end.close()
+        pipes.append(parent_end)
+        workers.append(worker)
+    delay = start_at - time.time()
+    if delay > 0:
+        time.sleep(delay)
+    win.begin()
+    results = []
+    for pipe in pipes:
+        if not pipe.poll(duration + IO_TIMEOUT + 10):
+            raise RuntimeError("a client process did not report")
+        results.append(pipe.recv())
+    win.client_cpu = sum(cpu for _, cpu in results)
+    win.end()
+    for worker in workers:
+        worker.join(5)
+        children.workers.remove(worker)
+    threads_out = [item for out, _ in results for item in out]
+    count = sum(item[0] for item in threads_out)
+    errors = sum(item[1] for item in threads_out)
+    first_error = next((item[3] for item in threads_out if item[3]), None)
+    last = max(item[2] for item in threads_out)
+    samples = [s for item in threads_out for s in item[4]]
+    return SessionsResult(count / (last - start_at), count, errors, first_error, samples)
+
+
+def percentile(sorted_samples: list[int], q: float) -> float:
+    return float(sorted_samples[min(len(sorted_samples) - 1, int(round(q * (len(sorted_samples) - 1))))])
