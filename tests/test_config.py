@@ -8,7 +8,6 @@ reports them all in one run; nothing listens unless the whole configuration is v
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -23,7 +22,8 @@ from twisted.internet.testing import MemoryReactor
 from mailrelay.config import Config, ConfigError, ListenerConfig, load_config, parse_config
 from mailrelay.router import Route, RouteRequest
 from mailrelay.service import MailrelayService, makeService
-from tests.support import closed_port
+from tests.support.net import closed_port
+from tests.support.processes import run_check
 
 WAIT = 60.0  # hang guard for a subprocess, never a timing assertion
 
@@ -111,20 +111,6 @@ def build_errors(config: Config) -> list[str]:
     with pytest.raises(ConfigError) as caught:
         MailrelayService(config, reactor=MemoryReactor())
     return caught.value.errors
-
-
-def run_check(tmp_path: Path, name: str = "mailrelay.toml") -> subprocess.CompletedProcess[str]:
-    """`python -m mailrelay check NAME`, run in tmp_path (relative file name)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(tmp_path)
-    return subprocess.run(
-        [sys.executable, "-m", "mailrelay", "check", name],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-    )
 
 
 def check_fails_with(tmp_path: Path, lines: list[str], name: str = "mailrelay.toml") -> str:

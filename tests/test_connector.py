@@ -14,9 +14,10 @@ from twisted.internet.defer import CancelledError, Deferred
 
 from mailrelay.connector import UpstreamConnector, UpstreamProtocol, UpstreamUnavailable
 from mailrelay.router import Reject, Route
-from mailrelay.tls import ClientTLS, self_signed_certificate
-from tests.pki import PKI
-from tests.support import ProxyTestCase, closed_port, recv_all
+from mailrelay.tls import self_signed_certificate
+from mailrelay.tls_client import ClientTLS
+from tests.support.net import ProxyTestCase, closed_port, recv_all
+from tests.support.pki import PKI
 
 
 def greeter(conn: socket.socket) -> bytes:

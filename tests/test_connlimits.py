@@ -19,16 +19,17 @@ import smtplib
 import socket
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
-from twisted.logger import Logger, formatEvent
+from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from mailrelay.__main__ import check
 from mailrelay.config import ConfigError, ListenerConfig, load_config, parse_config
@@ -40,11 +41,11 @@ from mailrelay.protocols.pop3 import POP3FrontEnd
 from mailrelay.protocols.smtp import SMTPFrontEnd
 from mailrelay.session import Sessions
 from mailrelay.tls import ServerTLS, ServerTLSConfig
-from tests.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check, plain_ir
-from tests.imap_support import ScriptedIMAP, read_tagged
-from tests.pop3_support import ScriptedPOP3, logged_in_reply
-from tests.smtp_support import ScriptedSMTP
-from tests.support import WAIT, ThreadedServer, echo, read_line, recv_all
+from tests.support.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check, plain_ir
+from tests.support.imap import ScriptedIMAP, read_tagged
+from tests.support.net import WAIT, ThreadedServer, echo, read_line, recv_all, tcp_port
+from tests.support.pop3 import ScriptedPOP3, logged_in_reply
+from tests.support.smtp import ScriptedSMTP
 
 SMTP_BUSY = b"421 4.7.0 relay.test Error: too many connections, try again later\r\n"
 IMAP_BUSY = b"* BYE Too many connections, try again later\r\n"
@@ -55,6 +56,7 @@ def ip_network(text: str) -> Any:
     return ipaddress.ip_network(text)
 
 
+@implementer(ILogObserver)
 class Events:
     """A log observer for one limiter: the formatted lines."""
 
@@ -71,7 +73,7 @@ class Events:
 def limiter(**limits: Any) -> tuple[ConnectionLimiter, Clock, Events]:
     clock, events = Clock(), Events()
     made = ConnectionLimiter(ConnectionLimits(**limits), "smtp", clock)
-    made.log = Logger(observer=events)  # type: ignore[misc]
+    made.log = Logger(observer=events)
     return made, clock, events
 
 
@@ -322,7 +324,7 @@ def test_a_connection_turned_away_hears_the_busy_reply_and_opens_no_session_and_
 def test_a_max_sessions_the_descriptor_limit_cannot_carry_is_warned_about(monkeypatch: pytest.MonkeyPatch) -> None:
     factory, _, _ = factory_for("splice", "none", max_sessions=600)
     events = Events()
-    factory.log = Logger(observer=events)  # type: ignore[misc]
+    factory.log = Logger(observer=events)
     monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 4096))
     factory.doStart()
     factory.doStop()
@@ -648,7 +650,13 @@ class TLSKind(POP3Kind):
                 return b"handshake succeeded: " + read_line(conn)
 
 
-class LimitsTests:
+if TYPE_CHECKING:
+    _LimitsBase = FrontEndTestCase
+else:
+    _LimitsBase = object  # a mixin: collected only through its FrontEndTestCase subclasses
+
+
+class LimitsTests(_LimitsBase):
     """The three limits, end to end, on one kind of listener (a FrontEndTestCase
     subclass per kind)."""
 
@@ -759,7 +767,9 @@ class ExemptAndIPv6Tests(FrontEndTestCase):
         exempt["connection_limits"] = {"max_per_client": 1, "max_rate_per_client": 1, "exempt": ["127.0.0.0/8"]}
         config["listener"].append(exempt)
         service, limited_port = await self.start_proxy(config, router=Router(answer=password_check(upstream.port)))
-        exempt_port = (await service.listeners["exempt"].port).getHost().port  # type: ignore[misc]
+        exempting = service.listeners["exempt"].port
+        assert exempting is not None
+        exempt_port = tcp_port(await exempting)
         kind = POP3Kind(self)
         for _ in range(3):
             await self.in_thread(kind.hold, exempt_port, "127.0.0.2")

@@ -24,11 +24,11 @@ from mailrelay.config import ConfigError, parse_config
 from mailrelay.protocols.smtp_relay import SMTPRelay
 from mailrelay.router import Route
 from mailrelay.service import MailrelayService
-from tests.frontends import PASSWORD, USER, FrontEndTestCase, Router, plain_ir
-from tests.imap_support import ScriptedIMAP, read_tagged
-from tests.pop3_support import ScriptedPOP3, logged_in_reply
-from tests.smtp_support import ScriptedSMTP, raw_reply
-from tests.support import WAIT, ThreadedServer, read_line, recv_all, reset
+from tests.support.frontends import PASSWORD, USER, FrontEndTestCase, Router, plain_ir
+from tests.support.imap import ScriptedIMAP, read_tagged
+from tests.support.net import WAIT, ThreadedServer, read_line, recv_all, reset
+from tests.support.pop3 import ScriptedPOP3, logged_in_reply
+from tests.support.smtp import ScriptedSMTP, raw_reply
 
 TIMEOUT = 0.5
 """The `login_timeout` of these tests."""

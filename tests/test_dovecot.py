@@ -1,6 +1,6 @@
 """
 The IMAP and POP3 front-ends in front of a real Dovecot (Debian's packages, started
-privately by `tests.mailservers.Dovecot`): what the client reads, byte for byte, what
+privately by `tests.support.dovecot.Dovecot`): what the client reads, byte for byte, what
 Dovecot believes about the client, and logins it refuses. Clients are imaplib, poplib
 and curl; they connect from 127.0.0.2, so that Dovecot, which sees mailrelay at
 127.0.0.1, can only learn the client's address from what mailrelay forwards.
@@ -25,10 +25,11 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.frontends import FrontEndTestCase, Router
-from tests.mailservers import Dovecot
-from tests.support import WAIT, payload, read_line
-from tests.test_deploy import LISTENING, TWISTD, assert_clean_stop, spawn  # noqa: F401  (spawn: a fixture)
+from tests.support.dovecot import Dovecot
+from tests.support.frontends import FrontEndTestCase, Router
+from tests.support.imap import fetch_message
+from tests.support.net import WAIT, payload, read_line
+from tests.support.processes import LISTENING, TWISTD, assert_clean_stop
 
 CLIENT_ADDRESS = "127.0.0.2"
 
@@ -88,9 +89,17 @@ class POP3From(poplib.POP3):
 
 
 class POP3SFrom(poplib.POP3_SSL):
+    context: ssl.SSLContext  # set by POP3_SSL.__init__; not in its stub
+
     def _create_socket(self, timeout: Any) -> Any:
         sock = socket.create_connection((self.host, self.port), timeout, source_address=(CLIENT_ADDRESS, 0))
         return self.context.wrap_socket(sock, server_hostname="relay.test")
+
+
+def pop3_command(pop: poplib.POP3, line: bytes) -> bytes:
+    """A command poplib has no method for (AUTH), and its one-line reply without CRLF."""
+    pop.sock.sendall(line + b"\r\n")
+    return pop.file.readline().rstrip(b"\r\n")
 
 
 class DovecotTestCase(FrontEndTestCase):
@@ -167,7 +176,7 @@ class IMAPTests(DovecotTestCase):
             with self.imap(port, "tls") as imap:
                 status = imap.authenticate("PLAIN", lambda _: f"\0{user}\0{PASSWORD}".encode())
                 imap.select("INBOX", readonly=True)
-                return status, imap.fetch("1", "(BODY.PEEK[])")[1][0][1]
+                return status, fetch_message(imap, 1)
 
         (status, _), fetched = await self.in_thread(client)
         self.assertEqual((status, fetched), ("OK", MESSAGE))
@@ -211,7 +220,7 @@ class IMAPTests(DovecotTestCase):
                 imap.login(user, PASSWORD)
                 appended = imap.append("INBOX", None, None, message)
                 imap.select("INBOX")
-                return appended, imap.fetch("1", "(BODY.PEEK[])")[1][0][1]
+                return appended, fetch_message(imap, 1)
 
         (status, _), fetched = await self.in_thread(client)
         self.assertEqual(status, "OK")
@@ -279,7 +288,7 @@ class IMAPTests(DovecotTestCase):
             with self.imap(port) as imap:
                 imap.login(user, PASSWORD)
                 imap.select("INBOX", readonly=True)
-                return imap.fetch("1", "(BODY.PEEK[])")[1][0][1]
+                return fetch_message(imap, 1)
 
         self.assertEqual(await self.in_thread(client), MESSAGE)
         lines = await self.in_thread(self.dovecot.wait_for_log, f"user=<{user}>")
@@ -296,7 +305,7 @@ class IMAPTests(DovecotTestCase):
             with self.imap(port, "tls") as imap:
                 imap.login(user, PASSWORD)
                 imap.select("INBOX", readonly=True)
-                return imap.fetch("1", "(BODY.PEEK[])")[1][0][1]
+                return fetch_message(imap, 1)
 
         self.assertEqual(await self.in_thread(client), MESSAGE)
 
@@ -451,7 +460,7 @@ class POP3Tests(DovecotTestCase):
             pop = self.pop3(port, "tls")
             try:
                 response = base64.b64encode(f"\0{user}\0{PASSWORD}".encode())
-                authenticated = pop._shortcmd("AUTH PLAIN " + response.decode())
+                authenticated = pop3_command(pop, b"AUTH PLAIN " + response)
                 return authenticated, pop.retr(1)[1]
             finally:
                 pop.quit()
@@ -547,7 +556,7 @@ def test_twistd_imap_and_pop3_with_a_route_map_in_front_of_dovecot(tmp_path: Any
             imap.login(user, "not the password")
         imap.login(user, password)
         imap.select("INBOX", readonly=True)
-        assert imap.fetch("1", "(BODY.PEEK[])")[1][0][1] == MESSAGE  # type: ignore[index]
+        assert fetch_message(imap, 1) == MESSAGE
         assert dovecot.wait_for_session(user, "imap").endswith(" " + CLIENT_ADDRESS)
         imap.logout()
 

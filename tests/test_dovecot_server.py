@@ -21,6 +21,7 @@ import trustme
 
 from tests.support import dovecot as dovecot_module
 from tests.support.dovecot import Dovecot, DovecotError
+from tests.support.imap import fetch_message
 from tests.support.mail import ALICE, BOB, CAROL, DAVE, ERIN, TIMEOUT, message_8bit
 from tests.support.pki import client_context
 from tests.support.servers import NOBODY, free_ports
@@ -64,15 +65,6 @@ def imap(port: int) -> imaplib.IMAP4:
 
 def pop3(port: int) -> poplib.POP3:
     return poplib.POP3("127.0.0.1", port, timeout=TIMEOUT)
-
-
-def fetch(client: imaplib.IMAP4, number: int) -> bytes:
-    """Message `number` of the selected mailbox, as BODY.PEEK[] gives it."""
-    typ, data = client.fetch(str(number), "(BODY.PEEK[])")
-    assert typ == "OK", data
-    item = data[0]
-    assert isinstance(item, tuple), data
-    return item[1]
 
 
 def retr(client: poplib.POP3, number: int) -> bytes:
@@ -124,11 +116,11 @@ def test_dovecot_imap_fetches_a_delivered_message_byte_for_byte(dovecot: Dovecot
         assert {"STARTTLS", "AUTH=PLAIN", "AUTH=LOGIN", "AUTH=CRAM-MD5"} <= set(client.capabilities)
         client.login(ALICE, PASSWORDS[ALICE])
         assert client.select("INBOX") == ("OK", [b"1"])
-        assert fetch(client, 1) == sent
+        assert fetch_message(client, 1) == sent
         # A maildir file with LF line ends comes out of IMAP with CRLF, as it must.
         dovecot.deliver(ALICE, message_8bit("imap lf").replace(b"\r\n", b"\n"))
         client.noop()
-        assert fetch(client, 2) == message_8bit("imap lf")
+        assert fetch_message(client, 2) == message_8bit("imap lf")
     [line] = login_lines(dovecot, ALICE)
     assert "rip=127.0.0.1, lip=127.0.0.1" in line
 
@@ -143,7 +135,7 @@ def test_dovecot_imaps_with_a_verified_certificate(dovecot: Dovecot, ca: trustme
         assert "STARTTLS" not in client.capabilities
         client.login(BOB, PASSWORDS[BOB])
         client.select("INBOX")
-        assert fetch(client, 1) == sent
+        assert fetch_message(client, 1) == sent
     [line] = login_lines(dovecot, BOB)
     assert ", TLS, " in line
 
@@ -157,12 +149,12 @@ def test_dovecot_imap_starttls_and_authenticate(dovecot: Dovecot, ca: trustme.CA
         typ, _ = client.authenticate("PLAIN", lambda challenge: f"\0{CAROL}\0{PASSWORDS[CAROL]}".encode())
         assert typ == "OK"
         client.select("INBOX")
-        assert fetch(client, 1) == sent
+        assert fetch_message(client, 1) == sent
     # CRAM-MD5 works too: the passwords are stored in plaintext.
     with imap(dovecot.imap_port) as client:
         assert client.login_cram_md5(CAROL, PASSWORDS[CAROL])[0] == "OK"
         client.select("INBOX")
-        assert fetch(client, 1) == sent
+        assert fetch_message(client, 1) == sent
     first, second = login_lines(dovecot, CAROL, 2)
     assert "method=PLAIN" in first and ", TLS, " in first
     assert "method=CRAM-MD5" in second and ", secured, " in second
@@ -200,6 +192,7 @@ def test_dovecot_pop3_stls_and_pop3s(dovecot: Dovecot, ca: trustme.CA) -> None:
     with contextlib.closing(
         poplib.POP3_SSL("127.0.0.1", dovecot.pop3s_port, context=client_context(ca), timeout=TIMEOUT)
     ) as client:
+        assert isinstance(client.sock, ssl.SSLSocket)
         assert client.sock.version() == "TLSv1.3"
         assert "STLS" not in client.capa()
         client.user(ERIN)
@@ -242,18 +235,18 @@ def test_dovecot_trusts_the_forwarded_client_address_from_a_trusted_network(dove
     [line] = login_lines(dovecot_trusted, ALICE)
     assert "rip=192.0.2.7, lip=127.0.0.1" in line
     # POP3: Dovecot's XCLIENT, which the greeting announces (CAPA does not list it).
-    client = LineClient(dovecot_trusted.pop3_port)
+    pop = LineClient(dovecot_trusted.pop3_port)
     try:
-        assert client.line() == b"+OK [XCLIENT] imap.upstream.test Dovecot ready."
-        assert client.command(b"CAPA") == b"+OK"
-        assert b"XCLIENT" not in client.until(b".")
-        assert client.command(b"XCLIENT ADDR=192.0.2.8 PORT=4243") == b"+OK Updated"
-        assert client.command(b"USER bob@example.test").startswith(b"+OK")
-        assert client.command(b"PASS bob-secret") == b"+OK Logged in."
+        assert pop.line() == b"+OK [XCLIENT] imap.upstream.test Dovecot ready."
+        assert pop.command(b"CAPA") == b"+OK"
+        assert b"XCLIENT" not in pop.until(b".")
+        assert pop.command(b"XCLIENT ADDR=192.0.2.8 PORT=4243") == b"+OK Updated"
+        assert pop.command(b"USER bob@example.test").startswith(b"+OK")
+        assert pop.command(b"PASS bob-secret") == b"+OK Logged in."
         assert dovecot_trusted.wait_for_session(BOB, "pop3").endswith(" 192.0.2.8")
-        assert client.command(b"QUIT").startswith(b"+OK")
+        assert pop.command(b"QUIT").startswith(b"+OK")
     finally:
-        client.close()
+        pop.close()
     [line] = login_lines(dovecot_trusted, BOB)
     assert line.split(": Login: ")[0].endswith("pop3-login: Info")
     assert "rip=192.0.2.8, lip=127.0.0.1" in line
@@ -265,15 +258,15 @@ def test_dovecot_ignores_forwarded_addresses_from_others(dovecot: Dovecot) -> No
         client.login(GRACE, PASSWORDS[GRACE])
         assert dovecot.wait_for_session(GRACE, "imap").endswith(" 127.0.0.1")
         assert not [line for line in dovecot.who() if not line.endswith(" 127.0.0.1")]
-    client = LineClient(dovecot.pop3_port)
+    pop = LineClient(dovecot.pop3_port)
     try:
-        assert client.line() == b"+OK imap.upstream.test Dovecot ready."  # no [XCLIENT]
-        assert client.command(b"XCLIENT ADDR=192.0.2.98 PORT=4243") == b"+OK You are not from trusted IP - ignoring"
-        client.command(b"USER " + GRACE.encode())
-        assert client.command(b"PASS " + PASSWORDS[GRACE].encode()) == b"+OK Logged in."
-        client.command(b"QUIT")
+        assert pop.line() == b"+OK imap.upstream.test Dovecot ready."  # no [XCLIENT]
+        assert pop.command(b"XCLIENT ADDR=192.0.2.98 PORT=4243") == b"+OK You are not from trusted IP - ignoring"
+        pop.command(b"USER " + GRACE.encode())
+        assert pop.command(b"PASS " + PASSWORDS[GRACE].encode()) == b"+OK Logged in."
+        pop.command(b"QUIT")
     finally:
-        client.close()
+        pop.close()
     imap_login, pop3_login = login_lines(dovecot, GRACE, 2)
     assert imap_login.split(": Info: ")[0].endswith("imap-login")
     assert pop3_login.split(": Info: ")[0].endswith("pop3-login")
@@ -326,7 +319,7 @@ def test_dovecot_stops_every_process_and_restarts() -> None:
             with imap(server.imap_port) as client:
                 client.login(ALICE, "alice-secret")
                 client.select("INBOX")
-                assert fetch(client, 1) == sent
+                assert fetch_message(client, 1) == sent
         assert server.processes() == []
     finally:
         shutil.rmtree(directory, ignore_errors=True)

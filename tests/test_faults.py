@@ -5,7 +5,7 @@ running in this process with every deadline set to `TIMEOUT`.
 Three families of cases, each generated over a matrix so that every test's name says
 its case (`test_reset_at_login_then_fallback` in `SMTPUpstreamFaults`):
 
-- the upstream fails at each point of mailrelay's login (`faults_support.POINTS`: reset,
+- the upstream fails at each point of mailrelay's login (`faults_peers.POINTS`: reset,
   hang, half-close, garbage, plaintext where TLS is due), alone (the client gets its
   protocol's "temporarily unavailable") or before a good second route (which is tried,
   and the client logged in there);
@@ -25,20 +25,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.faults_support import (
-    AUTH_FAULTS,
-    DIALECTS,
-    LONG,
-    POINTS,
-    TIMEOUT,
-    AuthService,
-    Client,
-    FaultTestCase,
-    ScriptedUpstream,
-    SwitchRouter,
-    Transcript,
-    session,
-)
+from tests.support.faults import LONG, TIMEOUT, FaultTestCase, SwitchRouter
+from tests.support.faults_auth import AUTH_FAULTS, AuthService
+from tests.support.faults_clients import DIALECTS, Client, Transcript, session
+from tests.support.faults_peers import POINTS, ScriptedUpstream
 
 # -- the matrices ----------------------------------------------------------------------------
 

@@ -30,11 +30,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mailrelay.router import Reject, RouteRequest
-from tests.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check
-from tests.imap_support import ScriptedIMAP, read_tagged
-from tests.smtp_support import client_context, raw_reply
-from tests.support import WAIT, read_line, recv_all
-from tests.test_router_http import AuthService, Reply, Seen, answer, ok
+from tests.support.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check
+from tests.support.httpauth import AuthService, Reply, Seen, answer, ok
+from tests.support.imap import ScriptedIMAP, read_tagged
+from tests.support.net import WAIT, read_line, recv_all
+from tests.support.pki import client_context
+from tests.support.smtp import raw_reply
 
 MASTER = "master-Pa55word"
 """The Route's password: the upstream accepts it for any user (a master login)."""

@@ -17,9 +17,9 @@ import time
 from typing import Any
 
 from mailrelay.router import Reject, Route, RouteRequest
-from tests.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check, plain_ir
-from tests.imap_support import Heard, ScriptedIMAP, read_tagged
-from tests.support import WAIT, ThreadedServer, closed_port, read_line, recv_all
+from tests.support.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check, plain_ir
+from tests.support.imap import Heard, ScriptedIMAP, read_tagged
+from tests.support.net import WAIT, ThreadedServer, closed_port, read_line, recv_all
 
 LOGGED_IN = b" OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n"
 UNAVAILABLE = b" NO [UNAVAILABLE] Mail server temporarily unavailable, try again later\r\n"

@@ -20,9 +20,9 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from mailrelay.router import Reject, Route, RouteRequest
-from tests.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check, plain_ir
-from tests.pop3_support import MESSAGE, Heard, ScriptedPOP3, capabilities, logged_in_reply, read_multiline, stuffed
-from tests.support import WAIT, ThreadedServer, closed_port, read_line, recv_all
+from tests.support.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check, plain_ir
+from tests.support.net import WAIT, ThreadedServer, closed_port, read_line, recv_all
+from tests.support.pop3 import MESSAGE, Heard, ScriptedPOP3, capabilities, logged_in_reply, read_multiline, stuffed
 
 GREETING = b"+OK relay.test POP3 ready\r\n"
 PLAIN = plain_ir()

@@ -20,11 +20,11 @@ from twisted.internet.task import deferLater
 from mailrelay.config import ConfigError, FrontEndConfig, parse_config
 from mailrelay.relay import RoutedConnection
 from mailrelay.router import Reject, Route
-from tests.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check, plain_ir
-from tests.imap_support import ScriptedIMAP, read_tagged
-from tests.pop3_support import ScriptedPOP3, logged_in_reply, read_multiline
-from tests.smtp_support import ScriptedSMTP, raw_reply
-from tests.support import WAIT, ThreadedServer, read_line, recv_all
+from tests.support.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check, plain_ir
+from tests.support.imap import ScriptedIMAP, read_tagged
+from tests.support.net import WAIT, ThreadedServer, read_line, recv_all
+from tests.support.pop3 import ScriptedPOP3, logged_in_reply, read_multiline
+from tests.support.smtp import ScriptedSMTP, raw_reply
 
 REFUSED = "Invalid login"
 

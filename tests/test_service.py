@@ -16,7 +16,7 @@ from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from mailrelay import IReloadable, Route, Router, RouteRequest, makeService
-from tests.support import ProxyTestCase, connect, exchange, recv_all, splice_config
+from tests.support.net import ProxyTestCase, connect, exchange, recv_all, splice_config, tcp_port
 
 
 def echo(conn: socket.socket) -> bytes:
@@ -78,8 +78,10 @@ class ServiceTests(ProxyTestCase):
         service = makeService(path, router=LifecycleRouter(Route(host="127.0.0.1", port=upstream.port), events))
         service.startService()
         self.addCleanup(service.stopService)
-        port = await service.listeners["file"].port
-        self.assertEqual(await self.in_thread(exchange, port.getHost().port, b"through the override"), b"through the override")
+        listening = service.listeners["file"].port
+        assert listening is not None
+        port = tcp_port(await listening)
+        self.assertEqual(await self.in_thread(exchange, port, b"through the override"), b"through the override")
         self.assertIn("routed", events)
 
     async def test_sighup_reloads_reloadable_routers_and_survives_a_broken_one(self) -> None:

@@ -7,79 +7,16 @@ SMTP server as the upstream, which records every byte it hears.
 from __future__ import annotations
 
 import base64
-import functools
 import smtplib
 import socket
 import time
 from typing import Any
 
 from mailrelay.router import Reject, Route, RouteRequest
-from tests import frontends
-from tests.frontends import PASSWORD, USER, FrontEndTestCase, Router, plain_ir
-from tests.smtp_support import Heard, ScriptedSMTP, client_context, raw_reply
-from tests.support import WAIT, closed_port, payload, recv_all
-
-REFUSED = "Authentication credentials invalid"
-
-password_check = functools.partial(frontends.password_check, message=REFUSED)
-"""`tests.frontends.password_check`, refusing with SMTP's words."""
-
-
-class SMTPTestCase(FrontEndTestCase):
-    protocol = "smtp"
-
-    def upstream(self, **options: Any) -> Any:
-        options.setdefault("users", {USER: PASSWORD})
-        return self.server(ScriptedSMTP(**options))
-
-    def smtp(self, port: int, mode: str = "starttls") -> smtplib.SMTP:
-        """An smtplib client, through TLS (STARTTLS or implicit) and EHLO'd."""
-        if mode == "tls":
-            client: smtplib.SMTP = smtplib.SMTP_SSL(
-                "127.0.0.1", port, local_hostname="client.example", timeout=WAIT, context=self.context
-            )
-        else:
-            client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=WAIT)
-            client.starttls(context=self.context)
-        client.ehlo()
-        return client
-
-    def tls_connect(self, port: int, context: Any = None) -> Any:
-        """A raw client of an implicit-TLS listener, its greeting read."""
-        raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-        conn = (context or self.context).wrap_socket(raw, server_hostname="relay.test")
-        self.assertEqual(raw_reply(conn)[:4], b"220 ")
-        return conn
-
-    def tls_exchange(self, port: int, send: bytes) -> bytes:
-        """Over implicit TLS: EHLO, then `send` in one write; everything until the close."""
-        with self.tls_connect(port) as conn:
-            conn.sendall(b"EHLO c.example\r\n")
-            raw_reply(conn)
-            conn.sendall(send)
-            return recv_all(conn)
-
-    def try_auth(self, port: int, mode: str = "tls", password: str = PASSWORD) -> tuple[int, bytes]:
-        """AUTH PLAIN with smtplib: the reply's code and text, success or not."""
-        with self.smtp(port, mode) as smtp:
-            smtp.user, smtp.password = USER, password
-            try:
-                return smtp.auth("PLAIN", smtp.auth_plain)
-            except smtplib.SMTPAuthenticationError as e:
-                return e.smtp_code, e.smtp_error
-
-    def raw(self, port: int) -> socket.socket:
-        conn = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-        self.addCleanup(conn.close)
-        self.assertEqual(raw_reply(conn)[:4], b"220 ")
-        return conn
-
-
-MESSAGE = (
-    b"From: Alice <alice@example.test>\r\nTo: bob@example.test\r\nSubject: caf\xc3\xa9\r\n"
-    b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
-    b"Hello Bob,\r\n.a line that starts with a dot\r\n8-bit: \xe2\x82\xac \xff\xfe\r\n"
-)
+from tests.support.frontends import PASSWORD, USER, Router, plain_ir
+from tests.support.net import WAIT, closed_port, payload, recv_all
+from tests.support.pki import client_context
+from tests.support.smtp import MESSAGE, Heard, SMTPTestCase, password_check, raw_reply
 
 
 class LoginTests(SMTPTestCase):
@@ -127,6 +64,7 @@ class LoginTests(SMTPTestCase):
         self.assertEqual((auth[0], heard.messages, heard.login), (235, [MESSAGE], USER))
         [request] = router.requests
         self.assertEqual(request.auth_method, "cram-md5")
+        assert request.salt is not None and request.password is not None
         self.assertRegex(request.salt, r"^<[0-9]+\.[0-9]+@relay\.test>$")
         self.assertRegex(request.password, "^[0-9a-f]{32}$")
 
@@ -148,6 +86,7 @@ class LoginTests(SMTPTestCase):
             with self.smtp(port) as smtp:
                 smtp.login(USER, PASSWORD)
                 smtp.sendmail(USER, ["bob@example.test"], MESSAGE)
+                assert smtp.sock is not None
                 return smtp.sock.getsockname()[1], port
 
         client_port, proxy_port = await self.in_thread(client)
@@ -172,6 +111,7 @@ class LoginTests(SMTPTestCase):
             with self.smtp(port) as smtp:
                 smtp.login(USER, PASSWORD)
                 smtp.sendmail(USER, ["bob@example.test"], MESSAGE)
+                assert smtp.sock is not None
                 return smtp.sock.getsockname()[1], port
 
         client_port, proxy_port = await self.in_thread(client)
@@ -684,6 +624,7 @@ class TokenAndCertificateTests(SMTPTestCase):
         [request] = router.requests
         assert request.client_cert is not None
         self.assertEqual((request.auth_method, request.user), ("external", request.client_cert.subject))
+        assert request.user is not None
         self.assertTrue(request.user.startswith("CN=alice,"), request.user)
         heard = await self.in_thread(upstream.result)
         self.assertIn(b" LOGIN=CN+3Dalice,", heard.lines[1])  # xtext: `=` is +3D
@@ -722,6 +663,7 @@ class VetAllRecipientsTests(SMTPTestCase):
         elsewhere = self.upstream()
 
         def answer(request: RouteRequest) -> Route:
+            assert request.recipient is not None  # vetting recipients: each RCPT is a request
             if request.recipient.startswith("spam"):
                 raise Reject("5.7.1 Recipient refused by policy", code=550)
             if request.recipient.endswith("@other.test"):
@@ -843,7 +785,7 @@ class AIOSMTPDUpstreamTests(SMTPTestCase):
     """Passthrough AUTH to a real SMTP server with its own AUTH (aiosmtpd)."""
 
     async def test_auth_login_passthrough_of_an_8_mib_8bit_message(self) -> None:
-        from tests.mailservers import SMTPUpstream
+        from tests.support.aiosmtpd_server import SMTPUpstream
 
         upstream = SMTPUpstream(users={USER: PASSWORD})
         upstream.start()

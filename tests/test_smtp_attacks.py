@@ -17,12 +17,10 @@ from typing import Any
 import pytest
 
 from mailrelay.router import Reject, Route, RouteRequest
-from tests.frontends import PASSWORD, USER, Router, password_check
-from tests.mailservers import split_delivered
-from tests.smtp_support import raw_reply
-from tests.support import WAIT
-from tests.test_smtp import MESSAGE
-from tests.test_smtp_postfix import BOB, CLIENT_ADDRESS, PostfixTestCase
+from tests.support.frontends import PASSWORD, USER, Router, password_check
+from tests.support.net import WAIT
+from tests.support.postfix import split_delivered
+from tests.support.smtp import BOB, CLIENT_ADDRESS, MESSAGE, PostfixTestCase, raw_reply
 
 pytestmark = pytest.mark.slow
 

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 from mailrelay.sasl import plain_response
-from tests.smtp_support import Heard, ScriptedSMTP, raw_reply
-from tests.support import WAIT, closed_port, recv_all
-from tests.test_router_http import AuthService, Reply, Seen, answer, ok
-from tests.test_smtp import MESSAGE, PASSWORD, USER, SMTPTestCase
+from tests.support.frontends import PASSWORD, USER
+from tests.support.httpauth import AuthService, Reply, Seen, answer, ok
+from tests.support.net import WAIT, closed_port, recv_all
+from tests.support.smtp import MESSAGE, Heard, ScriptedSMTP, SMTPTestCase, raw_reply
 
 TEMPORARY = b"451 4.3.0 Temporary failure, try again later\r\n"
 INVALID = "Invalid login or password"

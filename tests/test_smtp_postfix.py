@@ -1,6 +1,6 @@
 """
 The SMTP front-end in front of a real Postfix (Debian's package, started privately by
-`tests.mailservers.Postfix`): what arrives in the mailbox, byte for byte, and what
+`tests.support.postfix.Postfix`): what arrives in the mailbox, byte for byte, and what
 XCLIENT made Postfix believe about the client. Clients are smtplib and swaks; the
 client connects from 127.0.0.2 so that Postfix, which sees mailrelay at 127.0.0.1,
 can only learn the client's address through XCLIENT.
@@ -22,59 +22,13 @@ import pytest
 import trustme
 
 from mailrelay.router import Route
-from tests.mailservers import Postfix, split_delivered
-from tests.support import WAIT, payload
-from tests.test_deploy import LISTENING, TWISTD, assert_clean_stop, spawn  # noqa: F401  (spawn: a fixture)
-from tests.test_smtp import MESSAGE, PASSWORD, USER, Router, SMTPTestCase, password_check
-
-CLIENT_ADDRESS = "127.0.0.2"
-BOB = "bob@example.test"
+from tests.support.frontends import PASSWORD, USER, Router
+from tests.support.net import WAIT, payload
+from tests.support.postfix import Postfix, split_delivered
+from tests.support.processes import LISTENING, TWISTD, assert_clean_stop
+from tests.support.smtp import BOB, CLIENT_ADDRESS, MESSAGE, PostfixTestCase, lf, password_check
 
 pytestmark = pytest.mark.slow
-
-
-def lf(message: bytes) -> bytes:
-    """A message as Postfix stores it in a maildir: LF line ends."""
-    return message.replace(b"\r\n", b"\n")
-
-
-class PostfixTestCase(SMTPTestCase):
-    postfix: Postfix
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        # The directory is open to others: Postfix's daemons and its delivery agent go through it.
-        cert, key = cls.upstream_pki("mailrelay-postfix-", "mx.upstream.test")
-        os.mkdir(f"{cls.directory}/postfix")
-        cls.postfix = Postfix(f"{cls.directory}/postfix", tls=(cert, key), users=(USER, BOB))
-        cls.postfix.start()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.postfix.stop()
-        shutil.rmtree(cls.directory, ignore_errors=True)
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.delivered_before = len(self.postfix.messages(BOB))
-
-    def smtp_from(self, port: int, mode: str = "starttls") -> smtplib.SMTP:
-        """smtplib from 127.0.0.2, through TLS, EHLO'd."""
-        source = (CLIENT_ADDRESS, 0)
-        if mode == "tls":
-            client: smtplib.SMTP = smtplib.SMTP_SSL(
-                "127.0.0.1", port, local_hostname="client.example", timeout=WAIT, context=self.context, source_address=source
-            )
-        else:
-            client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=WAIT, source_address=source)
-            client.starttls(context=self.context)
-        client.ehlo()
-        return client
-
-    async def next_delivery(self, count: int = 1) -> list[tuple[bytes, bytes]]:
-        """The next `count` messages delivered to bob: (Postfix's trace fields, message)."""
-        files = await self.in_thread(self.postfix.wait_for_messages, BOB, self.delivered_before + count)
-        return [split_delivered(f) for f in files[self.delivered_before :]]
 
 
 class SubmissionTests(PostfixTestCase):

@@ -4,7 +4,7 @@ way) through a running mailrelay's `splice`, `tls` and `pop3s` listeners, 100 at
 every byte hash-checked end to end, and the process's RSS and open descriptors compared
 idle after the first 1,000 sessions and idle at the end (about 80 s on the project's
 2-core machine). What runs and what is checked, with the tolerances and why, is in
-tests/soak_support.py; `python bench/soak.py --sessions N` runs the same longer.
+tests/support/soak.py; `python bench/soak.py --sessions N` runs the same longer.
 
 `pytest -s` shows the report (sessions/s, the memory curve, the descriptor counts);
 a failure carries it in its message.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import soak_support
+from tests.support import soak
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +28,17 @@ chance); set, another run of sessions."""
 
 
 @pytest.fixture
-def children() -> Iterator[soak_support.common.Children]:
+def children() -> Iterator[soak.Children]:
     """Every process the run starts; all of them are stopped at teardown, whatever happened."""
-    started = soak_support.common.Children()
+    started = soak.Children()
     try:
         yield started
     finally:
         started.stop_all()
 
 
-def test_sessions_leak_nothing_and_lose_no_byte(children: soak_support.common.Children, tmp_path: Path) -> None:
-    result = soak_support.run_soak(soak_support.SoakOptions(seed=SEED), children, tmp_path)
+def test_sessions_leak_nothing_and_lose_no_byte(children: soak.Children, tmp_path: Path) -> None:
+    result = soak.run_soak(soak.SoakOptions(seed=SEED), children, tmp_path)
     report = "\n".join(result.report())
     print("\n" + report)
     problems = result.problems()

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -19,8 +20,8 @@ from twisted.python.failure import Failure
 from mailrelay.connector import UpstreamProtocol
 from mailrelay.listener import SpliceModeProtocol
 from mailrelay.router import Route, Router
-from mailrelay.splice import Splice, SpliceableProtocol
-from tests.support import (
+from mailrelay.splice import Splice, SpliceableProtocol, SpliceResult
+from tests.support.net import (
     WAIT,
     ProxyTestCase,
     closed_port,
@@ -41,7 +42,11 @@ def hash_and_answer(answer: bytes) -> Any:
     """Upstream handler: read to EOF (hashing) while sending `answer`, then close."""
 
     def handle(conn: socket.socket) -> tuple[str, int]:
-        sender = threading.Thread(target=lambda: (conn.sendall(answer), conn.shutdown(socket.SHUT_WR)), daemon=True)
+        def send_then_end() -> None:
+            conn.sendall(answer)
+            conn.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send_then_end, daemon=True)
         sender.start()
         received = recv_all(conn)
         sender.join(WAIT)
@@ -60,7 +65,7 @@ def proxy_buffered(kind: type) -> list[int]:
     """Bytes waiting in mailrelay's own write buffers, per transport whose protocol is `kind`."""
     sizes = []
     for selectable in set(reactor.getReaders()) | set(reactor.getWriters()):
-        if isinstance(protocol_of(selectable), kind):
+        if isinstance(selectable, tcp.Connection) and isinstance(protocol_of(selectable), kind):
             sizes.append(len(selectable.dataBuffer) - selectable.offset + selectable._tempDataLen)
     return sizes
 
@@ -234,7 +239,7 @@ class HalfCloseTests(ProxyTestCase):
 class EarlyBytesTests(ProxyTestCase):
     async def test_bytes_sent_before_the_upstream_is_connected_are_delivered_first(self) -> None:
         upstream = self.server(echo)
-        slow = Deferred()
+        slow: Deferred[Route] = Deferred()
         router = SettableRouter(lambda request: slow)
         _, port = await self.start_proxy(splice_config(("127.0.0.1", 1)), router=router)
         early = payload(200_000, seed=7)  # more than the pending limit: reading pauses
@@ -242,7 +247,7 @@ class EarlyBytesTests(ProxyTestCase):
         def client() -> bytes:
             with connect(port) as conn:
                 conn.sendall(early)
-                reactor.callFromThread(slow.callback, Route(host="127.0.0.1", port=upstream.port))
+                cast(IReactorFromThreads, reactor).callFromThread(slow.callback, Route(host="127.0.0.1", port=upstream.port))
                 conn.sendall(b"late")
                 conn.shutdown(socket.SHUT_WR)
                 return recv_all(conn)
@@ -400,7 +405,7 @@ class SocketOptionTests(ProxyTestCase):
         options = {}
         for selectable in reactor.getReaders():
             protocol = protocol_of(selectable)
-            if isinstance(protocol, (UpstreamProtocol, SpliceModeProtocol)):
+            if isinstance(selectable, tcp.Connection) and isinstance(protocol, (UpstreamProtocol, SpliceModeProtocol)):
                 options[type(protocol)] = selectable.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         self.assertEqual(options, {UpstreamProtocol: 1, SpliceModeProtocol: 1})
 
@@ -483,6 +488,7 @@ def test_idle_timer_counts_from_the_last_byte_in_either_direction() -> None:
     for peer in (client, upstream):
         peer.connectionLost(Failure(ConnectionError("aborted")))
     result = done.result
+    assert isinstance(result, SpliceResult)
     assert (result.outcome, result.bytes_up, result.bytes_down, result.ended_by) == ("idle-timeout", 1, 1, None)
     assert upstream.transport.value() == b"a" and client.transport.value() == b"b"
 
@@ -512,6 +518,7 @@ def test_a_peer_that_never_reads_is_aborted_after_the_other_side_is_gone() -> No
     assert upstream.transport.disconnected  # aborted
     upstream.connectionLost(Failure(ConnectionError("aborted")))
     result = done.result
+    assert isinstance(result, SpliceResult)
     assert (result.outcome, result.ended_by) == ("closed", "client")
     assert not clock.getDelayedCalls()
 

@@ -14,8 +14,9 @@ import tempfile
 from typing import Any
 
 import trustme
+from zope.interface import implementer
 
-from mailrelay.router import Reject, Route, RouteRequest
+from mailrelay.router import IRouter, Reject, Route, RouteRequest
 from tests.support.net import ProxyTestCase
 from tests.support.pki import PKI, client_context
 
@@ -28,6 +29,7 @@ def plain_ir(user: str = USER, password: str = PASSWORD) -> bytes:
     return base64.b64encode(f"\0{user}\0{password}".encode())
 
 
+@implementer(IRouter)
 class Router:
     """Records each request; answers with `answer(request)` (a Route to `port` by default,
     with `route`'s fields). It declares `verifies_passwords` when told to, or when
@@ -76,6 +78,10 @@ class FrontEndTestCase(ProxyTestCase):
 
     protocol: str
     """The listener's protocol (and name) unless `proxy` is told another."""
+    directory: str
+    upstream_ca: trustme.CA
+    upstream_ca_file: str
+    """Set by `upstream_pki`, for a class that starts a real mail server."""
 
     def setUp(self) -> None:
         super().setUp()

@@ -8,6 +8,7 @@ raw-socket helpers for clients.
 from __future__ import annotations
 
 import base64
+import imaplib
 import re
 import select
 import socket
@@ -365,3 +366,12 @@ def read_tagged(conn: Any, tag: bytes) -> bytes:
         lines += line
         if not line or line.startswith(tag + b" "):
             return lines
+
+
+def fetch_message(client: imaplib.IMAP4, number: int) -> bytes:
+    """Message `number` of the selected mailbox, as BODY.PEEK[] gives it (imaplib)."""
+    typ, data = client.fetch(str(number), "(BODY.PEEK[])")
+    assert typ == "OK", data
+    item = data[0]
+    assert isinstance(item, tuple), data
+    return item[1]

@@ -15,9 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor, threads
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from mailrelay.service import MailrelayService, makeService
 
@@ -38,7 +41,7 @@ def sha(data: bytes) -> str:
 
 
 def recv_all(conn: socket.socket, chunk: int = 1 << 20) -> bytes:
-    parts = []
+    parts: list[bytes] = []
     while True:
         data = conn.recv(chunk)
         if not data:
@@ -157,6 +160,7 @@ def exchange(port: int, send: bytes, chunk: int = 1 << 20) -> bytes:
         return received
 
 
+@implementer(ILogObserver)
 class LogCapture:
     """Collects every log event published while it is attached."""
 
@@ -190,7 +194,7 @@ class ProxyTestCase(unittest.TestCase):
         listener = next(iter(service.listeners.values()))
         assert listener.port is not None
         port = await listener.port
-        return service, port.getHost().port
+        return service, tcp_port(port)
 
     def black_hole(self) -> tuple[str, int]:
         """An address whose accept queue is full, so connections to it are never
@@ -219,6 +223,13 @@ class ProxyTestCase(unittest.TestCase):
                 return self.logs.sessions()[-1]
             await deferLater(reactor, 0.01)
         self.fail("no session line was logged")
+
+
+def tcp_port(listening: IListeningPort) -> int:
+    """The TCP port number a listening port was bound to (port 0 asks for a free one)."""
+    address = listening.getHost()
+    assert isinstance(address, (IPv4Address, IPv6Address)), address
+    return address.port
 
 
 def splice_config(*routes: tuple[str, int], **listener: Any) -> dict[str, Any]:

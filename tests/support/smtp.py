@@ -234,6 +234,7 @@ class SMTPTestCase(FrontEndTestCase):
             try:
                 return smtp.auth("PLAIN", smtp.auth_plain)
             except smtplib.SMTPAuthenticationError as e:
+                assert isinstance(e.smtp_error, bytes)  # a server's reply, as smtplib read it
                 return e.smtp_code, e.smtp_error
 
     def raw(self, port: int) -> socket.socket:

@@ -3,7 +3,7 @@ The soak run behind tests/test_soak.py and `python bench/soak.py`: many sessions
 one running mailrelay, every byte checked end to end, and the process's memory and file
 descriptors watched for leaks.
 
-What runs (all on 127.0.0.1, ephemeral ports; bench/_common.py starts and stops it):
+What runs (all on 127.0.0.1, ephemeral ports; bench/common/ starts and stops it):
 
 - mailrelay as its own process, `twistd -n mailrelay --config TMP/mailrelay.toml` (the
   installed package, as the benchmarks run it), with three listeners, each routed
@@ -13,7 +13,7 @@ What runs (all on 127.0.0.1, ephemeral ports; bench/_common.py starts and stops 
   pop3: the client logs in with USER/PASS or AUTH PLAIN, mailrelay logs in upstream with
   AUTH PLAIN and splices from then on). Login and connection limits exempt loopback:
   every client here is one address opening thousands of connections a minute;
-- the upstream, another process: bench/_common.py's `EchoProtocol` (and
+- the upstream, another process: bench/common/echo.py's `EchoProtocol` (and
   `POP3EchoProtocol` behind the POP3 login), which echoes a `SIZE\\n`-headed payload,
   then sends the SHA-256 of what it received and ends its side of the stream;
 - the clients: one asyncio loop in this process with `concurrency` sessions in flight.
@@ -84,7 +84,14 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-import _common as common  # noqa: E402  (bench/_common.py: process hygiene, twistd, certificates, the echo upstream)
+# bench/common/: process hygiene, twistd, certificates, the echo upstream.
+from common.echo import ECHO_TRAILER, POP3_PASSWORD, POP3_USER  # noqa: E402
+from common.logs import SessionLog, read_session_log  # noqa: E402
+from common.processes import Children, cpu_of_group, own_cpu  # noqa: E402
+from common.targets import SERVER_NAME, Certificates  # noqa: E402
+from common.twistd import start_twistd  # noqa: E402
+from common.upstream import Upstream  # noqa: E402
+from common.wire import HOST  # noqa: E402
 
 LISTENERS = ("splice", "tls", "pop3s")
 MiB = 1 << 20
@@ -273,7 +280,7 @@ class SoakResult:
     elapsed: float = 0.0
     cpu: dict[str, float] = attrs.field(factory=dict)
     hwm: int = 0
-    session_log: common.SessionLog | None = None
+    session_log: SessionLog | None = None
     upstream_summary: dict[str, int] = attrs.field(factory=dict)
     upstream_problems: list[str] = attrs.field(factory=list)
 
@@ -408,7 +415,7 @@ class Client:
         head = b"%d\n" % p.size
         tls = None if p.listener == "splice" else self.tls
         reader, writer = await asyncio.open_connection(
-            common.HOST, self.ports[p.listener], ssl=tls, server_hostname=common.SERVER_NAME if tls else None, limit=READ_CHUNK
+            HOST, self.ports[p.listener], ssl=tls, server_hostname=SERVER_NAME if tls else None, limit=READ_CHUNK
         )
         rng = random.Random(p.seed)
         try:
@@ -428,7 +435,7 @@ class Client:
         tally.sent += sent
         tally.received += received
         tally.payload += p.size
-        expected = p.size + common.ECHO_TRAILER
+        expected = p.size + ECHO_TRAILER
         if received != expected:
             raise SessionFailed(f"{received} bytes came back, not {expected}")
         if echoed != digest:
@@ -465,12 +472,12 @@ class Client:
 
         await asyncio.gather(*(worker() for _ in range(self.options.concurrency)))
 
-    async def settle(self, sessions: int) -> common.SessionLog:
+    async def settle(self, sessions: int) -> SessionLog:
         """mailrelay's log once it holds a line for each of `sessions` sessions (two reads agreeing)."""
         deadline = time.monotonic() + SETTLE_WAIT
         previous = None
         while True:
-            log = common.read_session_log([self.result.log])
+            log = read_session_log([self.result.log])
             if log.count() >= sessions and previous is not None and log.outcomes == previous.outcomes:
                 return log
             if time.monotonic() > deadline:
@@ -484,7 +491,7 @@ class Client:
     async def run(self) -> None:
         o = self.options
         self.sample_every = max(1, o.sessions // max(1, o.samples))
-        cpu_before = {"mailrelay": cpu_of(self.result.pid), "clients": common.own_cpu()}
+        cpu_before = {"mailrelay": cpu_of(self.result.pid), "clients": own_cpu()}
         self.started_at = time.monotonic()
         self.sample("start")
         warmup = min(o.warmup, o.sessions)
@@ -496,7 +503,7 @@ class Client:
         self.result.session_log = await self.settle(self.result.started)
         self.result.cpu = {
             "mailrelay": 100 * (cpu_of(self.result.pid) - cpu_before["mailrelay"]) / self.result.elapsed,
-            "clients (this process)": 100 * (common.own_cpu() - cpu_before["clients"]) / self.result.elapsed,
+            "clients (this process)": 100 * (own_cpu() - cpu_before["clients"]) / self.result.elapsed,
         }
         self.sample("end")
 
@@ -565,11 +572,11 @@ async def pop3_login(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
     await expect(b"+OK")
     if how == "user":
-        writer.write(b"USER " + common.POP3_USER.encode() + b"\r\n")
+        writer.write(b"USER " + POP3_USER.encode() + b"\r\n")
         await expect(b"+OK")
-        writer.write(b"PASS " + common.POP3_PASSWORD.encode() + b"\r\n")
+        writer.write(b"PASS " + POP3_PASSWORD.encode() + b"\r\n")
     else:
-        response = binascii.b2a_base64(b"\0" + common.POP3_USER.encode() + b"\0" + common.POP3_PASSWORD.encode(), newline=False)
+        response = binascii.b2a_base64(b"\0" + POP3_USER.encode() + b"\0" + POP3_PASSWORD.encode(), newline=False)
         writer.write(b"AUTH PLAIN " + response + b"\r\n")
     await expect(b"+OK soak upstream: logged in")
 
@@ -578,13 +585,13 @@ async def pop3_login(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 # The whole run
 
 
-def run_soak(options: SoakOptions, children: common.Children, workdir: Path) -> SoakResult:
+def run_soak(options: SoakOptions, children: Children, workdir: Path) -> SoakResult:
     """Start the upstream and mailrelay, run the sessions, stop the upstream; `children`
     holds every process started (the caller stops them, whatever happens)."""
-    certs = common.Certificates(workdir)
+    certs = Certificates(workdir)
     upstream_err = workdir / "upstream.err"
     with open(upstream_err, "wb") as err:
-        upstream = common.Upstream(children, 1, echo=True, stderr=err)
+        upstream = Upstream(children, 1, echo=True, stderr=err)
     config = MAILRELAY_CONFIG.format(
         chain=certs.chain,
         key=certs.key,
@@ -593,13 +600,13 @@ def run_soak(options: SoakOptions, children: common.Children, workdir: Path) -> 
         idle_timeout=options.idle_timeout,
         limits=CONNECTION_LIMITS,
     )
-    proc, ports, log, _ = common.start_twistd(children, workdir, "mailrelay", config, len(LISTENERS))
+    proc, ports, log, _ = start_twistd(children, workdir, "mailrelay", config, len(LISTENERS))
     result = SoakResult(options, proc.pid, log)
     pool = random.Random(f"soak-pool:{options.seed}").randbytes(options.max_size + POOL_SLACK)
     client = Client(options, ports, certs.dial.context(), pool, result)
-    upstream_cpu = common.cpu_of_group(upstream.proc.pid)
+    upstream_cpu = cpu_of_group(upstream.proc.pid)
     asyncio.run(client.run())
-    result.cpu["upstream"] = 100 * (common.cpu_of_group(upstream.proc.pid) - upstream_cpu) / max(result.elapsed, 1e-9)
+    result.cpu["upstream"] = 100 * (cpu_of_group(upstream.proc.pid) - upstream_cpu) / max(result.elapsed, 1e-9)
     # The upstream writes its summary once its connections have ended and its stdin closed.
     assert upstream.proc.stdin is not None
     upstream.proc.stdin.close()
