@@ -3,8 +3,9 @@ The one UpstreamConnector every listener mode shares: Route -> connected, logged
 upstream connection, ready to be spliced.
 
 It knows no mail protocol. A front-end that must log in passes a `LoginStep`, which
-talks to the upstream through `UpstreamProtocol.read_line()` and `write()`; bytes the
-step does not consume stay pending and reach the client when the splice starts.
+talks to the upstream through `UpstreamProtocol` (`protocols.upstream.run_dialogue`
+runs a protocol core's login dialogue on it); bytes the step does not consume stay
+pending and reach the client when the splice starts.
 
 Upstream TLS is the connector's: `Route.tls = "tls"` wraps the connection in TLS from
 the first byte; `"starttls"` runs the front-end's `StartTLSStep` (the protocol's words
@@ -44,10 +45,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .core.errors import UpstreamProtocolError
 from .logtext import loggable
 from .router import Reject, Route
 from .splice import LineTooLong, PeerClosed, SpliceableProtocol
-from .tls import ClientTLS, TLSSetupError, describe_tls_error
+from .tls import TLSSetupError
+from .tls_client import ClientTLS
+from .tls_facts import describe_tls_error
 
 LoginStep = Callable[["UpstreamProtocol", Route], Awaitable[None]]
 """A protocol's upstream login: raise `Reject` when the upstream refuses the
@@ -62,11 +66,6 @@ returns when the upstream is ready for the TLS handshake, or raises like a login
 
 class UpstreamTLSError(Exception):
     """The TLS handshake with the upstream failed (certificate, name, protocol)."""
-
-
-class UpstreamProtocolError(Exception):
-    """The upstream said something that is not its protocol, or not what a login step
-    needs: the route is unusable (the next one is tried)."""
 
 
 class UpstreamTimeout(Exception):
@@ -250,12 +249,19 @@ class UpstreamConnector:
 
     def endpoint_for(self, route: Route) -> IStreamClientEndpoint:
         """The client endpoint that reaches `route`, TLS included when `route.tls` is "tls"."""
-        endpoint = self._tcp_endpoint(route)
+        endpoint = self.stream_endpoint(route)
         if route.tls == "tls":
             return wrapClientTLS(self.tls.creator(route), endpoint)
         return endpoint
 
-    def _tcp_endpoint(self, route: Route) -> IStreamClientEndpoint:
+    def stream_endpoint(self, route: Route) -> IStreamClientEndpoint:
+        """
+        The endpoint of the byte stream to `route`, beneath any TLS: TCP to its `host`
+        and `port` within `connect_timeout`. The one place the connector reaches the
+        network, so a subclass may override it to connect elsewhere (`mailrelay.testing`
+        connects to a scripted upstream in memory); TLS, timeouts, fallbacks and login
+        steps still run on top of what it returns.
+        """
         return tcp_endpoint(self.reactor, route.host, route.port, self.connect_timeout)
 
     async def connect(

@@ -31,6 +31,7 @@ from .clienthello import ClientHello, MalformedClientHello, NotTLS, peek_client_
 from .config import ListenerConfig
 from .connector import UpstreamConnector
 from .connlimits import ConnectionLimiter
+from .core.machine import Input
 from .guard import LoginGuard
 from .protocols import FRONT_ENDS
 from .relay import RoutedConnection, address_of
@@ -172,7 +173,7 @@ class SpliceModeProtocol(RoutedConnection):
             hello = peek_client_hello(bytes(self.pending))
         except MalformedClientHello as e:
             self._end_preread()
-            self.close("protocol-error", f"malformed TLS ClientHello: {e}")
+            self.end("protocol-error", f"malformed TLS ClientHello: {e}")
             return
         if isinstance(hello, NotTLS):
             self._end_preread()
@@ -183,7 +184,7 @@ class SpliceModeProtocol(RoutedConnection):
         elif self.read_closed:  # no more is coming: decide now rather than at the timeout
             self._end_preread()
             if self.pending:
-                self.close("protocol-error", f"client ended its stream inside a TLS ClientHello ({len(self.pending)} bytes)")
+                self.end("protocol-error", f"client ended its stream inside a TLS ClientHello ({len(self.pending)} bytes)")
             else:
                 self.begin()
 
@@ -196,11 +197,10 @@ class SpliceModeProtocol(RoutedConnection):
     def _preread_expired(self) -> None:
         self._preread = None
         if self.pending:
-            self.finish(
+            self.end_now(
                 "protocol-error",
                 f"incomplete TLS ClientHello ({len(self.pending)} bytes) after {self.listener.preread_timeout:g}s",
             )
-            self.transport.abortConnection()
         else:
             self.begin()
 
@@ -219,6 +219,7 @@ class TLSModeProtocol(RoutedConnection):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.machine.fire(Input.BEGIN_TLS)
         self.expect_handshake()
 
     def handshake_done(self) -> None:

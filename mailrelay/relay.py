@@ -23,13 +23,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .config import ListenerConfig
-from .connector import LoginStep, StartTLSStep, Upstream, UpstreamConnector, UpstreamUnavailable
+from .connector import LoginStep, StartTLSStep, Upstream, UpstreamConnector, UpstreamProtocol, UpstreamUnavailable
 from .connlimits import Slot
+from .core.machine import Input, SessionMachine, State
 from .guard import Attempt, LoginGuard
-from .router import Address, IRouter, Reject, RouteRequest, RouterError, ask_router
+from .router import Address, IRouter, Reject, Route, RouteRequest, RouterError, ask_router
 from .session import Session, Sessions
 from .splice import Splice, SpliceableProtocol, SpliceResult
-from .tls import TLSFacts, describe_tls_error, tls_facts
+from .tls_facts import TLSFacts, describe_tls_error, tls_facts
 
 
 def address_of(address: IAddress) -> Address:
@@ -69,8 +70,9 @@ class RoutedConnectionFactory(Protocol):
 class RoutedConnection(SpliceableProtocol):
     """
     A client connection that ends up routed and spliced. Subclasses decide when
-    enough is known (`begin()`); this class owns the session, its one log line, every
-    way it can end, and the watch over a TLS handshake (`expect_handshake()`).
+    enough is known (`begin()`); this class owns the session, its state machine
+    (`machine`: every change of the session's state goes through it), its one log line,
+    every way it can end, and the watch over a TLS handshake (`expect_handshake()`).
     """
 
     log = Logger()
@@ -86,13 +88,15 @@ class RoutedConnection(SpliceableProtocol):
         super().__init__()
         self.factory = factory
         self.listener = factory.listener
+        self.machine = SessionMachine()
         self.session: Session | None = None
         self.client: Address = ("", 0)
         self.local: Address = ("", 0)
         self.tls: TLSFacts | None = None
         """What the client's TLS handshake established; None while the connection is plaintext."""
-        self._splice: Relay | None = None
+        self._relay: Relay | None = None
         self._task: Deferred[None] | None = None
+        """The route attempt in flight (routing, connecting, logging in, relaying)."""
         self._aborted_as: str | None = None
         self._handshake_timer: IDelayedCall | None = None
 
@@ -104,8 +108,9 @@ class RoutedConnection(SpliceableProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         try:
-            super().connectionLost(reason)
+            super().connectionLost(reason)  # `lostBeforeSplice()` sees the state it was lost in
         finally:  # however the connection ended, its client may open another
+            self.machine.fire(Input.LOST)
             if self.connection_slot is not None:
                 self.connection_slot.release()
 
@@ -128,22 +133,42 @@ class RoutedConnection(SpliceableProtocol):
 
     def _handshake_expired(self) -> None:
         self._handshake_timer = None
-        self.finish("tls-failed", f"no TLS handshake within {self.listener.handshake_timeout:g}s")
-        self.transport.abortConnection()
+        self.end_now("tls-failed", f"no TLS handshake within {self.listener.handshake_timeout:g}s")
 
     def begin(self, **facts: Any) -> None:
         """
-        Route with what is known now, connect, splice. `facts` are RouteRequest fields
-        beyond the connection's own (the TLS ones are filled in here).
+        Route with what is known now, connect, splice (a listener that speaks no
+        protocol). `facts` are RouteRequest fields beyond the connection's own.
         """
+        self.machine.fire(Input.ROUTE)
+        self.start_route(**facts)
+
+    def start_route(self, **facts: Any) -> None:
+        """The session is in `routing`: ask the Router, connect, relay. `facts` are
+        RouteRequest fields beyond the connection's own (the TLS ones are filled in)."""
         request = self.request(**facts)
         login, starttls = self.upstream_steps(request)
-        task = Deferred.fromCoroutine(self.route_and_splice(request, login=login, starttls=starttls))
+        task = Deferred.fromCoroutine(
+            self.route_and_splice(request, login=self._watched(login), starttls=self._watched(starttls))
+        )
         # A Router that answers at once may have ended the attempt already (a refusal,
         # and the front-end reading again): then there is no task in flight to keep.
         if not task.called:
             self._task = task
         task.addErrback(self._crashed)
+
+    def _watched(self, step: LoginStep | None) -> LoginStep | None:
+        """`step`, telling the machine when the first upstream is reached and talked to."""
+        if step is None:
+            return None
+        machine = self.machine
+
+        async def watched(protocol: UpstreamProtocol, route: Route) -> None:
+            if machine.state is State.CONNECTING:
+                machine.fire(Input.LOG_IN)
+            await step(protocol, route)
+
+        return watched
 
     def request(self, **facts: Any) -> RouteRequest:
         """What to ask the Router: the connection's facts, its TLS facts, and `facts`."""
@@ -171,11 +196,12 @@ class RoutedConnection(SpliceableProtocol):
         return None, None
 
     def lostBeforeSplice(self, reason: Failure) -> None:
-        if self._splice is not None:
+        if self._relay is not None:
             return  # a relay reading through `pending` sees the end itself
-        if self._task is not None and not self._task.called:
+        if self.machine.asking:
+            assert self._task is not None
             self._task.cancel()
-        elif self._task is None:
+        else:
             self.lost_before_routing(reason)
 
     def lost_before_routing(self, reason: Failure) -> None:
@@ -200,7 +226,7 @@ class RoutedConnection(SpliceableProtocol):
         refuse a login before the Router is asked, or hold it back; a login it lets
         through counts as in flight until its outcome is known, however it ends.
         """
-        factory, session = self.factory, self.session
+        factory, session, machine = self.factory, self.session, self.machine
         assert session is not None
         session.user = request.user
         guard = factory.guard
@@ -218,6 +244,7 @@ class RoutedConnection(SpliceableProtocol):
             routes = await ask_router(factory.router, request, factory.clock, self.listener.router_timeout)
             if self.lost_reason is not None:  # a router that ignored its cancellation
                 raise CancelledError()
+            machine.fire(Input.CONNECT)
             upstream = await factory.connector.connect(routes, login=login, session_id=session.id, starttls=starttls)
         except Reject as reject:  # by the Router, or by the upstream refusing our login
             attempt.end(failed=reject.counts)  # before the front-end may read the next login
@@ -245,38 +272,55 @@ class RoutedConnection(SpliceableProtocol):
 
     async def relay(self, upstream: Upstream) -> SpliceResult:
         """Carry the session between client and upstream until it ends: splice it."""
-        splice = self._splice = Splice(self, upstream.protocol, self.factory.clock, self.listener.idle_timeout)
+        self.machine.fire(Input.SPLICE)
+        splice = Splice(self, upstream.protocol, self.factory.clock, self.listener.idle_timeout)
+        self._relay = splice
         return await splice.start()
 
     def logged_in(self, upstream: Upstream) -> None:
-        """The upstream is connected and logged in; the splice starts next. A front-end
+        """The upstream is connected and logged in; the relay starts next. A front-end
         tells its client here (SMTP's `235`)."""
 
     def refused(self, reject: Reject) -> None:
         """The session was refused (after `reject.wait`); without a protocol, close."""
-        self.close("rejected", reject.message)
+        self.end("rejected", reject.message)
 
     def unavailable(self, outcome: str, reason: str) -> None:
         """No route could be decided or reached now: a temporary failure. Without a
         protocol to say so in, close."""
-        self.close(outcome, reason)
+        self.end(outcome, reason)
 
     def finish(self, outcome: str, reason: str | None = None) -> None:
         assert self.session is not None
         self.session.finish(outcome, reason)
 
-    def close(self, outcome: str, reason: str) -> None:
+    def end(self, outcome: str, reason: str) -> None:
         """End the session, letting what was written reach the client first."""
+        if self.machine.can(Input.CLOSE):
+            self.machine.fire(Input.CLOSE)
+        self.close(outcome, reason)
+
+    def close(self, outcome: str, reason: str) -> None:
+        """Log the session's line and close the connection after what was written (the
+        machine is already `draining`)."""
         self.finish(outcome, reason)
         self.transport.loseConnection()
+
+    def end_now(self, outcome: str, reason: str | None = None) -> None:
+        """End the session dropping the connection: nothing can be said (inside a TLS
+        handshake), or the peer reads nothing."""
+        if self.machine.can(Input.CLOSE):
+            self.machine.fire(Input.CLOSE)
+        self.finish(outcome, reason)
+        self.transport.abortConnection()
 
     def _abort(self, outcome: str) -> None:
         """Drop the session (drain timeout): the log line says `outcome`."""
         self._aborted_as = outcome
-        if self._splice is not None:
-            self._splice.abort(outcome)
+        if self._relay is not None:
+            self._relay.abort(outcome)
         else:
-            if self._task is None:
+            if not self.machine.asking:  # else the attempt's cancellation logs it
                 self.finish(outcome)
             self.transport.abortConnection()
 

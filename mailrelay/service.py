@@ -31,9 +31,11 @@ from .guard import LoginGuard
 from .interfaces import IReloadable
 from .listener import ListenerFactory
 from .router import IRouter
-from .routers import RouterSpec, components
+from .routers import components
+from .routerspec import RouterSpec
 from .session import Sessions
-from .tls import ClientTLS, ServerTLS, ServerTLSConfig, TLSSetupError
+from .tls import ServerTLS, ServerTLSConfig, TLSSetupError
+from .tls_client import ClientTLS
 
 T = TypeVar("T")
 

@@ -210,6 +210,25 @@ class SpliceableProtocol(Protocol):
     def lostBeforeSplice(self, reason: Failure) -> None:
         """The connection ended before any splice adopted it."""
 
+    def attach(self, side: _Side) -> None:
+        """
+        Deliver to `side` (one leg of a `Splice`) from now on instead of keeping: what
+        was kept goes first, then the end of stream or the loss if either happened
+        already. Reading resumes if it was paused for a full `pending`.
+        """
+        self._side = side
+        if self._paused_for_pending:
+            self._paused_for_pending = False
+            if not self._held:
+                self.transport.resumeProducing()
+        early, self.pending = bytes(self.pending), bytearray()
+        if early:
+            side.received(early)
+        if self.lost_reason is not None:
+            side.lost(self.lost_reason)
+        elif self.read_closed:
+            side.read_closed()
+
 
 @implementer(IPushProducer)
 class Pacer:
@@ -358,24 +377,10 @@ class Splice:
             side.transport.registerProducer(side.peer.transport, True)
             side.paced = True
         for side in (self._client, self._upstream):
-            self._adopt(side)
+            side.protocol.attach(side)
         if not self._done.called:
             self._idle_call = self.clock.callLater(self._idle_timeout, self._check_idle)
         return self._done
-
-    def _adopt(self, side: _Side) -> None:
-        protocol = side.protocol
-        protocol._side = side
-        if protocol._paused_for_pending:
-            protocol._paused_for_pending = False
-            side.transport.resumeProducing()
-        early, protocol.pending = bytes(protocol.pending), bytearray()
-        if early:
-            side.received(early)
-        if protocol.lost_reason is not None:
-            side.lost(protocol.lost_reason)
-        elif protocol.read_closed:
-            side.read_closed()
 
     def abort(self, outcome: str) -> None:
         """Drop both connections now, discarding what is buffered (drain timeout)."""

@@ -20,12 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailrelay.protocols import smtp_stream as stream
+from mailrelay.core import smtp_stream as stream
 from mailrelay.router import Reject, Route, RouteRequest
-from tests.frontends import PASSWORD, USER, Router, password_check
-from tests.smtp_support import raw_reply
-from tests.support import WAIT
-from tests.test_smtp import SMTPTestCase
+from tests.support.frontends import PASSWORD, USER, Router, password_check
+from tests.support.net import WAIT
+from tests.support.smtp import SMTPTestCase, raw_reply
 
 SMUGGLING_ENDS = [b"\n.\r\n", b"\r\n.\n", b"\n.\n", b"\r.\r\n"]
 """End lines that some servers read as the end of a message and others do not."""
@@ -327,7 +326,7 @@ class RelayTests(RelayTestCase):
         self.assertIn(b"250-recording.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n221", replies)
 
     async def test_bdat_without_chunking_upstream_is_502_and_its_chunk_never_goes_up(self) -> None:
-        from tests.smtp_support import ScriptedSMTP
+        from tests.support.smtp import ScriptedSMTP
 
         upstream = self.server(ScriptedSMTP(users={USER: PASSWORD}, extensions=("PIPELINING",)))
         port = await self.proxy(Router(answer=password_check(upstream.port)), mode="tls")

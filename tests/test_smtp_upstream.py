@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailrelay.protocols.smtp_upstream import XCLIENT_MAX, Reply, _xclient_address, _xclient_commands, extensions, xtext
+from mailrelay.core.smtp_login import XCLIENT_MAX, Reply, _xclient_address, _xclient_commands, extensions, xtext
 
 
 def unxtext(value: bytes) -> bytes:

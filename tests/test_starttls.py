@@ -1,5 +1,6 @@
 """
-The STARTTLS hand-over every front-end shares (`protocols/base.py`), driven through a
+The STARTTLS hand-over every front-end shares (`core/frontend.py` and its shell
+`protocols/frontend.py`), driven through a
 small line protocol over real sockets and real TLS: discarding plaintext sent behind
 STARTTLS, resetting state, refusing a second STARTTLS, the handshake deadline, and the
 hand-off to the upstream with pipelined commands intact.
@@ -17,57 +18,12 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from mailrelay.config import ListenerConfig
 from mailrelay.connector import UpstreamConnector
 from mailrelay.listener import ListenerFactory
-from mailrelay.protocols.base import LineFrontEnd
-from mailrelay.router import Reject
 from mailrelay.session import Sessions
 from mailrelay.tls import CertificateFiles, ServerTLS, ServerTLSConfig
-from tests.frontends import Router
-from tests.pki import PKI
-from tests.support import WAIT, ProxyTestCase, read_line, recv_all
-
-
-class ToyFrontEnd(LineFrontEnd):
-    """Just enough protocol to watch the hand-over: counts commands since the last reset."""
-
-    seen = 0
-
-    def greet(self) -> None:
-        self.send(b"* toy ready\r\n")
-
-    def line_received(self, line: bytes) -> None:
-        if line == b"STARTTLS":
-            if self.can_start_tls():
-                self.start_tls(b"OK begin TLS\r\n")
-            else:
-                self.send(b"BAD TLS already active\r\n")
-            return
-        self.seen += 1
-        if line == b"NOOP":
-            self.send(b"OK noop\r\n")
-        elif line == b"STATE":
-            self.send(f"OK tls={self.tls is not None} seen={self.seen}\r\n".encode())
-        elif line == b"RELAY":
-            self.begin()
-        elif line.startswith(b"LOGIN "):
-            user, password = line[6:].decode().split(" ", 1)
-            self.begin(user=user, password=password, auth_method="plain")
-        else:
-            self.send(b"BAD unknown command\r\n")
-
-    def line_too_long(self) -> None:
-        self.send(b"BAD line too long\r\n")
-        super().line_too_long()
-
-    def tls_started(self) -> None:
-        self.seen = 0
-
-    def refused(self, reject: Reject) -> None:
-        self.send(f"NO {reject.message}\r\n".encode())
-        super().refused(reject)
-
-    def unavailable(self, outcome: str, reason: str) -> None:
-        self.send(f"TEMP {outcome}\r\n".encode())
-        super().unavailable(outcome, reason)
+from tests.support.frontends import Router
+from tests.support.net import WAIT, ProxyTestCase, read_line, recv_all, tcp_port
+from tests.support.pki import PKI
+from tests.support.toy import ToyFrontEnd
 
 
 def rest_until_closed(conn: socket.socket) -> bytes:
@@ -109,7 +65,7 @@ class StartTLSTests(ProxyTestCase):
             factory = TLSMemoryBIOFactory(creator, False, factory)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        return router, port.getHost().port
+        return router, tcp_port(port)
 
     def starttls(self, port: int, behind: bytes = b"") -> tuple[ssl.SSLSocket, list[bytes]]:
         """Connect, STARTTLS (with `behind` in the same write), handshake; the plaintext lines read."""

@@ -1,7 +1,7 @@
 """
 What a relayed SMTP session may carry, decided from bytes alone (no I/O): which client
 command lines reach the upstream, where message content ends, and which upstream
-replies the client hears. `smtp_relay` drives these with the two connections.
+replies the client hears. `protocols.smtp_relay` drives these with the two connections.
 
 The rule behind every decision: mailrelay forwards only what every SMTP server reads
 the same way it does, so that mailrelay and the upstream never disagree about where a

@@ -1,8 +1,9 @@
 """
-Mail protocol front-ends: what mailrelay says to a client before the session is routed
-(greeting, capabilities, STARTTLS, authentication), one module per protocol, sharing
-`base.LineFrontEnd`, each with its upstream side beside it (`smtp_upstream`,
-`imap_upstream`, `pop3_upstream`, sharing `upstream`).
+The Twisted shell of the mail protocol front-ends: one `frontend.FrontEnd` feeds a
+protocol core (`mailrelay.core.smtp`, `imap`, `pop3`) and does what it asks; one small
+module per protocol names its core and upstream login (`mailrelay.core.*_login`, run on
+a connection by `upstream.run_dialogue`). SMTP's session after its login is
+`smtp_relay`'s.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """
 An SMTP session after its login (or, with auth "none", after its first recipient):
 mailrelay stays between client and upstream, reading the client's command lines and the
-upstream's replies, so that what the upstream hears is only what `smtp_stream` lets
-through, whatever the client pipelines, smuggles or leaves unfinished.
+upstream's replies, so that what the upstream hears is only what `core.smtp_stream`
+lets through, whatever the client pipelines, smuggles or leaves unfinished. What is said
+to the client in its own words (a refused recipient, the timeout) is the SMTP core's
+(`core.smtp`), which also keeps the count of refused recipients.
 
     client commands --[smtp_stream.command]--> forwarded, or answered locally in turn
     upstream replies --[one per forwarded command, in order]--> the client
@@ -32,7 +34,7 @@ Invariants:
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults
@@ -42,13 +44,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..connector import Upstream
+from ..core import smtp_stream as stream
+from ..core.smtp import SMTPCore
+from ..core.smtp_stream import Answer, BareNewline, Chunk, ContentChecker, DataReader, Discard, Forward
 from ..router import Reject, RouterError, ask_router
 from ..splice import LineTooLong, Pacer, PeerClosed, SpliceResult
-from . import smtp_stream as stream
-from .smtp_stream import Answer, BareNewline, Chunk, ContentChecker, DataReader, Discard, Forward
-
-if TYPE_CHECKING:
-    from .smtp import SMTPFrontEnd
+from .frontend import FrontEnd
 
 MAX_PIPELINE = 100
 """Most replies the upstream may owe before mailrelay stops reading client commands."""
@@ -82,7 +83,8 @@ class SMTPRelay:
 
     def __init__(
         self,
-        front: SMTPFrontEnd,
+        front: FrontEnd,
+        core: SMTPCore,
         upstream: Upstream,
         *,
         chunking: bool,
@@ -91,10 +93,13 @@ class SMTPRelay:
         rcpt_owed: bool = False,
         vet: bool = False,
     ) -> None:
-        """`mail`: the MAIL command the upstream accepted during the login (auth "none");
-        `rcpt_owed`: the upstream's reply to the replayed RCPT is still to come, and is
-        the client's."""
+        """`front`: the client connection (its `pending` bytes are read here, its
+        transport written); `core`: its SMTP core, for the replies and the count of
+        refused recipients. `mail`: the MAIL command the upstream accepted during the
+        login (auth "none"); `rcpt_owed`: the upstream's reply to the replayed RCPT is
+        still to come, and is the client's."""
         self.front = front
+        self.core = core
         self.server = upstream.protocol
         self.route = upstream.route
         self.chunking = chunking
@@ -191,7 +196,7 @@ class SMTPRelay:
         if remaining > 0:
             self._idle_call = self._clock.callLater(remaining, self._check_idle)
             return
-        self.front.send(b"421 4.4.2 " + self.front.hostname.encode() + b" Error: timeout exceeded\r\n")
+        self._tell(self.core.text("timeout"))
         self._finish("idle-timeout", None)
 
     # -- upstream to client
@@ -206,7 +211,7 @@ class SMTPRelay:
         except (LineTooLong, stream.MalformedReply) as e:
             assert self.front.session is not None
             self.log.warn("session {session_id}: {error}", session_id=self.front.session.id, error=str(e))
-            self.front.send(b"421 4.3.0 " + self.front.hostname.encode() + b" Error: the mail server misbehaved\r\n")
+            self._tell(b"421 4.3.0 " + self.core.hostname.encode() + b" Error: the mail server misbehaved\r\n")
             self._finish("protocol-error", None, str(e))
 
     async def _reply(self) -> None:
@@ -228,7 +233,7 @@ class SMTPRelay:
             data = b"".join(b"%d%s%s\r\n" % (code, sep, line.text) for sep, line in zip(separators, lines, strict=True))
         if owed is not None:
             self._track(owed, code)
-        self.front.send(data)
+        self._tell(data)
         self.bytes_down += len(data)
         if owed is not None and owed.heard is not None:
             owed.heard.callback(code)
@@ -248,19 +253,23 @@ class SMTPRelay:
 
     def _flush_local(self) -> None:
         while self._owed and self._owed[0].local is not None:
-            self.front.send(self._owed.popleft().local or b"")
+            self._tell(self._owed.popleft().local or b"")
         if not self._owed and self._drained is not None:
             drained, self._drained = self._drained, None
             drained.callback(None)
 
     # -- client to upstream
 
+    def _tell(self, data: bytes) -> None:
+        """Write to the client now."""
+        self.front.transport.write(data)
+
     def _answer(self, reply: bytes) -> None:
         """Answer the client locally, in its turn."""
         if self._owed:
             self._owed.append(_Owed(b"", local=reply))
         else:
-            self.front.send(reply)
+            self._tell(reply)
 
     def _forward(self, verb: bytes, line: bytes, wait: bool = False) -> Deferred[int] | None:
         self._write(line)
@@ -374,20 +383,16 @@ class SMTPRelay:
         except Reject as reject:
             if reject.wait > 0:
                 await deferLater(factory.clock, reject.wait)
-            self._answer(front.recipient_refusal(reject))
-            if reject.close:
-                self._finish("rejected", None, reject.message)
-                raise _Finished() from None
-            # Each refusal cost a Router question, and the upstream never saw it to count
-            # it (Postfix's smtpd_hard_error_limit): the front-end's junk budget goes on.
-            front.junk_commands += 1
-            if front.junk_commands > front.config.max_junk_commands:
-                self._answer(f"421 4.7.0 {front.hostname} Error: too many recipients refused\r\n".encode())
-                self._finish("protocol-error", None, f"more than {front.config.max_junk_commands} recipients refused")
+            # As before login: the core's reply, and its count of refused recipients.
+            refusal = self.core.refuse_recipient(reject)
+            self._answer(refusal.reply)
+            if refusal.end is not None:
+                outcome, reason = refusal.end
+                self._finish(outcome, None, reason)
                 raise _Finished() from None
             return False
         except RouterError:
-            self._answer(b"451 4.3.0 Temporary failure, try again later\r\n")
+            self._answer(self.core.text("temporary"))
             return False
         if routes[0].address != self.route.address:
             self._answer(b"451 4.3.0 Recipient served elsewhere: send it in a transaction of its own\r\n")
@@ -401,17 +406,19 @@ class SMTPRelay:
         reader = DataReader()
         pending = self.front.pending
         while True:
-            if pending:
-                try:
-                    count, ended = reader.feed(bytes(pending[:PIECE]))
-                except BareNewline:
-                    await self._refuse_content(None, reader.tail)
-                    return
-                self._write(self._take(count))
-                if ended:
-                    self._owed.append(_Owed(END_OF_MESSAGE))
-                    return
-            await self._more()
+            # Wait only when nothing is kept: `pending` may hold more than a piece (what
+            # was pipelined behind the login), and reading stays paused until it drains.
+            while not pending:
+                await self._more()
+            try:
+                count, ended = reader.feed(bytes(pending[:PIECE]))
+            except BareNewline:
+                await self._refuse_content(None, reader.tail)
+                return
+            self._write(self._take(count))
+            if ended:
+                self._owed.append(_Owed(END_OF_MESSAGE))
+                return
 
     async def _chunk(self, size: int, last: bool) -> None:
         """A BDAT chunk of `size` bytes."""
@@ -475,5 +482,5 @@ class SMTPRelay:
                 self._take(len(self.front.pending))
                 await self._more()
         self._owed.clear()
-        self.front.send(stream.BARE_NEWLINE)
+        self._tell(stream.BARE_NEWLINE)
         self._finish("rejected", None, "bare CR or LF in message content")

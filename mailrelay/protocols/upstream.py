@@ -1,72 +1,69 @@
 """
-What every protocol's upstream login shares: the error for an upstream that does not
-speak as it should, and which credentials and mechanism a passthrough login uses.
+Where an upstream login (`mailrelay.core.login`: I/O-free dialogues) meets a connection:
+`run_dialogue()` runs any dialogue on an `UpstreamProtocol`, and `login_steps()` makes a
+protocol's login the connector's two steps (`connector.LoginStep`, `StartTLSStep`).
+
+Bytes the upstream sends past the end of a dialogue stay in `UpstreamProtocol.pending`,
+ahead of anything that arrives later: they reach the client when the splice starts (SMTP
+auth "none" leaves the upstream's answer to the client's RCPT unread for it), and the
+connector refuses a STARTTLS route whose upstream sent anything after its go-ahead.
 """
 
 from __future__ import annotations
 
-import attrs
+from typing import Any, TypeVar, cast
 
-from .. import sasl
-from ..connector import UpstreamProtocolError as UpstreamProtocolError  # for the login steps
-from ..router import Route, RouteRequest
+from ..connector import LoginStep, StartTLSStep, UpstreamProtocol
+from ..core.dialogue import Conversation, Dialogue
+from ..core.login import UpstreamLogin
+from ..router import Route
 
-MAX_RESPONSE_LINE = 64 * 1024
-"""Longest line an upstream may send during the login (capability lists run long)."""
-MAX_RESPONSE_LINES = 100
-"""Most lines an upstream may send in answer to one login command."""
+T = TypeVar("T")
 
 
-@attrs.frozen
-class UpstreamCredentials:
-    """Who mailrelay logs in as upstream, and how."""
-
-    user: str
-    secret: str = attrs.field(repr=False)
-    mechanism: str
-    """"plain" or "login" (a password: the SASL mechanism, or for IMAP and POP3 the
-    protocol's own LOGIN / USER and PASS), or "xoauth2" / "oauthbearer" (a token)."""
-
-    def sasl_response(self) -> bytes:
-        """The initial response of a one-step mechanism (PLAIN, XOAUTH2, OAUTHBEARER),
-        before base64."""
-        if self.mechanism == "xoauth2":
-            return sasl.xoauth2_response(self.user, self.secret)
-        if self.mechanism == "oauthbearer":
-            return sasl.oauthbearer_response(self.user or None, self.secret)
-        return sasl.plain_response(self.user, self.secret)
-
-
-def upstream_credentials(request: RouteRequest, route: Route, alternative: str = "") -> UpstreamCredentials:
+async def run_dialogue(dialogue: Dialogue[T], upstream: UpstreamProtocol) -> T:
     """
-    The Route's user and password when it names them, else the client's: a password
-    goes up with the Route's `auth_mechanism`, a token in its own mechanism. A client
-    that proved itself without revealing a secret (CRAM-MD5, APOP, EXTERNAL) cannot be
-    passed through: the Route must supply the password (`alternative` says what else
-    the protocol offers).
+    Run `dialogue` on `upstream` to its end; its result. What it raises (`Reject`,
+    `UpstreamProtocolError`) goes through, as does `PeerClosed` when the upstream closes
+    before the dialogue has what it waits for. Before each wait `upstream.stage` says
+    what is awaited, for the connector's deadline. Cancellable at any wait.
     """
-    user = route.user or request.user or ""
-    if route.password is not None:
-        return UpstreamCredentials(user, route.password, route.auth_mechanism)
-    method = request.auth_method
-    if method in ("xoauth2", "oauthbearer"):
-        return UpstreamCredentials(user, request.password or "", method)
-    if method in ("plain", "login"):
-        return UpstreamCredentials(user, request.password or "", route.auth_mechanism)
-    raise UpstreamProtocolError(
-        f"a {method} login cannot be passed through: the Route must supply the upstream password{alternative}"
-    )
+    conversation = Conversation(dialogue)
+    out = conversation.start()
+    while True:
+        if out:
+            upstream.write(out)
+        if conversation.finished:
+            break
+        while not upstream.pending:
+            upstream.stage = conversation.stage
+            await upstream.more()
+        data = bytes(upstream.pending)
+        upstream.pending.clear()
+        upstream.pendingConsumed()
+        out = conversation.receive(data)
+    # What came after the dialogue's last answer was not for it: it goes first.
+    upstream.pending[:0] = conversation.leftover()
+    return cast(T, conversation.result)
 
 
-def unusable_login(route: Route, protocol: str) -> str | None:
-    """Why `route.login` cannot be done in `protocol` (IMAP and POP3 always log in)."""
-    if route.login == "xclient":
-        return f"login = \"xclient\" is SMTP's; for {protocol} use forward_client = true to pass the client's address"
-    if route.login == "none":
-        return f'login = "none": a {protocol} upstream needs a login (give the Route a user and password for a master login)'
-    return None
+def login_steps(login: UpstreamLogin[Any, Any]) -> tuple[LoginStep, StartTLSStep]:
+    """The connector's login and STARTTLS steps for `login`. The connector runs them on
+    one connection per route: on each new connection `login` starts afresh."""
+    last: UpstreamProtocol | None = None
 
+    def on(upstream: UpstreamProtocol) -> None:
+        nonlocal last
+        if upstream is not last:
+            last = upstream
+            login.new_connection()
 
-def shown(line: bytes) -> str:
-    """An upstream's line as a log message quotes it: bounded, escaped."""
-    return repr(line[:80])
+    async def log_in(upstream: UpstreamProtocol, route: Route) -> None:
+        on(upstream)
+        await run_dialogue(login.login(route), upstream)
+
+    async def starttls(upstream: UpstreamProtocol, route: Route) -> None:
+        on(upstream)
+        await run_dialogue(login.starttls(route), upstream)
+
+    return log_in, starttls
