@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +18,7 @@ from twisted.internet.endpoints import serverFromString
 
 from .configtable import ConfigError, Errors, Table, read_toml
 from .connlimits import ConnectionLimits, read_connection_limits
+from .core.settings import DEFAULT_AUTH, FrontEndConfig
 from .guard import LoginLimits
 from .networks import Network, read_networks
 from .router import MODES, PASSWORDLESS_METHODS, PROTOCOLS
@@ -26,14 +26,13 @@ from .routerspec import RouterSpec, parse_router, refuse_unchecked_logins
 from .sasl import MECHANISMS
 from .tls import MIN_VERSIONS, CertificateFiles, ServerTLSConfig
 
-__all__ = ["Config", "ConfigError", "ListenerConfig", "UpstreamConfig", "load_config", "parse_config"]
+__all__ = ["Config", "ConfigError", "FrontEndConfig", "ListenerConfig", "UpstreamConfig", "load_config", "parse_config"]
 
 TLS_MODES = ("tls", "starttls")
 FRONT_END_PROTOCOLS = ("smtp", "imap", "pop3")
 
 AUTH_METHODS = {"smtp": (*MECHANISMS, "none"), "imap": MECHANISMS, "pop3": (*MECHANISMS, "apop")}
 """What a listener's `auth` may name, per protocol."""
-DEFAULT_AUTH = ("plain", "login")
 
 
 TOP_LEVEL_KEYS = frozenset({"drain_timeout"})
@@ -52,36 +51,6 @@ class UpstreamConfig:
     ca: str | None = None
     """PEM file of the CAs upstream certificates are verified against; None: the
     system trust store."""
-
-
-@attrs.frozen(kw_only=True)
-class FrontEndConfig:
-    """What a listener with a mail protocol says and accepts before a client is routed."""
-
-    hostname: str = attrs.field(factory=socket.gethostname)
-    """Mailrelay's name: in the greeting, the EHLO reply, the CRAM-MD5 challenge."""
-    starttls: str = "required"
-    """`starttls` listeners: "required" refuses logins and mail before TLS; "optional"."""
-    auth: tuple[str, ...] = DEFAULT_AUTH
-    """The login mechanisms accepted (and advertised); SMTP's "none" accepts mail without a login."""
-    max_attempts: int = 3
-    """Failed logins after which the connection is closed."""
-    max_errors: int = 5
-    """Unknown or malformed commands after which the connection is closed."""
-    login_timeout: float = 60.0
-    """How long a client may stay silent before it is routed."""
-    login_deadline: float = 180.0
-    """How long after accept (TLS handshake included) a client may take to log in or be
-    routed, whatever it sends meanwhile; a login in flight then is not cut."""
-    max_junk_commands: int = 20
-    """Commands achieving nothing before login (NOOP, RSET, a third EHLO...) after which
-    the connection is closed."""
-    capabilities: tuple[str, ...] | None = None
-    """The extensions advertised besides STARTTLS and AUTH; None: the protocol's default."""
-    size: int | None = None
-    """SMTP: the SIZE advertised (0: SIZE without a limit; None: not advertised)."""
-    vet_recipients: str = "first"
-    """SMTP with auth "none": ask the Router about the "first" RCPT only, or "all" of them."""
 
 
 @attrs.frozen

@@ -42,6 +42,7 @@ from twisted.logger import Logger
 
 from .configtable import Table
 from .guard import Network, client_block
+from .timers import cancel
 
 __all__ = ["ConnectionLimiter", "ConnectionLimits", "Slot", "read_connection_limits"]
 
@@ -325,8 +326,7 @@ class ConnectionLimiter:
         """The listener stopped: log what was still uncounted, and leave no timer behind
         (a later refusal, which a stopped listener cannot have, would start none)."""
         self._stopped = True
-        if self._report is not None and self._report.active():
-            self._report.cancel()
+        cancel(self._report)
         self._report = None
         self._summarise(final=True)
 

@@ -37,6 +37,7 @@ from .protocols import FRONT_ENDS
 from .relay import RoutedConnection, address_of
 from .router import IRouter
 from .session import Sessions
+from .timers import cancel
 
 __all__ = ["ListenerFactory", "SpliceModeProtocol", "TLSModeProtocol", "TurnedAway", "address_of"]
 
@@ -189,10 +190,8 @@ class SpliceModeProtocol(RoutedConnection):
                 self.begin()
 
     def _end_preread(self) -> None:
-        if self._preread is not None:
-            if self._preread.active():
-                self._preread.cancel()
-            self._preread = None
+        cancel(self._preread)
+        self._preread = None
 
     def _preread_expired(self) -> None:
         self._preread = None

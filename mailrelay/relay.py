@@ -22,14 +22,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .ask import ask_router
 from .config import ListenerConfig
 from .connector import LoginStep, StartTLSStep, Upstream, UpstreamConnector, UpstreamProtocol, UpstreamUnavailable
 from .connlimits import Slot
 from .core.machine import Input, SessionMachine, State
 from .guard import Attempt, LoginGuard
-from .router import Address, IRouter, Reject, Route, RouteRequest, RouterError, ask_router
+from .router import Address, IRouter, Reject, Route, RouteRequest, RouterError
 from .session import Session, Sessions
 from .splice import Splice, SpliceableProtocol, SpliceResult
+from .timers import cancel
 from .tls_facts import TLSFacts, describe_tls_error, tls_facts
 
 
@@ -127,8 +129,7 @@ class RoutedConnection(SpliceableProtocol):
         """The client's TLS handshake succeeded; `self.tls` says what it established."""
 
     def _stop_handshake_timer(self) -> None:
-        if self._handshake_timer is not None and self._handshake_timer.active():
-            self._handshake_timer.cancel()
+        cancel(self._handshake_timer)
         self._handshake_timer = None
 
     def _handshake_expired(self) -> None:

@@ -1,6 +1,6 @@
 """
 The routing contract: what a session asks (`RouteRequest`), what a Router answers
-(`Route`, a list of them, or `Reject`), and the one place that calls a Router.
+(`Route`, a list of them, or `Reject`). Calling a Router is `mailrelay.ask`'s.
 
 Every listener mode and every router backend meets here, so nothing in this module
 knows about sockets or protocols.
@@ -8,14 +8,14 @@ knows about sockets or protocols.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
 from zope.interface import Attribute, Interface, implementer
+
+if TYPE_CHECKING:  # a Router may answer with a Deferred; this module needs no Twisted
+    from twisted.internet.defer import Deferred
 
 Address = tuple[str, int]
 """A (host, port) pair; for a UNIX socket the host is the path and the port 0."""
@@ -263,7 +263,8 @@ class RouterError(Exception):
     """
 
 
-def _as_routes(answer: object) -> list[Route]:
+def as_routes(answer: object) -> list[Route]:
+    """A Router's answer as the list of Routes it means; RouterError if it is none."""
     if isinstance(answer, Route):
         return [answer]
     if isinstance(answer, (list, tuple)) and answer and all(isinstance(r, Route) for r in answer):
@@ -297,47 +298,3 @@ def refuse_unchecked_login(router: object, request: RouteRequest, routes: list[R
         " verifies_passwords = True: a router that checks request.password itself declares it; otherwise use"
         ' login = "passthrough" so that the upstream checks the password'
     )
-
-
-def call_router(router: IRouter, request: RouteRequest) -> Deferred[Any]:
-    """`router.route(request)` as a Deferred, whether it answered directly, with an
-    awaitable or with a Deferred (a router wrapping another calls it this way)."""
-
-    def call() -> Any:
-        answer = router.route(request)
-        if isinstance(answer, Deferred):
-            return answer
-        if inspect.isawaitable(answer):
-            return Deferred.fromCoroutine(_await(answer))
-        return answer
-
-    return maybeDeferred(call)
-
-
-def ask_router(router: IRouter, request: RouteRequest, clock: IReactorTime, timeout: float) -> Deferred[list[Route]]:
-    """
-    Ask `router` about `request`, whatever style it answers in.
-
-    Fires with a non-empty list of Routes, or fails with `Reject` (the Router's
-    decision) or `RouterError` (anything else: an exception, an answer of the wrong
-    type, no answer within `timeout` seconds, a password login answered with a route
-    on which no one checks the password: `refuse_unchecked_login`). Cancelling the
-    result cancels the Router's pending Deferred or coroutine.
-    """
-
-    def failed(failure: Any) -> Any:
-        if failure.check(Reject, RouterError, CancelledError):
-            return failure
-        if failure.check(TimeoutError):
-            raise RouterError(f"router did not answer within {timeout:g}s")
-        raise RouterError(f"router raised {failure.value!r}") from failure.value
-
-    d = call_router(router, request)
-    d.addTimeout(timeout, clock)
-    d.addCallbacks(_as_routes, failed)
-    d.addCallback(lambda routes: refuse_unchecked_login(router, request, routes))
-    return d
-
-
-async def _await(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable

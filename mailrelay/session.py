@@ -28,6 +28,7 @@ from twisted.logger import Logger
 
 from .logtext import loggable
 from .router import Address, format_address
+from .timers import cancel
 
 SESSION_LINE = (
     "session {session_id} listener={listener} client={client} user={user} upstream={upstream}"
@@ -105,7 +106,7 @@ class Sessions:
             return succeed(None)
         waiting = DeferredList([s.ended for s in self._open])
         call = self.clock.callLater(timeout, self._abort_all)
-        waiting.addBoth(lambda result: call.cancel() if call.active() else None)
+        waiting.addBoth(lambda result: cancel(call))
         return waiting
 
     def _abort_all(self) -> None:

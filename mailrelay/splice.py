@@ -37,6 +37,8 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .timers import cancel
+
 
 def set_nodelay(transport: ITransport) -> None:
     """Turn Nagle's algorithm off: with delayed ACKs it costs ~40 ms per exchange when
@@ -420,9 +422,8 @@ class Splice:
 
     def side_gone(self) -> None:
         if self._client.gone and self._upstream.gone and not self._done.called:
-            for call in (self._idle_call, self._abort_call):
-                if call is not None and call.active():
-                    call.cancel()
+            cancel(self._idle_call)
+            cancel(self._abort_call)
             self._idle_call = self._abort_call = None
             ended_by = self._ended_by if self._outcome == "closed" else None
             self._done.callback(SpliceResult(self.bytes_up, self.bytes_down, self._outcome, ended_by))

@@ -17,10 +17,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, Logger
 
-from mailrelay.config import FrontEndConfig, parse_config
+from mailrelay.config import parse_config
 from mailrelay.connector import UpstreamConnector
 from mailrelay.core.events import Close, Discarded, Event, LoginRefused, Route, Send, StartTLS
-from mailrelay.core.facts import ConnectionFacts, TLSInfo
+from mailrelay.core.facts import TLSInfo
 from mailrelay.core.imap import IMAPCore
 from mailrelay.core.machine import IllegalTransition, Input, State
 from mailrelay.listener import ListenerFactory
@@ -28,6 +28,7 @@ from mailrelay.protocols.imap import IMAPFrontEnd
 from mailrelay.router import ClientCertificate, Reject
 from mailrelay.session import Session, Sessions
 from mailrelay.testing import RecordingRouter
+from tests.support.cores import make_core, others, sent
 
 HOSTNAME = "relay.test"
 PLAIN = base64.b64encode(b"\0alice\0secret")
@@ -40,21 +41,7 @@ BAD_ID = b'c BAD ID takes NIL or a list of field-value pairs: ID ("name" "value"
 
 def core(mode: str = "starttls", tls_offered: bool = True, **config: Any) -> IMAPCore:
     settings: dict[str, Any] = {"hostname": HOSTNAME, "starttls": "optional", **config}
-    for listed in ("auth", "capabilities"):
-        if listed in settings:
-            settings[listed] = tuple(settings[listed])
-    return IMAPCore(
-        FrontEndConfig(**settings),
-        ConnectionFacts(client=("192.0.2.7", 50000), local=("192.0.2.1", 143), mode=mode, starttls_available=tls_offered),
-    )
-
-
-def sent(events: list[Event]) -> bytes:
-    return b"".join(e.data for e in events if isinstance(e, Send))
-
-
-def others(events: list[Event]) -> list[Event]:
-    return [e for e in events if not isinstance(e, Send)]
+    return make_core(IMAPCore, 143, mode, tls_offered, **settings)
 
 
 def greeted(**config: Any) -> IMAPCore:

@@ -19,16 +19,18 @@ from twisted.internet.testing import StringTransport
 from mailrelay.connector import LoginStep, UpstreamProtocol
 from mailrelay.core.dialogue import MAX_RESPONSE_LINE, Conversation, Dialogue
 from mailrelay.core.errors import UpstreamProtocolError
-from mailrelay.core.imap_login import IMAPClientFacts, IMAPLogin
+from mailrelay.core.facts import ConnectionFacts
+from mailrelay.core.imap_login import IMAPLogin
 from mailrelay.core.login import UpstreamCredentials, unusable_login, upstream_credentials
-from mailrelay.core.pop3_login import POP3ClientFacts, POP3Login
-from mailrelay.core.smtp_login import LOGGED_IN, ClientFacts, SMTPLogin
+from mailrelay.core.pop3_login import POP3Login
+from mailrelay.core.smtp_login import LOGGED_IN, SMTPLogin
 from mailrelay.protocols.upstream import login_steps, run_dialogue
 from mailrelay.router import Reject, Route, RouteRequest
 from mailrelay.splice import PeerClosed
 
 USER, PASSWORD = "alice@example.org", "s3cret-pw"
 CLIENT, LOCAL = ("192.0.2.7", 50123), ("192.0.2.1", 587)
+CONNECTION = ConnectionFacts(client=CLIENT, local=LOCAL, listener="test", session_id="s1")
 PLAIN = base64.b64encode(b"\0" + USER.encode() + b"\0" + PASSWORD.encode())
 SECRETS = (PASSWORD, base64.b64encode(PASSWORD.encode()).decode(), PLAIN.decode())
 
@@ -132,15 +134,12 @@ def test_imap_and_pop3_always_log_in() -> None:
 
 def smtp(auth_method: Any = "plain", envelope: tuple[bytes, bytes] | None = None, esmtp: bool = True) -> SMTPLogin:
     return SMTPLogin(
-        ClientFacts(
-            hostname=b"relay.test",
-            helo=b"client.example",
-            esmtp=esmtp,
-            client=CLIENT,
-            local=LOCAL,
-            request=request(auth_method=auth_method),
-            envelope=envelope,
-        )
+        CONNECTION,
+        request(auth_method=auth_method),
+        hostname=b"relay.test",
+        helo=b"client.example",
+        esmtp=esmtp,
+        envelope=envelope,
     )
 
 
@@ -330,16 +329,7 @@ def test_smtp_a_client_that_revealed_no_secret_needs_the_routes_password() -> No
 
 
 def imap(auth_method: Any = "plain", client_id: Any = None) -> IMAPLogin:
-    return IMAPLogin(
-        IMAPClientFacts(
-            tag=b"a1",
-            client=CLIENT,
-            local=LOCAL,
-            request=request("imap", auth_method),
-            client_id=client_id,
-            session_id="s1",
-        )
-    )
+    return IMAPLogin(CONNECTION, request("imap", auth_method), tag=b"a1", client_id=client_id)
 
 
 IMAP_GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN ID LITERAL+] ready\r\n"
@@ -378,9 +368,7 @@ def test_imap_a_new_connection_is_greeted_again_and_tags_start_over() -> None:
 
 
 def test_imap_login_with_a_synchronising_literal_for_an_8bit_password() -> None:
-    login = IMAPLogin(
-        IMAPClientFacts(tag=b"a1", client=CLIENT, local=LOCAL, request=request("imap", "login", password="pässwort"))
-    )
+    login = IMAPLogin(CONNECTION, request("imap", "login", password="pässwort"), tag=b"a1")
     password = "pässwort".encode()
     exchanges = [
         (b"* OK [CAPABILITY IMAP4rev1] ready\r\n", b'a1 LOGIN "alice@example.org" {%d}\r\n' % len(password)),
@@ -391,7 +379,7 @@ def test_imap_login_with_a_synchronising_literal_for_an_8bit_password() -> None:
 
 
 def test_imap_login_with_a_non_synchronising_literal_when_the_upstream_has_literal_plus() -> None:
-    login = IMAPLogin(IMAPClientFacts(tag=b"a1", client=CLIENT, local=LOCAL, request=request("imap", "login", password="a\r\nb")))
+    login = IMAPLogin(CONNECTION, request("imap", "login", password="a\r\nb"), tag=b"a1")
     line = b'a1 LOGIN "alice@example.org" {4+}\r\na\r\nb\r\n'
     finished(login.login(route()), b"", [(b"* OK [CAPABILITY IMAP4rev1 LITERAL+] ready\r\n", line), (b"a1 OK\r\n", b"")])
 
@@ -480,9 +468,7 @@ def test_imap_an_unusable_upstream_is_named(said: list[bytes], message: str) -> 
 
 
 def test_imap_a_literal_refused_names_the_command_never_the_password() -> None:
-    login = IMAPLogin(
-        IMAPClientFacts(tag=b"a1", client=CLIENT, local=LOCAL, request=request("imap", "login", password="pässwort"))
-    )
+    login = IMAPLogin(CONNECTION, request("imap", "login", password="pässwort"), tag=b"a1")
     error = fails(login.login(route()), [b"* OK [CAPABILITY IMAP4rev1] hi\r\n", b"a1 NO too long\r\n"])
     assert str(error) == "upstream answered LOGIN with NO too long"
     assert "pässwort" not in str(error)
@@ -506,7 +492,7 @@ def test_imap_stages() -> None:
 
 
 def pop3(auth_method: Any = "plain") -> POP3Login:
-    return POP3Login(POP3ClientFacts(client=CLIENT, local=LOCAL, request=request("pop3", auth_method), session_id="s1"))
+    return POP3Login(CONNECTION, request("pop3", auth_method))
 
 
 POP3_GREETING = b"+OK Dovecot ready.\r\n"

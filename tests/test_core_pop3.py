@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from mailrelay.config import FrontEndConfig
-from mailrelay.core.events import Close, Discarded, Event, LoginRefused, Route, Send, StartTLS
-from mailrelay.core.facts import ConnectionFacts, TLSInfo
+from mailrelay.core.events import Close, Discarded, LoginRefused, Route, StartTLS
+from mailrelay.core.facts import TLSInfo
 from mailrelay.core.machine import Input, State
 from mailrelay.core.pop3 import POP3Core
 from mailrelay.router import Reject
+from tests.support.cores import make_core, others, sent
 
 HOSTNAME = "relay.test"
 PLAIN = base64.b64encode(b"\0alice\0secret")
@@ -24,20 +24,7 @@ PLAIN = base64.b64encode(b"\0alice\0secret")
 
 def core(mode: str = "starttls", tls_offered: bool = True, **config: Any) -> POP3Core:
     settings: dict[str, Any] = {"hostname": HOSTNAME, "starttls": "optional", **config}
-    if "auth" in settings:
-        settings["auth"] = tuple(settings["auth"])
-    return POP3Core(
-        FrontEndConfig(**settings),
-        ConnectionFacts(client=("192.0.2.7", 50000), local=("192.0.2.1", 110), mode=mode, starttls_available=tls_offered),
-    )
-
-
-def sent(events: list[Event]) -> bytes:
-    return b"".join(e.data for e in events if isinstance(e, Send))
-
-
-def others(events: list[Event]) -> list[Event]:
-    return [e for e in events if not isinstance(e, Send)]
+    return make_core(POP3Core, 110, mode, tls_offered, **settings)
 
 
 def greeted(**config: Any) -> POP3Core:

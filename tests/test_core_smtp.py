@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from mailrelay.config import FrontEndConfig, ListenerConfig
 from mailrelay.core.events import Close, Discarded, Event, LoginRefused, Route, Send, StartTLS
-from mailrelay.core.facts import ConnectionFacts, TLSInfo
+from mailrelay.core.facts import TLSInfo
 from mailrelay.core.machine import IllegalTransition, Input, State
 from mailrelay.core.smtp import SMTPCore
 from mailrelay.core.smtp_stream import MAIL_SYNTAX, RCPT_SYNTAX
@@ -32,6 +32,7 @@ from mailrelay.listener import ListenerFactory
 from mailrelay.protocols.smtp import SMTPFrontEnd
 from mailrelay.router import ClientCertificate, IRouter, Reject
 from mailrelay.session import Sessions
+from tests.support.cores import make_core, others, sent
 
 HOST = "relay.test"
 PLAIN_IR = base64.b64encode(b"\0alice@example.test\0s3cret")
@@ -43,34 +44,17 @@ TIMEOUT = b"421 4.4.2 relay.test Error: timeout exceeded\r\n"
 TOO_MANY_COMMANDS = b"421 4.7.0 relay.test Error: too many commands\r\n"
 
 
-def make_core(mode: str = "starttls", starttls_available: bool = True, **config: Any) -> SMTPCore:
+def core_of(mode: str = "starttls", starttls_available: bool = True, **config: Any) -> SMTPCore:
     """A core for a client of a submission listener (auth PLAIN and LOGIN, STARTTLS
     required) unless `config` says otherwise."""
-    return SMTPCore(
-        FrontEndConfig(hostname=HOST, **config),
-        ConnectionFacts(
-            client=("192.0.2.10", 50000),
-            local=("192.0.2.1", 587),
-            listener="smtp",
-            mode=mode,
-            starttls_available=starttls_available,
-            session_id="s1",
-        ),
-    )
+    return make_core(SMTPCore, 587, mode, starttls_available, hostname=HOST, **config)
 
 
-def said(events: list[Event]) -> bytes:
-    """What the events write to the client."""
-    return b"".join(e.data for e in events if isinstance(e, Send))
-
-
-def others(events: list[Event]) -> list[Event]:
-    """The events that are not writes."""
-    return [e for e in events if not isinstance(e, Send)]
+said = sent
 
 
 def greeted(**options: Any) -> SMTPCore:
-    core = make_core(**options)
+    core = core_of(**options)
     assert said(core.greet()) == GREETING
     return core
 
@@ -290,7 +274,7 @@ def in_handshake() -> SMTPCore:
 
 def before_tls() -> SMTPCore:
     """A `tls` listener's connection, inside its handshake (nothing said yet)."""
-    core = make_core(mode="tls")
+    core = core_of(mode="tls")
     core.machine.fire(Input.BEGIN_TLS)
     return core
 
@@ -320,7 +304,7 @@ def closed() -> SMTPCore:
 
 
 NOT_READING: dict[str, tuple[Callable[[], SMTPCore], State]] = {
-    "before the greeting": (make_core, State.ACCEPTED),
+    "before the greeting": (core_of, State.ACCEPTED),
     "TLS handshake": (before_tls, State.TLS_HANDSHAKE),
     "STARTTLS handshake": (in_handshake, State.STARTTLS_HANDSHAKE),
     "routing": (routing, State.ROUTING),
@@ -347,7 +331,7 @@ def test_outside_pre_login_no_command_is_read(command: bytes, state: str) -> Non
 
 
 def test_commands_sent_before_the_greeting_are_answered_after_it() -> None:
-    core = make_core()
+    core = core_of()
     assert core.receive(b"EHLO early.example\r\nNOOP\r\n") == []
     assert said(core.greet()) == GREETING + EHLO_PLAINTEXT + b"250 2.0.0 Ok\r\n"
 
@@ -545,7 +529,7 @@ def test_auth_login_asks_for_the_user_then_the_password() -> None:
 
 
 def test_cram_md5_routes_with_the_digest_and_its_challenge() -> None:
-    core = make_core(auth=("cram-md5",))
+    core = core_of(auth=("cram-md5",))
     core.greet()
     secured(core)
     core.receive(b"EHLO c\r\n")
@@ -558,12 +542,12 @@ def test_cram_md5_routes_with_the_digest_and_its_challenge() -> None:
 
 def test_external_is_offered_only_with_a_client_certificate() -> None:
     cert = ClientCertificate(subject="CN=alice", issuer="CN=CA", serial="01", fingerprint="ab")
-    core = make_core(auth=("external",))
+    core = core_of(auth=("external",))
     core.greet()
     secured(core, cert)
     assert b"250 AUTH EXTERNAL\r\n" in said(core.receive(b"EHLO c\r\n"))
     assert routed(core, b"AUTH EXTERNAL =\r\n")["user"] == "CN=alice"
-    without = make_core(auth=("external",))
+    without = core_of(auth=("external",))
     without.greet()
     secured(without)
     assert said(without.receive(b"EHLO c\r\nAUTH EXTERNAL =\r\n")).endswith(b"503 5.5.1 Error: authentication not enabled\r\n")

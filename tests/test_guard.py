@@ -27,12 +27,13 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
+from mailrelay.ask import ask_router
 from mailrelay.config import ConfigError, ListenerConfig, parse_config
 from mailrelay.configtable import Errors, Table
 from mailrelay.connector import UpstreamConnector
 from mailrelay.guard import LoginGuard, LoginLimits, client_block, user_key
 from mailrelay.listener import ListenerFactory
-from mailrelay.router import Reject, Route, RouteRequest, RouterError, ask_router
+from mailrelay.router import Reject, Route, RouteRequest, RouterError
 from mailrelay.routers import passwords as map_router  # its verify_password is what a map router runs
 from mailrelay.routers.passwords import bounded_verify, verify_password
 from mailrelay.routerspec import parse_router

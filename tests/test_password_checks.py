@@ -33,8 +33,8 @@ from twisted.python.failure import Failure
 
 from mailrelay import Reject, Route, Router, RouteRequest, RouterError, makeService
 from mailrelay.__main__ import check
+from mailrelay.ask import ask_router
 from mailrelay.config import ConfigError, load_config, parse_config
-from mailrelay.router import ask_router
 from mailrelay.routers.cache import CachingRouter
 from mailrelay.routers.map import FileMapRouter, MapRouter
 from mailrelay.routers.passwords import verify_password

@@ -12,8 +12,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from mailrelay import IRouter, Reject, Route, Router, RouteRequest
+from mailrelay.ask import ask_router
 from mailrelay.configtable import Errors, Table
-from mailrelay.router import RouterError, ask_router, format_address
+from mailrelay.router import RouterError, format_address
 from mailrelay.routers.python import load_class
 from mailrelay.routers.static import StaticRouter
 from mailrelay.routerspec import parse_router

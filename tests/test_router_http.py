@@ -25,9 +25,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 
+from mailrelay.ask import ask_router, call_router
 from mailrelay.config import parse_config
 from mailrelay.configtable import ConfigError
-from mailrelay.router import ClientCertificate, Reject, Route, RouteRequest, RouterError, ask_router, call_router
+from mailrelay.router import ClientCertificate, Reject, Route, RouteRequest, RouterError
 from mailrelay.routers import components
 from mailrelay.routers.http import HTTPRouter
 from mailrelay.routers.http_answer import MAX_AUTH_WAIT, Wait, parse_auth_response

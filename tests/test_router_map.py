@@ -32,9 +32,9 @@ from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogLevel, globalLogPublisher
 
 from mailrelay import ConfigError, IReloadable, IRouter, Reject, Route, RouteRequest
+from mailrelay.ask import ask_router
 from mailrelay.config import load_config, parse_config
 from mailrelay.configtable import Errors, Table
-from mailrelay.router import ask_router
 from mailrelay.routers.map import FileMapRouter, MapRouter
 from mailrelay.routers.map_rules import RouteMap, Rule
 from mailrelay.routers.passwords import threaded_verify, verify_password

@@ -9,7 +9,8 @@ from ..router import Address, ClientCertificate
 
 @attrs.frozen(kw_only=True)
 class ConnectionFacts:
-    """The client connection as the listener accepted it."""
+    """The client connection as the listener accepted it: all the front-end core and
+    the upstream login (`login.UpstreamLogin`) know of it, one value for both."""
 
     client: Address
     local: Address

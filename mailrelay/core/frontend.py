@@ -45,11 +45,11 @@ from typing import Any, ClassVar
 import attrs
 
 from .. import sasl
-from ..config import FrontEndConfig
 from ..router import Reject
 from .events import Close, Discarded, Event, LoginRefused, Route, Send, StartTLS
 from .facts import ConnectionFacts, TLSInfo
 from .machine import Input, SessionMachine, State
+from .settings import FrontEndConfig
 
 
 def printable(text: str, limit: int = 200) -> str:
@@ -105,6 +105,12 @@ class FrontEndCore:
     max_line_length = 32 * 1024
     """Longest command line accepted, terminator included: a SASL response of
     `sasl.MAX_RESPONSE` bytes (an OAuth token) fits in base64."""
+    COMMANDS: dict[bytes, Callable[..., None]] = {}
+    """A verb and its arguments (SMTP, POP3): the verb, in upper case -> its handler,
+    called with the core and the arguments. IMAP reads its tagged commands its own way."""
+    strip_arguments: ClassVar[bool] = False
+    """Whether the spaces around a command's arguments go (SMTP) or stay (POP3: a
+    password given to PASS may begin or end with one)."""
 
     def __init__(self, config: FrontEndConfig, connection: ConnectionFacts, machine: SessionMachine | None = None) -> None:
         self.config = config
@@ -217,8 +223,17 @@ class FrontEndCore:
         raise NotImplementedError
 
     def line_received(self, line: bytes) -> None:
-        """One command line, without its line ending (CRLF, or a bare LF)."""
-        raise NotImplementedError
+        """One command line, without its line ending (CRLF, or a bare LF): a verb and
+        its arguments, the verb looked up in `COMMANDS`."""
+        verb, _, args = line.partition(b" ")
+        command = self.COMMANDS.get(verb.upper())
+        if b"\0" in line or b"\r" in line:
+            # Some servers end a line at a bare CR: such a line means different things to different readers.
+            self.error(self.text("bare_cr_or_nul"))
+        elif command is None:
+            self.error(self.text("unknown_command"))
+        else:
+            command(self, args.strip(b" ") if self.strip_arguments else args)
 
     def bytes_received(self, data: bytes) -> None:
         """The bytes `read_bytes()` asked for."""

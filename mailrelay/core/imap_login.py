@@ -24,9 +24,10 @@ from collections.abc import Sequence
 import attrs
 
 from .. import sasl
-from ..router import Address, Reject, Route, RouteRequest
+from ..router import Reject, Route, RouteRequest
 from .dialogue import MAX_RESPONSE_LINE, Dialogue, ReadBytes, ReadLine, Send
 from .errors import UpstreamProtocolError
+from .facts import ConnectionFacts
 from .imap_syntax import LITERAL, Status, id_list, quoted, status, untagged_capabilities
 from .login import MAX_RESPONSE_LINES, UpstreamLogin, error_challenge_response, shown, upstream_credentials
 
@@ -56,19 +57,6 @@ def forwardable(client_id: ClientID) -> list[tuple[str, str | None]]:
     return fields[:30]
 
 
-@attrs.frozen(kw_only=True)
-class IMAPClientFacts:
-    """What the upstream steps need to know of the client's side of the session."""
-
-    tag: bytes
-    """The tag of the client's LOGIN or AUTHENTICATE."""
-    client: Address
-    local: Address
-    request: RouteRequest
-    client_id: ClientID | None = None
-    session_id: str = "-"
-
-
 @attrs.frozen
 class Answer:
     """A tagged answer (`status`, and the `line` as it came), with the untagged lines before it."""
@@ -85,9 +73,14 @@ class IMAPLogin(UpstreamLogin[Answer, Capabilities]):
     protocol = "IMAP"
     success = (b"OK",)
 
-    def __init__(self, facts: IMAPClientFacts) -> None:
-        super().__init__(facts.request)
-        self.facts = facts
+    def __init__(
+        self, connection: ConnectionFacts, request: RouteRequest, *, tag: bytes, client_id: ClientID | None = None
+    ) -> None:
+        super().__init__(connection, request)
+        self.tag = tag
+        """The tag of the client's LOGIN or AUTHENTICATE, which the upstream's login carries."""
+        self.client_id = client_id
+        """The fields of the client's ID command, if it sent one."""
         self._tags = itertools.count(1)
         self._awaited = b""
         """The tag of mailrelay's last command."""
@@ -161,7 +154,7 @@ class IMAPLogin(UpstreamLogin[Answer, Capabilities]):
     def log_in(self, route: Route, capabilities: Capabilities) -> Dialogue[bytes]:
         yield from self._identify(route, capabilities)
         credentials = upstream_credentials(self.request, route)
-        tag = self.facts.tag
+        tag = self.tag
         mechanism = credentials.mechanism
         if mechanism == "plain" and "AUTH=PLAIN" not in capabilities:
             mechanism = "login"  # every IMAP server has LOGIN
@@ -184,17 +177,17 @@ class IMAPLogin(UpstreamLogin[Answer, Capabilities]):
 
     def _identify(self, route: Route, capabilities: Capabilities) -> Dialogue[None]:
         """ID: the client's own fields, and its address when the Route forwards it."""
-        fields = forwardable(self.facts.client_id or ())
+        fields = forwardable(self.client_id or ())
         if route.forward_client:
             if "ID" not in capabilities:
                 raise UpstreamProtocolError("upstream does not offer ID, so it cannot learn the client's address")
-            client, local = self.facts.client, self.facts.local
+            client, local = self.connection.client, self.connection.local
             fields += [
                 ("x-originating-ip", client[0]),
                 ("x-originating-port", str(client[1])),
                 ("x-connected-ip", local[0]),
                 ("x-connected-port", str(local[1])),
-                ("x-session-ext-id", self.facts.session_id),
+                ("x-session-ext-id", self.connection.session_id),
             ]
             yield from self.command(b"ID " + id_list(fields), "ID")
         elif fields and "ID" in capabilities:

@@ -25,6 +25,7 @@ from .. import sasl
 from ..router import Route, RouteRequest
 from .dialogue import Dialogue, Send
 from .errors import UpstreamProtocolError
+from .facts import ConnectionFacts
 
 MAX_RESPONSE_LINES = 100
 """Most lines an upstream may send in answer to one login command."""
@@ -104,6 +105,11 @@ class UpstreamLogin(Generic[A, C]):
     each connection is greeted once, and the capabilities heard on one connection (or
     before its STARTTLS) are never used on another (or after).
 
+    It knows the client through the `connection` (the same `ConnectionFacts` the
+    front-end core has) and the `request` the Router answered; each protocol's subclass
+    takes, as keyword arguments, only what its own front-end learnt besides (SMTP's HELO
+    name and envelope, IMAP's tag and ID fields).
+
     Subclasses read the protocol: `greeting`, `ask_capabilities`, `answer`, `verdict`
     and `said`, and log in (`log_in`).
     """
@@ -117,7 +123,9 @@ class UpstreamLogin(Generic[A, C]):
     go_ahead: ClassVar[tuple[object, ...] | None] = None
     """The `verdict` of the answer that lets the TLS handshake start, if not `success`."""
 
-    def __init__(self, request: RouteRequest) -> None:
+    def __init__(self, connection: ConnectionFacts, request: RouteRequest) -> None:
+        self.connection = connection
+        """The client's connection, as the listener accepted it."""
         self.request = request
         self.client_reply = b""
         """What the client hears once the login succeeded (the upstream's own words for

@@ -93,16 +93,6 @@ class POP3Core(FrontEndCore):
             listed.append("STLS")
         return list(dict.fromkeys(listed))  # a configured word mailrelay lists anyway is said once
 
-    def line_received(self, line: bytes) -> None:
-        verb, _, args = line.partition(b" ")
-        command = self.COMMANDS.get(verb.upper())
-        if b"\0" in line or b"\r" in line:
-            self.error(self.text("bare_cr_or_nul"))
-        elif command is None:
-            self.error(self.text("unknown_command"))
-        else:
-            command(self, args)
-
     def _refuse_plaintext(self) -> bool:
         if self.tls_required():
             self.junk_reply(b"-ERR [AUTH] Use STLS first: logins are not accepted before TLS")

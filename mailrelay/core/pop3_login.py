@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import re
 
-import attrs
-
 from .. import sasl
-from ..router import Address, Reject, Route, RouteRequest
+from ..router import Reject, Route
 from .dialogue import Dialogue, ReadLine, Send
 from .errors import UpstreamProtocolError
 from .login import MAX_RESPONSE_LINES, UpstreamLogin, error_challenge_response, shown, upstream_credentials
@@ -32,14 +30,6 @@ Capabilities = dict[str, tuple[str, ...]]
 """CAPA's list (RFC 2449): keyword -> arguments, in upper case."""
 
 
-@attrs.frozen(kw_only=True)
-class POP3ClientFacts:
-    client: Address
-    local: Address
-    request: RouteRequest
-    session_id: str = "-"
-
-
 class POP3Login(UpstreamLogin[bytes, Capabilities]):
     """The upstream dialogue of one POP3 session; `client_reply` afterwards is the
     upstream's +OK to the login."""
@@ -47,11 +37,8 @@ class POP3Login(UpstreamLogin[bytes, Capabilities]):
     protocol = "POP3"
     starttls_command = "STLS"
     success = (True,)
-
-    def __init__(self, facts: POP3ClientFacts) -> None:
-        super().__init__(facts.request)
-        self.facts = facts
-        self._greeting = b""
+    _greeting = b""
+    """The greeting of the connection it logs in on (Dovecot says `+OK [XCLIENT]` there)."""
 
     def greeting(self, route: Route) -> Dialogue[None]:
         greeting = yield ReadLine("greeting")
@@ -107,8 +94,9 @@ class POP3Login(UpstreamLogin[bytes, Capabilities]):
         tells with `+OK [XCLIENT]` in its greeting)."""
         if "XCLIENT" not in capabilities and not self._greeting.upper().startswith(b"+OK [XCLIENT]"):
             raise UpstreamProtocolError("upstream does not offer XCLIENT, so it cannot learn the client's address")
-        client = self.facts.client
-        line = b"XCLIENT ADDR=%s PORT=%d SESSION=%s" % (client[0].encode(), client[1], self.facts.session_id.encode())
+        connection = self.connection
+        client = connection.client
+        line = b"XCLIENT ADDR=%s PORT=%d SESSION=%s" % (client[0].encode(), client[1], connection.session_id.encode())
         yield from self.command(line, "XCLIENT")
 
     def _verdict(self, line: bytes, mechanism: str) -> Dialogue[bytes]:

@@ -87,6 +87,7 @@ class SMTPCore(FrontEndCore):
 
     protocol = "smtp"
     replies = REPLIES
+    strip_arguments = True
     helo: bytes | None = None
     """The client's EHLO or HELO name, as it sent it (forgotten after STARTTLS)."""
     esmtp = False
@@ -115,17 +116,6 @@ class SMTPCore(FrontEndCore):
 
     def greeting(self) -> bytes:
         return f"220 {self.hostname} ESMTP ready\r\n".encode()
-
-    def line_received(self, line: bytes) -> None:
-        verb, _, args = line.partition(b" ")
-        command = self.COMMANDS.get(verb.upper())
-        if b"\0" in line or b"\r" in line:
-            # Some servers end a line at a bare CR: such a line means different things to different readers.
-            self.error(self.text("bare_cr_or_nul"))
-        elif command is None:
-            self.error(self.text("unknown_command"))
-        else:
-            command(self, args.strip(b" "))
 
     def reset_transaction(self) -> None:
         self.mail = self.rcpt = None

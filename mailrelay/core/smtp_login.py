@@ -1,7 +1,8 @@
 """
 SMTP towards the upstream: what mailrelay says to the server it routed a client to,
-before the splice, as a `Dialogue` (no I/O). It knows the client only through
-`ClientFacts`.
+before the splice, as a `Dialogue` (no I/O). It knows the client only through the
+connection's `ConnectionFacts`, the `RouteRequest`, and what the SMTP core learnt (the
+client's HELO name, and with auth "none" its envelope).
 
     greeting 220 -> EHLO -> [STARTTLS 220 -> TLS -> EHLO again]
         login = "xclient":      EHLO was mailrelay's name; XCLIENT ADDR= PORT= NAME= HELO=
@@ -23,9 +24,10 @@ from __future__ import annotations
 import attrs
 
 from .. import sasl
-from ..router import Address, Reject, Route, RouteRequest
+from ..router import Reject, Route, RouteRequest
 from .dialogue import Dialogue, ReadLine, Send
 from .errors import UpstreamProtocolError
+from .facts import ConnectionFacts
 from .login import UpstreamLogin, error_challenge_response, upstream_credentials
 from .smtp_stream import MAX_REPLY_LINE, MalformedReply, reply_line
 
@@ -90,23 +92,6 @@ def xtext(value: bytes) -> bytes:
     return b"".join(bytes([c]) if 0x21 <= c <= 0x7E and c not in b"+=" else b"+%02X" % c for c in value)
 
 
-@attrs.frozen(kw_only=True)
-class ClientFacts:
-    """What the upstream steps need to know of the client's side of the session."""
-
-    hostname: bytes
-    """mailrelay's own name, for its EHLO."""
-    helo: bytes | None
-    """The client's HELO/EHLO argument, as it sent it."""
-    esmtp: bool
-    """Whether the client said EHLO (not HELO)."""
-    client: Address
-    local: Address
-    request: RouteRequest
-    envelope: tuple[bytes, bytes] | None = None
-    """auth "none": the client's MAIL and RCPT command lines, to replay as sent."""
-
-
 class SMTPLogin(UpstreamLogin[Reply, Extensions]):
     """The upstream dialogue of one SMTP session. `offers("CHUNKING")` afterwards says
     what the EHLO reply the session goes on from listed."""
@@ -115,9 +100,25 @@ class SMTPLogin(UpstreamLogin[Reply, Extensions]):
     success = (250,)
     go_ahead = (220,)
 
-    def __init__(self, facts: ClientFacts) -> None:
-        super().__init__(facts.request)
-        self.facts = facts
+    def __init__(
+        self,
+        connection: ConnectionFacts,
+        request: RouteRequest,
+        *,
+        hostname: bytes,
+        helo: bytes | None,
+        esmtp: bool,
+        envelope: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        super().__init__(connection, request)
+        self.hostname = hostname
+        """mailrelay's own name, for its EHLO."""
+        self.helo = helo
+        """The client's HELO/EHLO argument, as it sent it."""
+        self.esmtp = esmtp
+        """Whether the client said EHLO (not HELO)."""
+        self.envelope = envelope
+        """auth "none": the client's MAIL and RCPT command lines, to replay as sent."""
 
     def unusable(self, route: Route) -> str | None:
         return None  # every Route.login is SMTP's
@@ -143,15 +144,14 @@ class SMTPLogin(UpstreamLogin[Reply, Extensions]):
     def _name(self, route: Route) -> bytes:
         """The EHLO name: the client's, but mailrelay's own until XCLIENT has said who
         the client is (an upstream may check the name against the connecting address)."""
-        facts = self.facts
-        return facts.hostname if _sends_xclient(route) or not facts.helo else facts.helo
+        return self.hostname if _sends_xclient(route) or not self.helo else self.helo
 
     def log_in(self, route: Route, capabilities: Extensions) -> Dialogue[bytes]:
         if _sends_xclient(route):
             capabilities = yield from self._xclient(route, capabilities)
         if route.login == "passthrough" and self.request.auth_method != "none":
             yield from self._authenticate(route, capabilities)
-        if self.facts.envelope is not None:
+        if self.envelope is not None:
             yield from self._replay()
         return LOGGED_IN if self.request.auth_method != "none" else b""
 
@@ -166,22 +166,21 @@ class SMTPLogin(UpstreamLogin[Reply, Extensions]):
         for line in _xclient_commands(attributes):
             yield from self.command(line, "XCLIENT", (220, 250))
         # XCLIENT resets the session to just after the greeting: greet again, as the client.
-        facts = self.facts
-        hello = b"EHLO " if facts.esmtp else b"HELO "
-        ehlo = yield from self.command(hello + (facts.helo or facts.hostname), hello.strip().decode())
+        hello = b"EHLO " if self.esmtp else b"HELO "
+        ehlo = yield from self.command(hello + (self.helo or self.hostname), hello.strip().decode())
         self._capabilities = extensions(ehlo)
         return self._capabilities
 
     def _xclient_attributes(self, route: Route) -> list[tuple[str, bytes]]:
-        facts, request = self.facts, self.request
+        client, local, request = self.connection.client, self.connection.local, self.request
         attributes = [
-            ("ADDR", _xclient_address(facts.client[0])),
-            ("PORT", b"%d" % facts.client[1] if facts.client[1] else b"[UNAVAILABLE]"),
+            ("ADDR", _xclient_address(client[0])),
+            ("PORT", b"%d" % client[1] if client[1] else b"[UNAVAILABLE]"),
             ("NAME", b"[UNAVAILABLE]"),  # no reverse lookup: the upstream may do its own
-            ("HELO", xtext(facts.helo) if facts.helo else b"[UNAVAILABLE]"),
-            ("PROTO", b"ESMTP" if facts.esmtp else b"SMTP"),
-            ("DESTADDR", _xclient_address(facts.local[0])),
-            ("DESTPORT", b"%d" % facts.local[1] if facts.local[1] else b"[UNAVAILABLE]"),
+            ("HELO", xtext(self.helo) if self.helo else b"[UNAVAILABLE]"),
+            ("PROTO", b"ESMTP" if self.esmtp else b"SMTP"),
+            ("DESTADDR", _xclient_address(local[0])),
+            ("DESTPORT", b"%d" % local[1] if local[1] else b"[UNAVAILABLE]"),
         ]
         login = route.user or request.user
         if route.login == "xclient" and request.auth_method != "none" and login:
@@ -217,8 +216,8 @@ class SMTPLogin(UpstreamLogin[Reply, Extensions]):
     # auth "none": the client's envelope
 
     def _replay(self) -> Dialogue[None]:
-        assert self.facts.envelope is not None
-        mail, rcpt = self.facts.envelope
+        assert self.envelope is not None
+        mail, rcpt = self.envelope
         yield Send(mail + b"\r\n")
         reply = yield from read_reply("answer to MAIL FROM")
         if reply.code != 250:

@@ -24,14 +24,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..config import FrontEndConfig
-from ..connector import Upstream
+from ..connector import LoginStep, StartTLSStep, Upstream
 from ..core.events import Close, Discarded, Event, LoginRefused, Route, Send, StartTLS
 from ..core.facts import ConnectionFacts, TLSInfo
 from ..core.frontend import FrontEndCore
+from ..core.login import UpstreamLogin
 from ..core.machine import Input, State
 from ..logtext import loggable
 from ..relay import RoutedConnection, RoutedConnectionFactory
-from ..router import Reject
+from ..router import Reject, RouteRequest
+from ..timers import cancel
+from .upstream import login_steps
 
 _FEEDS_CORE = (
     State.ACCEPTED,
@@ -63,6 +66,8 @@ class FrontEnd(RoutedConnection):
         self._deadline: IDelayedCall | None = None
         """Fires `login_deadline` seconds after accept, unless logged in or gone first."""
         self._paused_for_core = False
+        self.upstream_login: UpstreamLogin[Any, Any] | None = None
+        """The protocol's upstream login, once the session is routed."""
 
     @property
     def config(self) -> FrontEndConfig:
@@ -194,8 +199,7 @@ class FrontEnd(RoutedConnection):
             self._silence = self.factory.clock.callLater(self.config.login_timeout, self._silent_too_long)
 
     def _stop_silence(self) -> None:
-        if self._silence is not None and self._silence.active():
-            self._silence.cancel()
+        cancel(self._silence)
         self._silence = None
 
     def _silent_too_long(self) -> None:
@@ -214,8 +218,7 @@ class FrontEnd(RoutedConnection):
         self.perform(self.core.deadline_passed())
 
     def _stop_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
+        cancel(self._deadline)
         self._deadline = None
 
     # The session's news, passed to the core
@@ -238,18 +241,22 @@ class FrontEnd(RoutedConnection):
         self.pending[:0] = self.core.leftover()
         self.perform(self.core.logged_in(self.client_reply()))
 
+    def make_login(self, request: RouteRequest) -> UpstreamLogin[Any, Any] | None:
+        """The protocol's upstream login for `request`, made from what the core learnt;
+        None: nothing to say upstream, the splice starts with its first byte."""
+        return None
+
+    def upstream_steps(self, request: RouteRequest) -> tuple[LoginStep | None, StartTLSStep | None]:
+        self.upstream_login = self.make_login(request)
+        return login_steps(self.upstream_login) if self.upstream_login is not None else (None, None)
+
     def client_reply(self) -> bytes:
-        """What the client hears once the upstream accepted the login (the upstream's
-        own reply, for IMAP and POP3)."""
-        return b""
+        """What the client hears once the upstream accepted the login: the upstream's own
+        answer (IMAP's tagged OK, POP3's +OK)."""
+        return self.upstream_login.client_reply if self.upstream_login is not None else b""
 
     def lost_before_routing(self, reason: Failure) -> None:
         if self.core is not None and self.core.last_failure is not None and self._handshake_timer is None:
             self.finish(*self.core.last_failure)
         else:
             super().lost_before_routing(reason)
-
-    def client_facts(self, **extra: Any) -> dict[str, Any]:
-        """The connection's facts, for an upstream login's facts type."""
-        assert self.session is not None
-        return {"client": self.client, "local": self.local, "session_id": self.session.id, **extra}

@@ -7,15 +7,14 @@ is not spliced blindly but relayed by `smtp_relay.SMTPRelay`.
 
 from __future__ import annotations
 
-from ..connector import LoginStep, StartTLSStep, Upstream
+from ..connector import Upstream
 from ..core.machine import Input
 from ..core.smtp import SMTPCore
-from ..core.smtp_login import ClientFacts, SMTPLogin
+from ..core.smtp_login import SMTPLogin
 from ..router import RouteRequest
 from ..splice import SpliceResult
 from .frontend import FrontEnd
 from .smtp_relay import SMTPRelay
-from .upstream import login_steps
 
 
 class SMTPFrontEnd(FrontEnd):
@@ -23,7 +22,6 @@ class SMTPFrontEnd(FrontEnd):
 
     core_class = SMTPCore
     busy_reply = SMTPCore.replies.busy
-    _upstream_login: SMTPLogin | None = None
 
     @property
     def smtp(self) -> SMTPCore:
@@ -31,33 +29,32 @@ class SMTPFrontEnd(FrontEnd):
         assert isinstance(self.core, SMTPCore)
         return self.core
 
-    def upstream_steps(self, request: RouteRequest) -> tuple[LoginStep | None, StartTLSStep | None]:
+    def make_login(self, request: RouteRequest) -> SMTPLogin:
         core = self.smtp
         envelope = (core.mail, core.rcpt) if request.auth_method == "none" and core.mail and core.rcpt else None
-        self._upstream_login = SMTPLogin(
-            ClientFacts(
-                hostname=self.config.hostname.encode("idna"),
-                helo=core.helo,
-                esmtp=core.esmtp,
-                client=self.client,
-                local=self.local,
-                request=request,
-                envelope=envelope,
-            )
+        return SMTPLogin(
+            core.connection,
+            request,
+            hostname=self.config.hostname.encode("idna"),
+            helo=core.helo,
+            esmtp=core.esmtp,
+            envelope=envelope,
         )
-        return login_steps(self._upstream_login)
+
+    def client_reply(self) -> bytes:
+        return b""  # the core says 235 itself, when the client logged in
 
     async def relay(self, upstream: Upstream) -> SpliceResult:
         """Not a blind splice: the session goes on through `SMTPRelay`, which lets no
         XCLIENT, smuggled message or unvetted recipient reach the upstream."""
-        assert self._upstream_login is not None
+        assert isinstance(self.upstream_login, SMTPLogin)
         core = self.smtp
         envelope = core.mail is not None and core.rcpt is not None and not core.authenticating
         relay = SMTPRelay(
             self,
             core,
             upstream,
-            chunking=self._upstream_login.offers("CHUNKING"),
+            chunking=self.upstream_login.offers("CHUNKING"),
             helo=core.helo,
             mail=core.mail if envelope else None,
             rcpt_owed=envelope,

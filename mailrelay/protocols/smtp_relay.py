@@ -43,12 +43,14 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..ask import ask_router
 from ..connector import Upstream
 from ..core import smtp_stream as stream
 from ..core.smtp import SMTPCore
 from ..core.smtp_stream import Answer, BareNewline, Chunk, ContentChecker, DataReader, Discard, Forward
-from ..router import Reject, RouterError, ask_router
+from ..router import Reject, RouterError
 from ..splice import LineTooLong, Pacer, PeerClosed, SpliceResult
+from ..timers import cancel
 from .frontend import FrontEnd
 
 MAX_PIPELINE = 100
@@ -152,8 +154,7 @@ class SMTPRelay:
         `_done` fires once both are gone."""
         if self._result is not None:
             return
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
+        cancel(self._idle_call)
         self._idle_call = None
         for connection in (self.front, self.server):
             if connection.lost_reason is None:  # a lost TLS transport cannot even unregister
@@ -173,8 +174,7 @@ class SMTPRelay:
         closed.addCallback(self._closed)
 
     def _closed(self, _: object) -> None:
-        if self._abort_call is not None and self._abort_call.active():
-            self._abort_call.cancel()
+        cancel(self._abort_call)
         self._abort_call = None
         assert self._result is not None
         self._done.callback(self._result)

@@ -35,8 +35,9 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
+from ..ask import call_router
 from ..interfaces import IReloadable
-from ..router import IRouter, Route, RouteRequest, call_router, verifies_passwords
+from ..router import IRouter, Route, RouteRequest, verifies_passwords
 from ..routerspec import PasswordListener, RouterSpec
 
 UNCACHEABLE_METHODS = frozenset({"cram-md5", "apop"})

@@ -14,7 +14,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..router import MODES, PROTOCOLS, AuthMethod, IRouter, Route, RouteRequest, ask_router
+from ..ask import ask_router
+from ..router import MODES, PROTOCOLS, AuthMethod, IRouter, Route, RouteRequest
 
 __all__ = ["CLIENT", "RecordingRouter", "local_address", "resolve", "route_request"]
 
