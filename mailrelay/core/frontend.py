@@ -39,7 +39,7 @@ protocol (`Replies`), not a method per case.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -108,6 +108,11 @@ class FrontEndCore:
     COMMANDS: dict[bytes, Callable[..., None]] = {}
     """A verb and its arguments (SMTP, POP3): the verb, in upper case -> its handler,
     called with the core and the arguments. IMAP reads its tagged commands its own way."""
+    REFUSALS: ClassVar[Mapping[bytes, Sequence[tuple[Callable[[Any], bool], str]]]] = {}
+    """Why a command cannot be taken in the session's state now, by verb: (condition,
+    reply) pairs, checked in order before the command runs. The first condition that
+    holds answers the command with its reply (and counts it as junk: a command refused
+    in this state achieves nothing); the command itself only runs when none holds."""
     strip_arguments: ClassVar[bool] = False
     """Whether the spaces around a command's arguments go (SMTP) or stay (POP3: a
     password given to PASS may begin or end with one)."""
@@ -232,8 +237,15 @@ class FrontEndCore:
             self.error(self.text("bare_cr_or_nul"))
         elif command is None:
             self.error(self.text("unknown_command"))
+        elif (refusal := self.refusal(verb.upper())) is not None:
+            if self.junk():
+                self.send(refusal.encode("utf-8") + b"\r\n")
         else:
             command(self, args.strip(b" ") if self.strip_arguments else args)
+
+    def refusal(self, verb: bytes) -> str | None:
+        """Why `verb` cannot be taken now (`REFUSALS`), or None."""
+        return next((reply for holds, reply in self.REFUSALS.get(verb, ()) if holds(self)), None)
 
     def bytes_received(self, data: bytes) -> None:
         """The bytes `read_bytes()` asked for."""

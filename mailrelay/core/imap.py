@@ -40,6 +40,8 @@ OWN_CAPABILITIES = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID")
 MAX_ID_FIELDS = 30
 """RFC 2971: at most 30 field-value pairs."""
 
+PLAINTEXT_REFUSED = "[PRIVACYREQUIRED] Use STARTTLS first: logins are not accepted before TLS"
+
 REPLIES = Replies(
     # Dovecot's words, for its hard pre-login limit as for silence.
     timeout="* BYE Disconnected for inactivity",
@@ -153,7 +155,7 @@ class IMAPCore(FrontEndCore):
             if _bare_cr_or_nul(command):  # refused before the client sends the literal
                 self.bad_by_table("bare_cr_or_nul", tag)
                 return
-            if name == b"LOGIN" and self._login_refused(tag):
+            if name == b"LOGIN" and self._refused(tag, b"LOGIN"):
                 self._command = None  # before the client sends its password in a literal
                 return
             self.send_line(b"+ OK")
@@ -234,25 +236,19 @@ class IMAPCore(FrontEndCore):
         self.client_id = None
         self._command = None
 
-    def _refuse_plaintext(self, tag: bytes) -> bool:
-        if self.tls_required():
-            self.junk_no(tag, b"[PRIVACYREQUIRED] Use STARTTLS first: logins are not accepted before TLS")
-            return True
-        return False
-
-    def _login_refused(self, tag: bytes) -> bool:
-        """Refuse LOGIN when it is not allowed now (and say so); whether it was."""
-        if self._refuse_plaintext(tag):
-            return True
-        if not self.login_allowed():
-            self.junk_no(tag, b"[CANNOT] LOGIN is disabled: use AUTHENTICATE")
-            return True
-        return False
+    def _refused(self, tag: bytes, verb: bytes) -> bool:
+        """Refuse a login command the session's state does not allow now (`REFUSALS`),
+        once its syntax is known good (IMAP says BAD to syntax first); whether it was."""
+        refusal = self.refusal(verb)
+        if refusal is None:
+            return False
+        self.junk_no(tag, refusal.encode("ascii"))
+        return True
 
     def login_command(self, tag: bytes, args: list[Token]) -> None:
         if len(args) != 2 or not all(is_string(a) for a in args):
             self.bad(tag, b"LOGIN takes a user name and a password")
-        elif not self._login_refused(tag):
+        elif not self._refused(tag, b"LOGIN"):
             user, password = args
             assert isinstance(user, bytes) and isinstance(password, bytes)
             try:
@@ -267,7 +263,7 @@ class IMAPCore(FrontEndCore):
         if not 1 <= len(args) <= 2 or not isinstance(args[0], Atom) or (len(args) == 2 and not isinstance(args[1], Atom)):
             self.bad(tag, b"AUTHENTICATE takes a mechanism and an optional initial response")
             return
-        if self._refuse_plaintext(tag):
+        if self._refused(tag, b"AUTHENTICATE"):
             return
         mechanism = args[0].decode("ascii", "replace").lower()
         if mechanism not in self.mechanisms():
@@ -286,6 +282,17 @@ class IMAPCore(FrontEndCore):
         b"AUTHENTICATE": authenticate_command,
         b"ID": id_command,
     }
+
+    REFUSALS = {
+        b"LOGIN": (
+            (lambda c: c.tls_required(), PLAINTEXT_REFUSED),
+            (lambda c: not c.login_allowed(), "[CANNOT] LOGIN is disabled: use AUTHENTICATE"),
+        ),
+        b"AUTHENTICATE": ((lambda c: c.tls_required(), PLAINTEXT_REFUSED),),
+    }
+    """Why a login command cannot be taken in the session's state: the text of its tagged
+    NO (see `FrontEndCore.REFUSALS`; IMAP checks a command's syntax first, so its own
+    dispatch consults this table after the arguments are parsed)."""
 
     # SASL and the login's outcome
 

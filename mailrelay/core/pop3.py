@@ -36,6 +36,8 @@ OWN_CAPABILITIES = ("RESP-CODES", "AUTH-RESP-CODE")
 _APOP = re.compile(rb"(.+) ([0-9a-fA-F]{32})", re.DOTALL)
 _RESPONSE_CODE = re.compile(r"[A-Z][A-Z0-9/-]{0,39}")
 
+PLAINTEXT_REFUSED = "-ERR [AUTH] Use STLS first: logins are not accepted before TLS"
+
 REPLIES = Replies(
     timeout="-ERR Disconnected for inactivity",
     too_many_junk="-ERR Too many commands",
@@ -93,12 +95,6 @@ class POP3Core(FrontEndCore):
             listed.append("STLS")
         return list(dict.fromkeys(listed))  # a configured word mailrelay lists anyway is said once
 
-    def _refuse_plaintext(self) -> bool:
-        if self.tls_required():
-            self.junk_reply(b"-ERR [AUTH] Use STLS first: logins are not accepted before TLS")
-            return True
-        return False
-
     # Commands
 
     def capa(self, args: bytes) -> None:
@@ -114,33 +110,20 @@ class POP3Core(FrontEndCore):
         self.quit(b"+OK Bye\r\n")
 
     def stls(self, args: bytes) -> None:
-        if self.tls is not None:
-            self.junk_reply(b"-ERR TLS is already active")
-        elif not self.can_start_tls():
-            self.junk_reply(b"-ERR STLS is not available")
-        else:
-            self.start_tls(b"+OK Begin TLS negotiation now\r\n")
+        self.start_tls(b"+OK Begin TLS negotiation now\r\n")
 
     def tls_started(self) -> None:
         self.user = None
 
     def user_command(self, args: bytes) -> None:
-        if self._refuse_plaintext():
-            return
-        if not self.password_logins():
-            self.junk_reply(b"-ERR USER is disabled: use AUTH")
-        elif not args:
+        if not args:
             self.error(b"-ERR USER takes a user name\r\n")
         elif self.user is None or self.junk():
             self.user = args
             self.reply(b"+OK")
 
     def pass_command(self, args: bytes) -> None:
-        if self._refuse_plaintext():
-            return
-        if self.user is None:
-            self.junk_reply(b"-ERR Send USER first")
-            return
+        assert self.user is not None  # REFUSALS
         user, self.user = self.user, None
         try:
             credentials = sasl.password_login(user, args)
@@ -150,12 +133,9 @@ class POP3Core(FrontEndCore):
         self.login(credentials)
 
     def apop(self, args: bytes) -> None:
-        if self._refuse_plaintext():
-            return
+        assert self.timestamp is not None  # REFUSALS
         match = _APOP.fullmatch(args)
-        if self.timestamp is None:
-            self.junk_reply(b"-ERR APOP is not available")
-        elif match is None:
+        if match is None:
             self.error(b"-ERR APOP takes a user name and a 32-digit hexadecimal digest\r\n")
         else:
             try:
@@ -166,8 +146,6 @@ class POP3Core(FrontEndCore):
             self.login(sasl.Credentials(user=user, password=match[2].decode().lower(), method="apop", salt=self.timestamp))
 
     def auth(self, args: bytes) -> None:
-        if self._refuse_plaintext():
-            return
         mechanisms = self.mechanisms()
         if not args:
             # Not in RFC 5034, but what clients probe with (and nginx and Dovecot answer).
@@ -193,6 +171,27 @@ class POP3Core(FrontEndCore):
         b"NOOP": noop,
         b"QUIT": quit_command,
     }
+
+    REFUSALS = {
+        b"STLS": (
+            (lambda c: c.tls is not None, "-ERR TLS is already active"),
+            (lambda c: not c.can_start_tls(), "-ERR STLS is not available"),
+        ),
+        b"USER": (
+            (lambda c: c.tls_required(), PLAINTEXT_REFUSED),
+            (lambda c: not c.password_logins(), "-ERR USER is disabled: use AUTH"),
+        ),
+        b"PASS": (
+            (lambda c: c.tls_required(), PLAINTEXT_REFUSED),
+            (lambda c: c.user is None, "-ERR Send USER first"),
+        ),
+        b"APOP": (
+            (lambda c: c.tls_required(), PLAINTEXT_REFUSED),
+            (lambda c: c.timestamp is None, "-ERR APOP is not available"),
+        ),
+        b"AUTH": ((lambda c: c.tls_required(), PLAINTEXT_REFUSED),),
+    }
+    """Why a command cannot be taken in the session's state (see `FrontEndCore.REFUSALS`)."""
 
     def sasl_challenge(self, challenge: bytes) -> None:
         self.reply(b"+ " + sasl.encode(challenge))

@@ -177,15 +177,7 @@ class SMTPCore(FrontEndCore):
 
     def auth(self, args: bytes) -> None:
         mechanisms = self.mechanisms()
-        if not mechanisms:
-            self.junk_reply("503 5.5.1 Error: authentication not enabled")
-        elif self.tls_required():
-            self.junk_reply("530 5.7.0 Must issue a STARTTLS command first")
-        elif self.helo is None:
-            self.junk_reply("503 5.5.1 Error: send EHLO first")
-        elif self.mail is not None:
-            self.junk_reply("503 5.5.1 Error: MAIL transaction in progress")
-        elif not args:
+        if not args:
             self.error(b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n")
         else:
             name, _, initial = args.partition(b" ")
@@ -224,15 +216,7 @@ class SMTPCore(FrontEndCore):
     # auth "none": the envelope
 
     def mail_command(self, args: bytes) -> None:
-        if "none" not in self.config.auth:
-            self.junk_reply("530 5.7.0 Authentication required")
-        elif self.tls_required():
-            self.junk_reply("530 5.7.0 Must issue a STARTTLS command first")
-        elif self.helo is None:
-            self.junk_reply("503 5.5.1 Error: send HELO/EHLO first")
-        elif self.mail is not None:
-            self.junk_reply("503 5.5.1 Error: nested MAIL command")
-        elif (match := MAIL_ARGUMENTS.fullmatch(args)) is None:
+        if (match := MAIL_ARGUMENTS.fullmatch(args)) is None:
             self.error(MAIL_SYNTAX)
         elif self.config.size and (size := _SIZE.search(match[2] or b"")) and int(size[1]) > self.config.size:
             self.reply("552 5.3.4 Message size exceeds fixed limit")
@@ -241,15 +225,10 @@ class SMTPCore(FrontEndCore):
             self.reply("250 2.1.0 Ok")
 
     def rcpt_command(self, args: bytes) -> None:
-        if "none" not in self.config.auth:
-            self.junk_reply("530 5.7.0 Authentication required")
-        elif self.tls_required():
-            self.junk_reply("530 5.7.0 Must issue a STARTTLS command first")
-        elif self.mail is None:
-            self.junk_reply("503 5.5.1 Error: need MAIL command")
-        elif RCPT_ARGUMENTS.fullmatch(args) is None:
+        if RCPT_ARGUMENTS.fullmatch(args) is None:
             self.error(RCPT_SYNTAX)
         else:
+            assert self.mail is not None  # REFUSALS
             self.rcpt = b"RCPT " + args
             self.route(
                 auth_method="none",
@@ -259,12 +238,8 @@ class SMTPCore(FrontEndCore):
             )
 
     def data(self, args: bytes) -> None:
-        if "none" not in self.config.auth:
-            self.junk_reply("530 5.7.0 Authentication required")
-        elif self.mail is None:
-            self.junk_reply("503 5.5.1 Error: need MAIL command")
-        else:
-            self.junk_reply("554 5.5.1 Error: no valid recipients")
+        # A recipient the Router accepted hands the session on: none has been.
+        self.junk_reply("554 5.5.1 Error: no valid recipients")
 
     # Other commands
 
@@ -302,6 +277,34 @@ class SMTPCore(FrontEndCore):
         b"EXPN": vrfy,
     }
     """What each command (its verb in upper case) does before login."""
+
+    REFUSALS = {
+        b"AUTH": (
+            (lambda c: not c.mechanisms(), "503 5.5.1 Error: authentication not enabled"),
+            (lambda c: c.tls_required(), "530 5.7.0 Must issue a STARTTLS command first"),
+            (lambda c: c.helo is None, "503 5.5.1 Error: send EHLO first"),
+            (lambda c: c.mail is not None, "503 5.5.1 Error: MAIL transaction in progress"),
+        ),
+        b"MAIL": (
+            (lambda c: "none" not in c.config.auth, "530 5.7.0 Authentication required"),
+            (lambda c: c.tls_required(), "530 5.7.0 Must issue a STARTTLS command first"),
+            (lambda c: c.helo is None, "503 5.5.1 Error: send HELO/EHLO first"),
+            (lambda c: c.mail is not None, "503 5.5.1 Error: nested MAIL command"),
+        ),
+        b"RCPT": (
+            (lambda c: "none" not in c.config.auth, "530 5.7.0 Authentication required"),
+            (lambda c: c.tls_required(), "530 5.7.0 Must issue a STARTTLS command first"),
+            (lambda c: c.mail is None, "503 5.5.1 Error: need MAIL command"),
+        ),
+        **dict.fromkeys(
+            (b"DATA", b"BDAT"),
+            (
+                (lambda c: "none" not in c.config.auth, "530 5.7.0 Authentication required"),
+                (lambda c: c.mail is None, "503 5.5.1 Error: need MAIL command"),
+            ),
+        ),
+    }
+    """Why a mail command cannot be taken in the session's state (see `FrontEndCore.REFUSALS`)."""
 
     # Refusals
 
