@@ -11,11 +11,13 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
 
 from mailrelay.connector import UpstreamConnector, UpstreamProtocol, UpstreamUnavailable
 from mailrelay.router import Reject, Route
 from mailrelay.tls import self_signed_certificate
 from mailrelay.tls_client import ClientTLS
+from tests.support.clocked import ClockedReactor, connecting_to, reading_from
 from tests.support.net import ProxyTestCase, closed_port, recv_all
 from tests.support.pki import PKI
 
@@ -273,7 +275,17 @@ class UpstreamCertificateTests(ProxyTestCase):
 
 class LoginDeadlineTests(ProxyTestCase):
     """`login_timeout` bounds each route's whole attempt; the route that overruns it is
-    aborted, named with the stage it was stuck in, and the next one is tried."""
+    aborted, named with the stage it was stuck in, and the next one is tried. The
+    connector's timers run on a Clock (`ClockedReactor`), advanced once it waits."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.clock = Clock()
+
+    def clocked(self, connect_timeout: float, login_timeout: float) -> UpstreamConnector:
+        return UpstreamConnector(
+            ClockedReactor(reactor, self.clock), connect_timeout=connect_timeout, login_timeout=login_timeout
+        )
 
     def silent(self) -> tuple[Any, threading.Event]:
         """An upstream that accepts and says nothing until mailrelay goes; an Event set on accept."""
@@ -291,7 +303,7 @@ class LoginDeadlineTests(ProxyTestCase):
     def assert_no_timer_left(self) -> None:
         left = [
             call
-            for call in reactor.getDelayedCalls()
+            for call in (*self.clock.getDelayedCalls(), *reactor.getDelayedCalls())
             if call.active() and not getattr(getattr(call, "func", None), "__module__", "").startswith("twisted.trial")
         ]
         self.assertEqual(left, [])
@@ -299,25 +311,29 @@ class LoginDeadlineTests(ProxyTestCase):
     async def test_a_silent_upstream_fails_its_route_with_its_stage_and_the_next_is_tried(self) -> None:
         (silent, _), working = self.silent(), self.server(greeter)
         routes = [Route(host="127.0.0.1", port=silent.port), Route(host="127.0.0.1", port=working.port)]
-        connector = UpstreamConnector(reactor, connect_timeout=5, login_timeout=0.5)
-        upstream = await Deferred.fromCoroutine(connector.connect(routes, login=ehlo_login, session_id="abc"))
+        connector = self.clocked(connect_timeout=10, login_timeout=30)
+        connecting = Deferred.fromCoroutine(connector.connect(routes, login=ehlo_login, session_id="abc"))
+        await self.eventually(lambda: reading_from(silent.port), "the connector did not connect to the silent upstream")
+        self.clock.advance(30)
+        upstream = await connecting
         self.assertEqual(upstream.route.port, working.port)
-        self.assertIn(f"session abc: upstream 127.0.0.1:{silent.port} failed: no greeting within 0.5s", self.logs.lines())
+        self.assertIn(f"session abc: upstream 127.0.0.1:{silent.port} failed: no greeting within 30s", self.logs.lines())
         self.assertEqual(await self.in_thread(silent.result), b"aborted")
         upstream.protocol.transport.loseConnection()
         await self.in_thread(working.result)
         self.assert_no_timer_left()
 
     async def test_a_step_names_the_stage_it_waits_in(self) -> None:
+        heard: list[bytes] = []
+
         def greets(conn: socket.socket) -> bytes:
             conn.sendall(b"220 hello\r\n")
-            heard = b""
             try:
                 while data := conn.recv(100):
-                    heard += data
+                    heard.append(data)
             except OSError:  # mailrelay aborted the connection
                 pass
-            return heard
+            return b"".join(heard)
 
         async def foo_login(upstream: UpstreamProtocol, route: Route) -> None:
             await expect(upstream, b"220")
@@ -326,18 +342,24 @@ class LoginDeadlineTests(ProxyTestCase):
             await expect(upstream, b"250")
 
         server = self.server(greets)
-        connector = UpstreamConnector(reactor, connect_timeout=5, login_timeout=0.5)
+        connector = self.clocked(connect_timeout=10, login_timeout=30)
+        connecting = Deferred.fromCoroutine(connector.connect([Route(host="127.0.0.1", port=server.port)], login=foo_login))
+        await self.eventually(lambda: heard, "the step did not say FOO")
+        self.clock.advance(30)
         with self.assertRaises(UpstreamUnavailable) as caught:
-            await Deferred.fromCoroutine(connector.connect([Route(host="127.0.0.1", port=server.port)], login=foo_login))
-        self.assertEqual(caught.exception.failures[0][1], "no answer to FOO within 0.5s")
+            await connecting
+        self.assertEqual(caught.exception.failures[0][1], "no answer to FOO within 30s")
         self.assertEqual(await self.in_thread(server.result), b"FOO\r\n")
 
     async def test_a_login_timeout_below_the_connect_timeout_bounds_the_connect(self) -> None:
-        connector = UpstreamConnector(reactor, connect_timeout=30, login_timeout=0.5)
+        connector = self.clocked(connect_timeout=60, login_timeout=30)
         host, port = self.black_hole()
+        connecting = Deferred.fromCoroutine(connector.connect([Route(host=host, port=port)]))
+        await self.eventually(lambda: connecting_to(port), "the connector did not start connecting")
+        self.clock.advance(30)  # a connection to the black hole is never answered
         with self.assertRaises(UpstreamUnavailable) as caught:
-            await Deferred.fromCoroutine(connector.connect([Route(host=host, port=port)]))
-        self.assertEqual(caught.exception.failures[0][1], "no connection within 0.5s")
+            await connecting
+        self.assertEqual(caught.exception.failures[0][1], "no connection within 30s")
         self.assert_no_timer_left()
 
     async def test_the_callers_cancellation_aborts_the_attempt_and_tries_no_other_route(self) -> None:

@@ -7,7 +7,9 @@ behind: no timer, no session, no file descriptor. And SMTP's relay aborts, after
 grace, a client connection it closed that does not take what was written to it.
 
 Real sockets throughout: mailrelay's SMTP, IMAP and POP3 front-ends, scripted upstreams
-that stall where a test says, raw clients.
+that stall where a test says, raw clients. mailrelay's timers run on a `task.Clock`
+(`ClockedReactor`): once mailrelay waits where the upstream stalls, the test advances
+the clock past the deadline instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -19,19 +21,24 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 
 from mailrelay.config import ConfigError, parse_config
 from mailrelay.protocols.smtp_relay import SMTPRelay
 from mailrelay.router import Route
 from mailrelay.service import MailrelayService
+from tests.support.clocked import reading_from, writing_to
 from tests.support.frontends import PASSWORD, USER, FrontEndTestCase, Router, plain_ir
 from tests.support.imap import ScriptedIMAP, read_tagged
 from tests.support.net import WAIT, ThreadedServer, read_line, recv_all, reset
 from tests.support.pop3 import ScriptedPOP3, logged_in_reply
 from tests.support.smtp import ScriptedSMTP, raw_reply
 
-TIMEOUT = 0.5
-"""The `login_timeout` of these tests."""
+TIMEOUT = 30.0
+"""The `[upstream] login_timeout` of these tests (the default)."""
+
+IDLE = 300.0
+"""The SMTP relay's `idle_timeout` in these tests."""
 
 SMTP_UNAVAILABLE = b"451 4.4.1 Mail server temporarily unavailable, try again later\r\n"
 IMAP_UNAVAILABLE = b"a NO [UNAVAILABLE] Mail server temporarily unavailable, try again later\r\n"
@@ -62,12 +69,14 @@ class Stalling:
     An upstream that says `script[0]` on accept (nothing if it is empty), answers each
     line it then hears with the next item (`{tag}` replaced by the line's first word),
     and once the script is over reads on without a word, until mailrelay closes the
-    connection: what it heard (a TLS ClientHello included). `accepted` is set on accept.
+    connection: what it heard (a TLS ClientHello included). `accepted` is set on accept;
+    `unanswered` is what it heard once its script was over, as it comes.
     """
 
     def __init__(self, *script: bytes) -> None:
         self.script = script
         self.accepted = threading.Event()
+        self.unanswered = b""
 
     def __call__(self, conn: socket.socket) -> bytes:
         self.accepted.set()
@@ -81,9 +90,11 @@ class Stalling:
                 return heard
             conn.sendall(answer.replace(b"{tag}", line.split(b" ", 1)[0]))
         try:
-            return heard + recv_all(conn)
+            while data := conn.recv(1 << 16):
+                self.unanswered += data
         except OSError:
-            return heard
+            pass
+        return heard + self.unanswered
 
 
 class DeadlineTestCase(FrontEndTestCase):
@@ -92,17 +103,35 @@ class DeadlineTestCase(FrontEndTestCase):
 
     protocol = "smtp"
 
-    async def start(self, answer: Any, login_timeout: float = TIMEOUT, **listener: Any) -> int:
-        """mailrelay routed by `answer` (a request -> Route(s) function); the port. The
-        file descriptors and timers of the moment are the baseline `settled()` expects."""
+    def setUp(self) -> None:
+        super().setUp()
+        self.clock = Clock()
+
+    def pending_calls(self) -> list[Any]:
+        """The active calls on the clock and on the real reactor."""
+        return [call for call in (*self.clock.getDelayedCalls(), *reactor.getDelayedCalls()) if call.active()]
+
+    async def start(self, answer: Any, **listener: Any) -> int:
+        """mailrelay on `self.clock`, routed by `answer` (a request -> Route(s)
+        function); the port. The file descriptors and timers of the moment are the
+        baseline `settled()` expects."""
         config = self.front_end_config(starttls="optional", **listener)
-        config["upstream"] = {"login_timeout": login_timeout, "connect_timeout": 5}
+        config["upstream"] = {"login_timeout": TIMEOUT, "connect_timeout": 10}
         self.service: MailrelayService
-        self.service, port = await self.start_proxy(config, router=Router(answer=answer))
+        self.service, port = await self.start_proxy(config, router=Router(answer=answer), clock=self.clock)
         await self.in_thread(lambda: None)  # the reactor's first thread call opens its waker's pipe
         self.fds = open_fds()
-        self.timers = {call for call in reactor.getDelayedCalls() if call.active()}
+        self.timers = set(self.pending_calls())
         return port
+
+    async def stalled(self, upstream: ThreadedServer, stalling: Stalling) -> None:
+        """Once mailrelay waits where `stalling`'s script ends: it said something there
+        that is left unanswered or, to an upstream that says nothing at all, it is
+        connected and reading."""
+        if stalling.script:
+            await self.eventually(lambda: stalling.unanswered, "mailrelay said nothing past the upstream's script")
+        else:
+            await self.eventually(lambda: reading_from(upstream.port), "mailrelay did not connect to the upstream")
 
     def upstream(self, handle: Callable[[socket.socket], Any]) -> ThreadedServer:
         return self.server(closing(handle))
@@ -117,10 +146,8 @@ class DeadlineTestCase(FrontEndTestCase):
         self.assertEqual(len(self.service.sessions), 0)
         left = [
             call
-            for call in reactor.getDelayedCalls()
-            if call.active()
-            and call not in self.timers
-            and not getattr(getattr(call, "func", None), "__module__", "").startswith("twisted.trial")
+            for call in self.pending_calls()
+            if call not in self.timers and not getattr(getattr(call, "func", None), "__module__", "").startswith("twisted.trial")
         ]
         self.assertEqual(left, [])
         self.assertEqual(open_fds(), self.fds)
@@ -180,21 +207,26 @@ class DeadlineTestCase(FrontEndTestCase):
     # The tests each front-end runs
 
     async def check_fallback_after_a_silent_upstream(self, logged_in: bytes, goodbye: bytes) -> None:
-        silent, working = self.upstream(Stalling()), self.working_upstream()
+        stalling = Stalling()
+        silent, working = self.upstream(stalling), self.working_upstream()
         port = await self.start(lambda request: [Route(host="127.0.0.1", port=p) for p in (silent.port, working.port)])
 
         def client() -> tuple[bytes, bytes]:
             conn, reply = self.login(port)
             return reply, self.leave(conn)
 
-        self.assertEqual(await self.in_thread(client), (logged_in, goodbye))
+        talking = self.in_thread(client)
+        await self.stalled(silent, stalling)
+        self.clock.advance(TIMEOUT)
+        self.assertEqual(await talking, (logged_in, goodbye))
         self.failure_logged(silent, f"no greeting within {TIMEOUT:g}s")
         await self.settled(silent, working)
         line = self.logs.sessions()[-1]
         self.assertEqual((line["outcome"], line["upstream"]), ("closed", f"127.0.0.1:{working.port}"))
 
     async def check_temporary_failure_without_a_fallback(self, unavailable: bytes) -> None:
-        silent = self.upstream(Stalling())
+        stalling = Stalling()
+        silent = self.upstream(stalling)
         port = await self.start(lambda request: Route(host="127.0.0.1", port=silent.port))
 
         def client() -> bytes:
@@ -202,7 +234,10 @@ class DeadlineTestCase(FrontEndTestCase):
             self.leave(conn)
             return reply
 
-        self.assertEqual(await self.in_thread(client), unavailable)
+        talking = self.in_thread(client)
+        await self.stalled(silent, stalling)
+        self.clock.advance(TIMEOUT)
+        self.assertEqual(await talking, unavailable)
         await self.settled(silent)
         line = self.logs.sessions()[-1]
         self.assertEqual(line["outcome"], "upstream-unavailable")
@@ -218,7 +253,10 @@ class DeadlineTestCase(FrontEndTestCase):
             self.leave(conn)
             return reply
 
-        self.assertEqual(await self.in_thread(client), unavailable)
+        talking = self.in_thread(client)
+        await self.stalled(upstream, stalling)
+        self.clock.advance(TIMEOUT)
+        self.assertEqual(await talking, unavailable)
         await self.settled(upstream)
         self.failure_logged(upstream, why)
         self.assertEqual(self.logs.sessions()[-1]["reason"], f"127.0.0.1:{upstream.port}: {why}")
@@ -226,18 +264,28 @@ class DeadlineTestCase(FrontEndTestCase):
     async def check_half_closed_client(self, unavailable: bytes) -> None:
         """A client that half-closes while its login waits on a silent upstream hears the
         temporary failure, then the close: the session ends within the login deadline."""
-        silent = self.upstream(Stalling())
+        stalling = Stalling()
+        silent = self.upstream(stalling)
         port = await self.start(lambda request: Route(host="127.0.0.1", port=silent.port))
 
-        def client() -> bytes:
+        def client() -> socket.socket:
             conn = self.client(port)
             self.send_login(conn)
             conn.shutdown(socket.SHUT_WR)
+            return conn
+
+        def rest(conn: socket.socket) -> bytes:
             answer = recv_all(conn)
             conn.close()
             return answer
 
-        self.assertEqual(await self.in_thread(client), unavailable)
+        conn = await self.in_thread(client)
+        await self.stalled(silent, stalling)
+        # Twisted stops reading a connection once it has read its end of stream.
+        client_port = conn.getsockname()[1]
+        await self.eventually(lambda: not reading_from(client_port), "mailrelay did not read the client's end of stream")
+        self.clock.advance(TIMEOUT)
+        self.assertEqual(await self.in_thread(rest, conn), unavailable)
         await self.settled(silent)
         line = self.logs.sessions()[-1]
         self.assertEqual(line["outcome"], "upstream-unavailable")
@@ -278,10 +326,8 @@ class SMTPDeadlineTests(DeadlineTestCase):
     async def test_a_client_leaving_mid_login_cancels_it_and_no_other_route_is_tried(self) -> None:
         stalling = Stalling()
         silent, second = self.upstream(stalling), self.working_upstream()
-        # A deadline far away: the client leaves first.
-        port = await self.start(
-            lambda request: [Route(host="127.0.0.1", port=p) for p in (silent.port, second.port)], login_timeout=WAIT
-        )
+        # The clock stands still: the client leaves before any deadline.
+        port = await self.start(lambda request: [Route(host="127.0.0.1", port=p) for p in (silent.port, second.port)])
 
         def client() -> None:
             conn = self.client(port)
@@ -356,7 +402,6 @@ class SMTPRelayCloseGraceTests(DeadlineTestCase):
         """The upstream answers three HELPs with 4 MB each and leaves; the client reads
         none of it. The session ends at its idle timeout, and the client connection,
         closed with megabytes still unsent, is aborted `close_grace` seconds later."""
-        self.patch(SMTPRelay, "close_grace", 0.5)
         big = b"".join(b"214-%04d " % i + b"x" * 4000 + b"\r\n" for i in range(999)) + b"214 end of help\r\n"
 
         def upstream(conn: socket.socket) -> bytes:
@@ -368,7 +413,7 @@ class SMTPRelayCloseGraceTests(DeadlineTestCase):
             return b"sent"
 
         server = self.upstream(upstream)
-        port = await self.start(lambda request: Route(host="127.0.0.1", port=server.port), idle_timeout=TIMEOUT)
+        port = await self.start(lambda request: Route(host="127.0.0.1", port=server.port), idle_timeout=IDLE)
 
         def client() -> socket.socket:
             conn = socket.socket()
@@ -385,9 +430,19 @@ class SMTPRelayCloseGraceTests(DeadlineTestCase):
             return conn
 
         conn = await self.in_thread(client)
+        client_port = conn.getsockname()[1]
+        # The relay holds bytes the client does not take, and so reads the upstream no more.
+        await self.eventually(
+            lambda: writing_to(client_port) and not reading_from(server.port), "the relay did not hold back the upstream"
+        )
+        self.clock.advance(IDLE)
+        await self.in_thread(server.result)  # the upstream connection is closed
+        # The client connection waits out the grace: no session line yet.
+        self.assertEqual(self.logs.sessions(), [])
+        self.assertEqual(open_fds(), self.fds + 2)
+        self.clock.advance(SMTPRelay.close_grace)
         line = await self.session_line()
         self.assertEqual(line["outcome"], "idle-timeout")
-        await self.in_thread(server.result)
         # mailrelay's two connections are gone; the client's socket is still open.
         self.assertEqual(open_fds(), self.fds + 1)
         conn.close()

@@ -16,7 +16,10 @@ import ssl
 import time
 from typing import Any
 
+from twisted.internet.task import Clock
+
 from mailrelay.router import Reject, Route, RouteRequest
+from tests.support.clocked import all_read
 from tests.support.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check, plain_ir
 from tests.support.imap import Heard, ScriptedIMAP, read_tagged
 from tests.support.net import WAIT, ThreadedServer, closed_port, read_line, recv_all
@@ -869,19 +872,25 @@ class MalformedInputTests(IMAPTestCase):
         )
 
     async def test_a_literal_that_never_comes_times_out(self) -> None:
-        port = await self.proxy(Router(), starttls="optional", login_timeout=1)
+        clock = Clock()
+        port = await self.proxy(Router(), starttls="optional", clock=clock, login_timeout=60)
 
-        def client() -> list[Any]:
+        def client() -> tuple[socket.socket, bytes]:
             conn = self.plain(port)
             conn.sendall(b"a LOGIN {5}\r\n")
             continuation = read_line(conn)
-            started = time.monotonic()
             conn.sendall(b"abc")  # not all of it
-            return [continuation, recv_all(conn), time.monotonic() - started]
+            return conn, continuation
 
-        continuation, rest, waited = await self.in_thread(client)
+        conn, continuation = await self.in_thread(client)
+        client_port = conn.getsockname()[1]
+        await self.eventually(lambda: all_read(client_port), "mailrelay did not read the start of the literal")
+        clock.advance(59)
+        self.assertEqual(self.logs.sessions(), [])
+        clock.advance(1)
+
+        rest = await self.in_thread(recv_all, conn)
         self.assertEqual((continuation, rest), (b"+ OK\r\n", b"* BYE Disconnected for inactivity\r\n"))
-        self.assertGreater(waited, 0.5)
         line = await self.session_line()
         self.assertEqual(line["outcome"], "idle-timeout")
 

@@ -2,24 +2,28 @@
 What a client may do before it logs in, on SMTP, IMAP and POP3 listeners alike, over
 real sockets on loopback: `login_deadline` (a hard limit from accept, whatever the
 client sends), `max_junk_commands` (commands that achieve nothing), and a client that
-half-closes before login. After each case no timer of the session is left in the
-reactor.
+half-closes before login. After each case no timer of the session is left, on the
+clock or in the reactor.
+
+mailrelay's timers run on a `task.Clock` (`ClockedReactor`), with the timeouts of a real
+deployment: a test advances the clock once its client's bytes have been handled, and
+never waits for a timer in real time.
 """
 
 from __future__ import annotations
 
-import select
 import socket
 import ssl
 from typing import Any
 
 import pytest
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 
 from mailrelay.config import ConfigError, FrontEndConfig, parse_config
 from mailrelay.relay import RoutedConnection
 from mailrelay.router import Reject, Route
+from tests.support.clocked import owner
 from tests.support.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check, plain_ir
 from tests.support.imap import ScriptedIMAP, read_tagged
 from tests.support.net import WAIT, ThreadedServer, read_line, recv_all
@@ -27,6 +31,9 @@ from tests.support.pop3 import ScriptedPOP3, logged_in_reply, read_multiline
 from tests.support.smtp import ScriptedSMTP, raw_reply
 
 REFUSED = "Invalid login"
+
+DEADLINE = 180.0
+"""The `login_deadline` of these tests (Dovecot's three minutes, the default)."""
 
 
 class PreLoginTests(FrontEndTestCase):
@@ -72,10 +79,15 @@ class PreLoginTests(FrontEndTestCase):
 
     # Helpers
 
+    def setUp(self) -> None:
+        super().setUp()
+        self.clock = Clock()
+
     async def listen(self, router: Any = None, **listener: Any) -> int:
+        """mailrelay on `self.clock`, with `listener`'s settings; the port."""
         if listener.get("mode", "starttls") == "starttls":
             listener.setdefault("starttls", "optional")
-        return await self.proxy(router or Router(), **listener)
+        return await self.proxy(router or Router(), clock=self.clock, **listener)
 
     def connect(self, port: int) -> socket.socket:
         """A plaintext client, its greeting read."""
@@ -84,10 +96,16 @@ class PreLoginTests(FrontEndTestCase):
         assert read_line(conn).endswith(b"\r\n")
         return conn
 
+    def say(self, conn: socket.socket, command: bytes) -> bytes:
+        """Send `command`; the one-line reply."""
+        conn.sendall(command)
+        return read_line(conn)
+
     def session_timers(self) -> list[Any]:
-        """The reactor's pending calls that belong to a client connection."""
-        calls: Any = reactor.getDelayedCalls()
-        return [c for c in calls if isinstance(getattr(c.func, "__self__", None), RoutedConnection)]
+        """The pending calls, on the clock or the real reactor, that belong to a client
+        connection."""
+        calls = [*self.clock.getDelayedCalls(), *reactor.getDelayedCalls()]
+        return [c for c in calls if isinstance(owner(c), RoutedConnection)]
 
     async def ended(self) -> Any:
         """The session's line, once logged; no timer of the session may be left."""
@@ -96,60 +114,58 @@ class PreLoginTests(FrontEndTestCase):
         return line
 
     def slow_router(self, port: int, after: float, refuse: bool = False) -> Router:
-        """A Router that answers `after` seconds after it is asked: a Route to `port`,
-        or (`refuse`) a Reject."""
+        """A Router that answers `after` seconds (on the clock) after it is asked: a
+        Route to `port`, or (`refuse`) a Reject."""
 
         def decide() -> Route:
             if refuse:
                 raise Reject(REFUSED)
             return Route(host="127.0.0.1", port=port)
 
-        return Router(answer=lambda request: deferLater(reactor, after, decide))
+        return Router(answer=lambda request: deferLater(self.clock, after, decide))
 
-    def noop_until_closed(self, port: int, every: float = 0.3) -> bytes:
-        """Connect, then send a NOOP whenever `every` seconds pass without a word from
-        mailrelay: everything received, greeting excepted, until it closes."""
-        received = b""
-        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
-            read_line(conn)
-            for _ in range(30):  # hang guard: a session that is never closed fails the test
-                try:
-                    if not select.select([conn], [], [], every)[0]:
-                        conn.sendall(self.noop)
-                    line = read_line(conn)
-                except OSError:  # a NOOP that crossed the close was answered with a reset
-                    return received
-                received += line
-                if not line:
-                    return received
-        return received
+    async def login_across_the_deadline(self, router: Router) -> socket.socket:
+        """Connect, log in, and let the deadline pass while `router` (a `slow_router`
+        answering 20 s after it) thinks it over, then let it answer: the client's
+        socket, its login reply still to read."""
+
+        def client() -> socket.socket:
+            conn = self.connect(self.port)
+            self.hello(conn)
+            conn.sendall(self.login_line())
+            return conn
+
+        conn = await self.in_thread(client)
+        await self.eventually(lambda: router.requests, "the Router was not asked")
+        self.clock.advance(DEADLINE)  # the deadline passes with the login in flight
+        self.clock.advance(20)  # the Router answers
+        return conn
 
     # login_deadline
 
     async def test_a_client_sending_noops_is_closed_at_the_login_deadline(self) -> None:
-        port = await self.listen(login_deadline=1.5, login_timeout=1, max_junk_commands=1000)
+        await self.listen(login_deadline=DEADLINE, login_timeout=60, max_junk_commands=1000)
+        conn = await self.in_thread(self.connect, self.port)
 
-        received = await self.in_thread(self.noop_until_closed, port)
+        received = b""
+        for _ in range(4):  # a NOOP every 45 s: never 60 s of silence, 180 s in all
+            received += await self.in_thread(self.say, conn, self.noop)
+            self.clock.advance(45)
+        received += await self.in_thread(recv_all, conn)
 
-        noops = received.count(self.noop_reply)
-        self.assertGreaterEqual(noops, 2, received)
-        self.assertEqual(received, self.noop_reply * noops + self.timeout_goodbye)
+        self.assertEqual(received, self.noop_reply * 4 + self.timeout_goodbye)
         line = await self.ended()
-        self.assertEqual((line["outcome"], line["reason"]), ("login-timeout", "not logged in within 1.5s"))
-        self.assertGreaterEqual(line["duration"], 1.5)
+        self.assertEqual((line["outcome"], line["reason"]), ("login-timeout", "not logged in within 180s"))
+        self.assertEqual(line["duration"], DEADLINE)
 
     async def test_a_login_in_flight_at_the_deadline_is_not_cut(self) -> None:
         upstream = self.upstream()
-        port = await self.listen(self.slow_router(upstream.port, after=1.3), login_deadline=1)
+        router = self.slow_router(upstream.port, after=DEADLINE + 20)
+        await self.listen(router, login_deadline=DEADLINE, router_timeout=300)
 
-        def client() -> tuple[bytes, bytes]:
-            conn = self.connect(port)
-            self.hello(conn)
-            conn.sendall(self.login_line())
-            reply = self.read_login_reply(conn)
-            return reply, self.leave_upstream(conn)
-
-        reply, goodbye = await self.in_thread(client)
+        conn = await self.login_across_the_deadline(router)
+        reply = await self.in_thread(self.read_login_reply, conn)
+        goodbye = await self.in_thread(self.leave_upstream, conn)
 
         self.assertTrue(self.logged_in(reply), reply)
         self.assertTrue(goodbye, "the upstream did not answer the logout")
@@ -157,15 +173,11 @@ class PreLoginTests(FrontEndTestCase):
         self.assertEqual(line["outcome"], "closed")
 
     async def test_a_login_refused_after_the_deadline_closes_the_session(self) -> None:
-        port = await self.listen(self.slow_router(9, after=1.3, refuse=True), login_deadline=1)
+        router = self.slow_router(9, after=DEADLINE + 20, refuse=True)
+        await self.listen(router, login_deadline=DEADLINE, router_timeout=300)
 
-        def client() -> bytes:
-            conn = self.connect(port)
-            self.hello(conn)
-            conn.sendall(self.login_line())
-            return recv_all(conn)
-
-        received = await self.in_thread(client)
+        conn = await self.login_across_the_deadline(router)
+        received = await self.in_thread(recv_all, conn)
 
         self.assertEqual(received, self.login_refused + self.timeout_goodbye)
         line = await self.ended()
@@ -191,7 +203,7 @@ class PreLoginTests(FrontEndTestCase):
 
     async def test_a_normal_client_spends_no_junk_and_keeps_no_pre_login_timer(self) -> None:
         upstream = self.upstream()
-        port = await self.listen(Router(answer=password_check(upstream.port)), max_junk_commands=1, login_deadline=30)
+        port = await self.listen(Router(answer=password_check(upstream.port)), max_junk_commands=1)
 
         conn = await self.in_thread(self.normal_client, port)
         # Logged in and spliced: the deadline and the silence timer are gone.
@@ -242,8 +254,8 @@ class PreLoginTests(FrontEndTestCase):
         self.assertEqual(line["outcome"], "closed")
 
     async def test_a_half_close_without_a_command_ends_the_session_at_once(self) -> None:
-        # Long timers: only the half-close can end this session before the hang guard.
-        port = await self.listen(login_timeout=30, login_deadline=30)
+        # The clock stands still: only the half-close can end this session.
+        port = await self.listen()
 
         def client() -> bytes:
             conn = self.connect(port)
@@ -257,7 +269,7 @@ class PreLoginTests(FrontEndTestCase):
         self.assertEqual(line["outcome"], "client-gone")
 
     async def test_pipelined_commands_then_a_half_close_are_all_answered(self) -> None:
-        port = await self.listen(login_timeout=30, login_deadline=30)
+        port = await self.listen()
 
         def client() -> bytes:
             conn = self.connect(port)
@@ -396,10 +408,10 @@ class SMTPPreLoginTests(PreLoginTests):
             if not refused_once:  # the first recipient is refused: not routed yet
                 refused_once.append(request.rcpt_to)
                 raise Reject("no such user", code="550 5.1.1")
-            return deferLater(reactor, 1.3, lambda: Route(host="127.0.0.1", port=upstream.port, login="none"))
+            return deferLater(self.clock, DEADLINE + 20, lambda: Route(host="127.0.0.1", port=upstream.port, login="none"))
 
         router = Router(answer=answer, verifies_passwords=True)
-        port = await self.listen(router, auth=["none"], login_deadline=1)
+        port = await self.listen(router, auth=["none"], login_deadline=DEADLINE, router_timeout=300)
 
         def client() -> list[bytes]:
             conn = self.connect(port)
@@ -412,7 +424,11 @@ class SMTPPreLoginTests(PreLoginTests):
             replies.append(raw_reply(conn))
             return replies
 
-        replies = await self.in_thread(client)
+        talking = self.in_thread(client)
+        await self.eventually(lambda: len(router.requests) == 2, "the second recipient was not routed")
+        self.clock.advance(DEADLINE)  # the deadline passes while the Router thinks
+        self.clock.advance(20)  # it routes the recipient
+        replies = await talking
 
         self.assertEqual(
             replies[:2], [b"250 2.1.0 Ok\r\n", b"550 5.1.1 no such user\r\n"]
@@ -423,33 +439,44 @@ class SMTPPreLoginTests(PreLoginTests):
         self.assertEqual(line["outcome"], "closed")
 
     async def test_the_deadline_counts_the_tls_handshake(self) -> None:
-        port = await self.listen(mode="tls", login_deadline=0.5, handshake_timeout=30)
+        port = await self.listen(mode="tls", login_deadline=60, handshake_timeout=DEADLINE)
+        conn = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        self.addCleanup(conn.close)
+        await self.eventually(self.session_timers, "mailrelay did not accept the connection")
 
-        def client() -> bytes:
-            with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
-                try:
-                    return recv_all(conn)  # no ClientHello: the handshake never ends
-                except ConnectionResetError:
-                    return b""
+        self.clock.advance(60)  # no ClientHello: the handshake never ends
 
-        self.assertEqual(await self.in_thread(client), b"")
+        def rest() -> bytes:
+            try:
+                return recv_all(conn)
+            except ConnectionResetError:
+                return b""
+
+        self.assertEqual(await self.in_thread(rest), b"")
         line = await self.ended()
-        self.assertEqual(line["outcome"], "login-timeout")
+        self.assertEqual((line["outcome"], line["reason"]), ("login-timeout", "not logged in within 60s (in a TLS handshake)"))
 
     async def test_over_implicit_tls_the_deadline_goodbye_is_said_inside_tls(self) -> None:
-        port = await self.listen(mode="tls", login_deadline=1, max_junk_commands=1000)
+        # A deadline shorter than the 60 s of silence allowed, so that it is the deadline.
+        port = await self.listen(mode="tls", login_deadline=30, max_junk_commands=1000)
 
-        def client() -> bytes:
+        def greeted() -> ssl.SSLSocket:
             raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
             conn: ssl.SSLSocket = self.context.wrap_socket(raw, server_hostname="relay.test")
             self.addCleanup(conn.close)
             read_line(conn)
+            return conn
+
+        def rest(conn: ssl.SSLSocket) -> bytes:
             received = b""
             while line := read_line(conn):
                 received += line
             return received
 
-        self.assertEqual(await self.in_thread(client), self.timeout_goodbye)
+        conn = await self.in_thread(greeted)
+        self.clock.advance(30)
+
+        self.assertEqual(await self.in_thread(rest, conn), self.timeout_goodbye)
         line = await self.ended()
         self.assertEqual(line["outcome"], "login-timeout")
 

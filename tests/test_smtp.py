@@ -12,6 +12,8 @@ import socket
 import time
 from typing import Any
 
+from twisted.internet.task import Clock
+
 from mailrelay.router import Reject, Route, RouteRequest
 from tests.support.frontends import PASSWORD, USER, Router, plain_ir
 from tests.support.net import WAIT, closed_port, payload, recv_all
@@ -395,8 +397,15 @@ class MalformedInputTests(SMTPTestCase):
         self.assertEqual(line["outcome"], "protocol-error")
 
     async def test_silence_before_login_times_out(self) -> None:
-        reply = await self.exchange(b"", login_timeout=0.2)
-        self.assertEqual(reply, b"421 4.4.2 relay.test Error: timeout exceeded\r\n")
+        clock = Clock()
+        port = await self.proxy(Router(), clock=clock, login_timeout=60)
+        conn = await self.in_thread(self.raw, port)
+
+        clock.advance(59)
+        self.assertEqual(self.logs.sessions(), [])
+        clock.advance(1)
+
+        self.assertEqual(await self.in_thread(recv_all, conn), b"421 4.4.2 relay.test Error: timeout exceeded\r\n")
         line = await self.session_line()
         self.assertEqual(line["outcome"], "idle-timeout")
 

@@ -14,9 +14,12 @@ import hashlib
 import hmac
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from twisted.internet.task import Clock
 
 from mailrelay.sasl import plain_response
 from tests.support.frontends import PASSWORD, USER
@@ -111,12 +114,15 @@ class AuthHTTPTestCase(SMTPTestCase):
         self.addCleanup(service.close)
         return service
 
-    async def proxy_to(self, url: str, mode: str = "tls", router: dict[str, Any] | None = None, **listener: Any) -> int:
-        """mailrelay with one SMTP listener routed by the auth service at `url`."""
+    async def proxy_to(
+        self, url: str, mode: str = "tls", router: dict[str, Any] | None = None, clock: Clock | None = None, **listener: Any
+    ) -> int:
+        """mailrelay with one SMTP listener routed by the auth service at `url`, its
+        timers (the router's too) on `clock` if one is given."""
         config = self.front_end_config(mode, **listener)
         config["upstream"] = {"ca": self.pki.ca_file}
         config["router"] = {"type": "http", "url": url, "timeout": 5, **(router or {})}
-        _, port = await self.start_proxy(config)
+        _, port = await self.start_proxy(config, clock=clock)
         return port
 
     def session(self, port: int, mode: str = "tls", helo: bytes = b"client.example") -> Session:
@@ -453,16 +459,38 @@ class RefusalTests(AuthHTTPTestCase):
 class TemporaryFailureTests(AuthHTTPTestCase):
     """Whatever is not the service's decision is SMTP's temporary failure, never 535."""
 
-    async def temporary(self, url: str, router: dict[str, Any] | None = None, **listener: Any) -> tuple[bytes, Any]:
-        port = await self.proxy_to(url, router=router, **listener)
+    async def temporary(
+        self, url: str, router: dict[str, Any] | None = None, slow: AuthService | None = None, after: float = 0, **listener: Any
+    ) -> tuple[bytes, Any]:
+        """A login the service at `url` cannot decide: the client's replies and the
+        session line. With `slow` (that service, which does not answer), mailrelay runs
+        on a clock that moves `after` seconds once `slow` has been asked."""
+        clock = Clock() if slow is not None else None
+        port = await self.proxy_to(url, router=router, clock=clock, **listener)
 
         def client() -> bytes:
             with self.session(port) as session:
                 return session.command(auth_plain().rstrip()) + session.command(b"NOOP") + session.command(b"QUIT")
 
-        reply = await self.in_thread(client)
+        talking = self.in_thread(client)
+        if slow is not None and clock is not None:
+            await self.eventually(lambda: slow.requests, "the auth service was not asked")
+            clock.advance(after)
+        reply = await talking
         self.assertEqual(reply, TEMPORARY + b"250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n")
         return reply, await self.session_line()
+
+    def never_answering(self) -> AuthService:
+        """An auth service that takes requests and answers none until the test ends."""
+        released = threading.Event()
+
+        def late(seen: Seen) -> Reply:
+            released.wait(WAIT)
+            return ok()(seen)
+
+        service = self.service(late)
+        self.addCleanup(released.set)
+        return service
 
     async def test_service_down(self) -> None:
         url = f"http://127.0.0.1:{closed_port()}/auth"
@@ -484,22 +512,14 @@ class TemporaryFailureTests(AuthHTTPTestCase):
         self.assertEqual(line["reason"], f"auth service {url}: answered something that is not HTTP")
 
     async def test_service_too_slow_for_the_listeners_router_timeout(self) -> None:
-        def slow(seen: Seen) -> Reply:
-            time.sleep(3)
-            return ok()(seen)
-
-        service = self.service(slow)
-        _, line = await self.temporary(service.url, router_timeout=0.5)
-        self.assertEqual(line["reason"], "router did not answer within 0.5s")
+        service = self.never_answering()
+        _, line = await self.temporary(service.url, router={"timeout": 60}, slow=service, after=30, router_timeout=30)
+        self.assertEqual(line["reason"], "router did not answer within 30s")
 
     async def test_service_too_slow_for_the_routers_own_timeout(self) -> None:
-        def slow(seen: Seen) -> Reply:
-            time.sleep(3)
-            return ok()(seen)
-
-        service = self.service(slow)
-        _, line = await self.temporary(service.url, router={"timeout": 0.3})
-        self.assertEqual(line["reason"], f"auth service {service.url}: no answer within 0.3s")
+        service = self.never_answering()
+        _, line = await self.temporary(service.url, router={"timeout": 20}, slow=service, after=20)
+        self.assertEqual(line["reason"], f"auth service {service.url}: no answer within 20s")
 
     async def test_ok_without_auth_server(self) -> None:
         service = self.service(answer(("Auth-Status", "OK"), ("Auth-Port", "25")))

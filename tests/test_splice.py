@@ -21,6 +21,7 @@ from mailrelay.connector import UpstreamProtocol
 from mailrelay.listener import SpliceModeProtocol
 from mailrelay.router import Route, Router
 from mailrelay.splice import Splice, SpliceableProtocol, SpliceResult
+from tests.support.clocked import connecting_to, owner
 from tests.support.net import (
     WAIT,
     ProxyTestCase,
@@ -256,12 +257,14 @@ class EarlyBytesTests(ProxyTestCase):
 
 
 class RoutingFailureTests(ProxyTestCase):
-    async def _client_sees_close(self, port: int) -> bytes:
+    def _client_sees_close(self, port: int) -> Deferred[bytes]:
+        """A client that connects, sends nothing, and reads until the close: what it read."""
+
         def client() -> bytes:
             with connect(port) as conn:
                 return recv_all(conn)
 
-        return await self.in_thread(client)
+        return cast("Deferred[bytes]", self.in_thread(client))
 
     async def _session_line(self) -> Any:
         for _ in range(50):
@@ -295,25 +298,36 @@ class RoutingFailureTests(ProxyTestCase):
         self.assertTrue(any(f"upstream 127.0.0.1:{dead} failed: connection refused" in t for t in self.logs.lines()))
 
     async def test_unreachable_upstream_times_out(self) -> None:
-        config = splice_config(self.black_hole())
-        config["upstream"] = {"connect_timeout": 0.5}
-        _, port = await self.start_proxy(config)
+        clock = Clock()
+        host, unreachable = self.black_hole()
+        config = splice_config((host, unreachable))
+        config["upstream"] = {"connect_timeout": 10}
+        _, port = await self.start_proxy(config, clock=clock)
 
-        self.assertEqual(await self._client_sees_close(port), b"")
+        closed = self._client_sees_close(port)
+        await self.eventually(lambda: connecting_to(unreachable), "mailrelay did not start connecting")
+        clock.advance(10)
+        self.assertEqual(await closed, b"")
         line = await self._session_line()
         self.assertEqual(line["outcome"], "upstream-unavailable")
-        self.assertIn("no connection within 0.5s", line["reason"])
+        self.assertIn("no connection within 10s", line["reason"])
 
     async def test_reject_closes_after_its_wait(self) -> None:
         from mailrelay.router import Reject
 
-        router = SettableRouter(Reject("not from here", wait=0.2))
-        _, port = await self.start_proxy(splice_config(("127.0.0.1", 1)), router=router)
+        clock = Clock()
+        router = SettableRouter(Reject("not from here", wait=5))
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", 1)), router=router, clock=clock)
 
-        self.assertEqual(await self._client_sees_close(port), b"")
+        closed = self._client_sees_close(port)
+        await self.eventually(lambda: router.requests, "the Router was not asked")
+        clock.advance(4)
+        self.assertEqual(self.logs.sessions(), [])  # still waiting
+        clock.advance(1)
+        self.assertEqual(await closed, b"")
         line = await self._session_line()
         self.assertEqual((line["outcome"], line["reason"]), ("rejected", "not from here"))
-        self.assertGreaterEqual(line["duration"], 0.2)
+        self.assertEqual(line["duration"], 5)
 
     async def test_router_exception_is_logged_and_the_client_closed(self) -> None:
         router = SettableRouter(ZeroDivisionError("bug in a router"))
@@ -336,13 +350,17 @@ class RoutingFailureTests(ProxyTestCase):
         self.assertIn("expected a Route", line["reason"])
 
     async def test_router_that_never_answers_times_out(self) -> None:
+        clock = Clock()
         router = SettableRouter(lambda request: Deferred())
-        config = splice_config(("127.0.0.1", 1), router_timeout=0.3)
-        _, port = await self.start_proxy(config, router=router)
+        config = splice_config(("127.0.0.1", 1), router_timeout=30)
+        _, port = await self.start_proxy(config, router=router, clock=clock)
 
-        self.assertEqual(await self._client_sees_close(port), b"")
+        closed = self._client_sees_close(port)
+        await self.eventually(lambda: router.requests, "the Router was not asked")
+        clock.advance(30)
+        self.assertEqual(await closed, b"")
         line = await self._session_line()
-        self.assertEqual((line["outcome"], line["reason"]), ("router-error", "router did not answer within 0.3s"))
+        self.assertEqual((line["outcome"], line["reason"]), ("router-error", "router did not answer within 30s"))
 
     async def test_client_leaving_while_routing_cancels_the_router(self) -> None:
         cancelled: list[bool] = []
@@ -412,16 +430,24 @@ class SocketOptionTests(ProxyTestCase):
 
 class IdleAndDrainTests(ProxyTestCase):
     async def test_idle_session_is_closed(self) -> None:
+        clock = Clock()
         release = threading.Event()
         upstream = self.server(lambda conn: (release.wait(WAIT), recv_all(conn)))
-        _, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port), idle_timeout=0.3))
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port), idle_timeout=600), clock=clock)
         self.addCleanup(release.set)
 
         def client() -> bytes:
             with connect(port) as conn:
                 return recv_all(conn)
 
-        self.assertEqual(await self.in_thread(client), b"")
+        def spliced() -> bool:
+            """The splice's idle timer runs."""
+            return any(isinstance(owner(call), Splice) for call in clock.getDelayedCalls())
+
+        closed = self.in_thread(client)
+        await self.eventually(spliced, "the session was not spliced")
+        clock.advance(600)
+        self.assertEqual(await closed, b"")
         line = self.logs.sessions()[-1]
         self.assertEqual(line["outcome"], "idle-timeout")
 
@@ -448,14 +474,22 @@ class IdleAndDrainTests(ProxyTestCase):
     async def test_sessions_still_open_after_the_drain_timeout_are_aborted(self) -> None:
         upstream = self.server(echo)
         config = splice_config(("127.0.0.1", upstream.port))
-        config["drain_timeout"] = 0.2
-        service, port = await self.start_proxy(config)
+        config["drain_timeout"] = 30
+        clock = Clock()
+        service, port = await self.start_proxy(config, clock=clock)
         conn = await self.in_thread(connect, port)
         self.addCleanup(conn.close)
         await self.in_thread(conn.sendall, b"x")
         self.assertEqual(await self.in_thread(conn.recv, 1), b"x")
 
-        await service.stopService()
+        def draining() -> bool:
+            """The drain timeout runs."""
+            return any(owner(call) is service.sessions for call in clock.getDelayedCalls())
+
+        stopping = service.stopService()
+        await self.eventually(draining, "the service did not start draining")
+        clock.advance(30)
+        await stopping
 
         self.assertEqual(self.logs.sessions()[-1]["outcome"], "drain-timeout")
         with self.assertRaises(ConnectionResetError):
@@ -569,14 +603,14 @@ class AbruptClientTests(ProxyTestCase):
                     reset(conn)
 
         await self.in_thread(abrupt_clients)
-        for _ in range(200):
+        for _ in range(500):
             if len(service.sessions) == len([d for d in slow_route if not d.called]):
                 break
             await deferLater(reactor, 0.02)
         for d in slow_route:
             if not d.called:
                 d.callback(Route(host="127.0.0.1", port=upstream.port))
-        for _ in range(200):
+        for _ in range(500):
             if not len(service.sessions):
                 break
             await deferLater(reactor, 0.02)

@@ -13,6 +13,7 @@ import ssl
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailrelay.config import ListenerConfig
@@ -20,6 +21,7 @@ from mailrelay.connector import UpstreamConnector
 from mailrelay.listener import ListenerFactory
 from mailrelay.session import Sessions
 from mailrelay.tls import CertificateFiles, ServerTLS, ServerTLSConfig
+from tests.support.clocked import ClockedReactor
 from tests.support.frontends import Router
 from tests.support.net import WAIT, ProxyTestCase, read_line, recv_all, tcp_port
 from tests.support.pki import PKI
@@ -46,18 +48,22 @@ class StartTLSTests(ProxyTestCase):
         self.pki.ca.configure_trust(context)
         return context
 
-    def listen(self, mode: str = "starttls", upstream_port: int = 9, handshake_timeout: float = 30.0) -> tuple[Router, int]:
+    def listen(
+        self, mode: str = "starttls", upstream_port: int = 9, handshake_timeout: float = 30.0, clock: Clock | None = None
+    ) -> tuple[Router, int]:
+        """The toy listener, its timers on `clock` if one is given; its Router and port."""
         listener = ListenerConfig(
             name="toy", listen="tcp:0", mode=mode, protocol="imap", router=None, handshake_timeout=handshake_timeout
         )
         router = Router(upstream_port)
         creator = self.server_tls.creator("imap")
+        clocked: Any = reactor if clock is None else ClockedReactor(reactor, clock)
         factory: Any = ListenerFactory(
             listener,
             router,
-            UpstreamConnector(reactor, 5),
-            Sessions(reactor),
-            reactor,
+            UpstreamConnector(clocked, 5),
+            Sessions(clocked),
+            clocked,
             tls=creator if mode == "starttls" else None,
             connection_class=ToyFrontEnd,
         )
@@ -162,19 +168,23 @@ class StartTLSTests(ProxyTestCase):
         self.assertTrue(session["reason"].startswith("TLS: "), session["reason"])
 
     async def test_a_handshake_that_never_comes_times_out(self) -> None:
-        _, port = self.listen(handshake_timeout=0.3)
+        clock = Clock()
+        _, port = self.listen(handshake_timeout=30, clock=clock)
 
-        def client() -> bytes:
-            with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
-                read_line(conn)
-                conn.sendall(b"STARTTLS\r\n")
-                read_line(conn)
-                return rest_until_closed(conn)
+        def client() -> socket.socket:
+            conn = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+            self.addCleanup(conn.close)
+            read_line(conn)
+            conn.sendall(b"STARTTLS\r\n")
+            read_line(conn)  # the go-ahead: the handshake timer runs
+            return conn
 
-        self.assertEqual(await self.in_thread(client), b"")
+        conn = await self.in_thread(client)
+        clock.advance(30)
+        self.assertEqual(await self.in_thread(rest_until_closed, conn), b"")
         await self.session_line()
         [session] = self.logs.sessions()
-        self.assertEqual((session["outcome"], session["reason"]), ("tls-failed", "no TLS handshake within 0.3s"))
+        self.assertEqual((session["outcome"], session["reason"]), ("tls-failed", "no TLS handshake within 30s"))
 
     async def test_commands_pipelined_behind_the_hand_off_reach_the_upstream(self) -> None:
         def upstream(conn: socket.socket) -> bytes:

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogEvent, LogLevel, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from mailrelay import ConfigError, Route, Router, RouteRequest, makeService
 from mailrelay.tls import CertificateFiles, ServerTLS, ServerTLSConfig
 from mailrelay.tls_facts import ALPNRefused, describe_tls_error
+from tests.support.clocked import all_read
 from tests.support.net import WAIT, ProxyTestCase, connect, echo, payload, recv_all, sha, tcp_port
 from tests.support.pki import PKI, Issued, common_name, dns_names
 
@@ -596,11 +597,11 @@ def _restore_environ(name: str, value: str | None) -> None:
 
 
 class HandshakeFailureTests(TLSTestCase):
-    async def start(self, **listener: Any) -> tuple[RecordingRouter, int]:
+    async def start(self, clock: Clock | None = None, **listener: Any) -> tuple[RecordingRouter, int]:
         default = self.pki.issue("default", "mail.test")
         upstream = self.server(echo)
         router = RecordingRouter(to(upstream.port))
-        _, port = await self.start_proxy(tls_listener({"cert": default.pem}, **listener), router=router)
+        _, port = await self.start_proxy(tls_listener({"cert": default.pem}, **listener), router=router, clock=clock)
         return router, port
 
     async def assert_still_serving(self, port: int) -> None:
@@ -626,18 +627,28 @@ class HandshakeFailureTests(TLSTestCase):
         await self.assert_still_serving(port)
 
     async def test_silent_and_stalled_clients_are_closed_after_handshake_timeout(self) -> None:
-        router, port = await self.start(handshake_timeout=0.5)
+        clock = Clock()
+        router, port = await self.start(clock=clock, handshake_timeout=30)
 
-        def stalls_after(data: bytes) -> str:
-            with connect(port) as conn:
-                conn.sendall(data)
-                return closed_by_peer(conn)
+        def sends(data: bytes) -> socket.socket:
+            conn = connect(port)
+            self.addCleanup(conn.close)
+            conn.sendall(data)
+            return conn
+
+        def stalled(conn: socket.socket) -> Callable[[], bool]:
+            """Accepted (its handshake timer runs) and read to the last byte sent."""
+            client_port = conn.getsockname()[1]
+            return lambda: bool(clock.getDelayedCalls()) and all_read(client_port)
 
         # Nothing at all; then the first half of a ClientHello, and silence.
         for data in [b"", client_hello("mail.test")[:60]]:
-            self.assertIn(await self.in_thread(stalls_after, data), ("eof", "reset"))
+            conn = await self.in_thread(sends, data)
+            await self.eventually(stalled(conn), "mailrelay did not read what the client sent")
+            clock.advance(30)
+            self.assertIn(await self.in_thread(closed_by_peer, conn), ("eof", "reset"))
         lines = await self.session_lines(2)
-        self.assertEqual([(e["outcome"], e["reason"]) for e in lines], [("tls-failed", "no TLS handshake within 0.5s")] * 2)
+        self.assertEqual([(e["outcome"], e["reason"]) for e in lines], [("tls-failed", "no TLS handshake within 30s")] * 2)
         self.assertEqual(router.requests, [])
         await self.assert_still_serving(port)
 
@@ -683,7 +694,8 @@ class PrereadTests(TLSTestCase):
 
         upstream = self.server(greet)
         router = RecordingRouter(to(upstream.port))
-        _, port = await self.start_proxy(splice_listener(preread_sni=True, preread_timeout=0.3), router=router)
+        clock = Clock()
+        _, port = await self.start_proxy(splice_listener(preread_sni=True, preread_timeout=10), router=router, clock=clock)
 
         def client() -> bytes:
             with connect(port) as conn:
@@ -692,19 +704,29 @@ class PrereadTests(TLSTestCase):
                 conn.shutdown(socket.SHUT_WR)
                 return greeting + recv_all(conn)
 
-        self.assertEqual(await self.in_thread(client), b"220 upstream ready\r\n")
+        talking = self.in_thread(client)
+        await self.eventually(clock.getDelayedCalls, "mailrelay did not accept the connection")  # its preread timer
+        clock.advance(10)
+        self.assertEqual(await talking, b"220 upstream ready\r\n")
         self.assertEqual(await self.in_thread(upstream.result), b"QUIT\r\n")
         self.assertEqual([r.sni for r in router.requests], [None])
 
     async def test_malformed_and_truncated_hellos_are_protocol_errors(self) -> None:
         upstream = self.server(echo)
         router = RecordingRouter(to(upstream.port))
-        _, port = await self.start_proxy(splice_listener(preread_sni=True, preread_timeout=0.3), router=router)
+        clock = Clock()
+        _, port = await self.start_proxy(splice_listener(preread_sni=True, preread_timeout=10), router=router, clock=clock)
 
         def send(data: bytes) -> str:
             with connect(port) as conn:
                 conn.sendall(data)
                 return closed_by_peer(conn)
+
+        def sends(data: bytes) -> socket.socket:
+            conn = connect(port)
+            self.addCleanup(conn.close)
+            conn.sendall(data)
+            return conn
 
         malformed = b"\x16\x03\x01\x00\x10" + b"\x02" + os.urandom(15)
         self.assertIn(await self.in_thread(send, malformed), ("eof", "reset"))
@@ -716,11 +738,13 @@ class PrereadTests(TLSTestCase):
 
         hello = client_hello("a.test")
         self.assertGreater(len(hello), 20)
-        self.assertIn(await self.in_thread(send, hello[:20]), ("eof", "reset"))
+        conn = await self.in_thread(sends, hello[:20])
+        client_port = conn.getsockname()[1]
+        await self.eventually(lambda: all_read(client_port), "mailrelay did not read the start of the ClientHello")
+        clock.advance(10)
+        self.assertIn(await self.in_thread(closed_by_peer, conn), ("eof", "reset"))
         line = await self.last_session(2)
-        self.assertEqual(
-            (line["outcome"], line["reason"]), ("protocol-error", "incomplete TLS ClientHello (20 bytes) after 0.3s")
-        )
+        self.assertEqual((line["outcome"], line["reason"]), ("protocol-error", "incomplete TLS ClientHello (20 bytes) after 10s"))
         self.assertEqual(router.requests, [])
         self.assertEqual(upstream.connections, 0)
 

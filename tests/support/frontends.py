@@ -14,6 +14,7 @@ import tempfile
 from typing import Any
 
 import trustme
+from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from mailrelay.router import IRouter, Reject, Route, RouteRequest
@@ -107,10 +108,13 @@ class FrontEndTestCase(ProxyTestCase):
             ],
         }
 
-    async def proxy(self, router: Any, mode: str = "starttls", protocol: str | None = None, **listener: Any) -> int:
+    async def proxy(
+        self, router: Any, mode: str = "starttls", protocol: str | None = None, clock: Clock | None = None, **listener: Any
+    ) -> int:
         """Start mailrelay with the `front_end_config` of these arguments, routed by
-        `router`; the port (also kept as `self.port`)."""
-        _, self.port = await self.start_proxy(self.front_end_config(mode, protocol, **listener), router=router)
+        `router`, its timers on `clock` if one is given (`start_proxy`); the port (also
+        kept as `self.port`)."""
+        _, self.port = await self.start_proxy(self.front_end_config(mode, protocol, **listener), router=router, clock=clock)
         return self.port
 
     def everything_logged(self) -> str:

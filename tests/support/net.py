@@ -16,13 +16,15 @@ from typing import Any
 
 from twisted.internet import reactor, threads
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
 
 from mailrelay.service import MailrelayService, makeService
+from tests.support.clocked import POLL, ClockedReactor, eventually, let_time_pass
 
 WAIT = 60.0
 """Upper bound for any blocking wait in a test: a hang guard, never a timing assertion."""
@@ -186,11 +188,18 @@ class ProxyTestCase(unittest.TestCase):
         globalLogPublisher.addObserver(self.logs)
         self.addCleanup(globalLogPublisher.removeObserver, self.logs)
 
-    async def start_proxy(self, config: dict[str, Any], router: Any = None) -> tuple[MailrelayService, int]:
-        """Start a service whose first listener binds a free loopback port; return it and the port."""
-        service = makeService(config, router=router, reactor=reactor)
+    async def start_proxy(
+        self, config: dict[str, Any], router: Any = None, clock: Clock | None = None
+    ) -> tuple[MailrelayService, int]:
+        """Start a service whose first listener binds a free loopback port; return it and the port.
+        With a `clock`, every mailrelay timer runs on it (`ClockedReactor`): the test
+        advances it, and stopping the service lets its time pass until it has stopped."""
+        service = makeService(config, router=router, reactor=reactor if clock is None else ClockedReactor(reactor, clock))
         service.startService()
-        self.addCleanup(service.stopService)
+        if clock is None:
+            self.addCleanup(service.stopService)
+        else:
+            self.addCleanup(lambda: Deferred.fromCoroutine(let_time_pass(clock, service.stopService())))
         listener = next(iter(service.listeners.values()))
         assert listener.port is not None
         port = await listener.port
@@ -218,11 +227,16 @@ class ProxyTestCase(unittest.TestCase):
 
     async def session_line(self) -> Any:
         """The last session line, once one is logged (hang guard: WAIT)."""
-        for _ in range(int(WAIT / 0.01)):
-            if self.logs.sessions():
-                return self.logs.sessions()[-1]
-            await deferLater(reactor, 0.01)
-        self.fail("no session line was logged")
+        await self.eventually(self.logs.sessions, "no session line was logged")
+        return self.logs.sessions()[-1]
+
+    async def eventually(self, condition: Callable[[], object], failure: str) -> None:
+        """Let the reactor and the client threads run until `condition()` holds; fail
+        with `failure` if it does not within WAIT (a hang guard, not a timing check):
+        how a test on a clock waits for its client's bytes to be handled before it
+        advances the clock."""
+        if not await eventually(condition, int(WAIT / POLL)):
+            self.fail(failure)
 
 
 def tcp_port(listening: IListeningPort) -> int:
