@@ -23,7 +23,7 @@ from mailrelay.core.facts import ConnectionFacts
 from mailrelay.core.imap_login import IMAPLogin
 from mailrelay.core.login import UpstreamCredentials, unusable_login, upstream_credentials
 from mailrelay.core.pop3_login import POP3Login
-from mailrelay.core.smtp_login import LOGGED_IN, SMTPLogin
+from mailrelay.core.smtp_login import SMTPLogin
 from mailrelay.protocols.upstream import login_steps, run_dialogue
 from mailrelay.router import Reject, Route, RouteRequest
 from mailrelay.splice import PeerClosed
@@ -155,8 +155,8 @@ def test_smtp_passthrough_plain_byte_exact(bytewise: bool) -> None:
         (EHLO_REPLY, b"AUTH PLAIN " + PLAIN + b"\r\n"),
         (b"235 2.7.0 ok\r\n", b""),
     ]
-    assert finished(login.login(route()), b"", exchanges, bytewise) == LOGGED_IN
-    assert login.client_reply == LOGGED_IN
+    assert finished(login.login(route()), b"", exchanges, bytewise) == b""
+    assert login.client_reply == b""
     assert login.offers("chunking") and not login.offers("BINARYMIME")
 
 
@@ -176,7 +176,7 @@ def test_smtp_a_new_connection_is_greeted_again() -> None:
     talk(login.starttls(route(tls="starttls")), b"", [(GREETING, b"EHLO client.example\r\n")])
     login.new_connection()
     exchanges = [(GREETING, b"EHLO client.example\r\n"), (b"250 mx.test\r\n", b"")]
-    assert finished(login.login(route(login="none")), b"", exchanges) == LOGGED_IN
+    assert finished(login.login(route(login="none")), b"", exchanges) == b""
 
 
 def test_smtp_xclient_login_byte_exact() -> None:
@@ -192,7 +192,7 @@ def test_smtp_xclient_login_byte_exact() -> None:
         (b"220 mx.test ESMTP\r\n", b"EHLO client.example\r\n"),
         (b"250-mx.test\r\n250 CHUNKING\r\n", b""),
     ]
-    assert finished(login.login(route(login="xclient")), b"", exchanges) == LOGGED_IN
+    assert finished(login.login(route(login="xclient")), b"", exchanges) == b""
     assert login.offers("CHUNKING")  # from the EHLO after XCLIENT, the one the session goes on from
 
 
@@ -673,7 +673,7 @@ def test_login_steps_greet_each_connection_once() -> None:
     # The same connection after TLS: EHLO again, no greeting awaited.
     first.dataReceived(b"250-mx\r\n250 AUTH PLAIN\r\n235 ok\r\n")
     assert outcome(running_step(log_in, first, route(tls="starttls"))) is None
-    assert login.client_reply == LOGGED_IN
+    assert transport.value().startswith(b"EHLO client.example\r\nSTARTTLS\r\nEHLO client.example\r\nAUTH PLAIN ")
     # The next route: a new connection, greeted again.
     second, transport = connected()
     logging_in = running_step(log_in, second, route())

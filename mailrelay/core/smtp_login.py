@@ -36,7 +36,6 @@ MAX_REPLY_LINES = 100
 XCLIENT_MAX = 512
 """Longest XCLIENT command Postfix accepts, CRLF included; longer ones are split."""
 
-LOGGED_IN = b"235 2.7.0 Authentication successful\r\n"
 
 Extensions = dict[str, tuple[str, ...]]
 """An EHLO reply's extensions: keyword (upper case) -> parameters."""
@@ -153,7 +152,9 @@ class SMTPLogin(UpstreamLogin[Reply, Extensions]):
             yield from self._authenticate(route, capabilities)
         if self.envelope is not None:
             yield from self._replay()
-        return LOGGED_IN if self.request.auth_method != "none" else b""
+        # Nothing of the upstream's is the client's: the core says 235 to a client that
+        # authenticated, and an auth "none" client's RCPT reply is relayed.
+        return b""
 
     # XCLIENT
 

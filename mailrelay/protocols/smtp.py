@@ -41,9 +41,6 @@ class SMTPFrontEnd(FrontEnd):
             envelope=envelope,
         )
 
-    def client_reply(self) -> bytes:
-        return b""  # the core says 235 itself, when the client logged in
-
     async def relay(self, upstream: Upstream) -> SpliceResult:
         """Not a blind splice: the session goes on through `SMTPRelay`, which lets no
         XCLIENT, smuggled message or unvetted recipient reach the upstream."""
