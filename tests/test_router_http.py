@@ -914,6 +914,16 @@ class HTTPRouterTests(ProxyTestCase):
         with self.assertRaises(CancelledError):
             await asking
 
+    async def test_cancelling_before_the_connection_is_made_is_a_cancellation_too(self) -> None:
+        # Cancelled while TCP is still connecting, Twisted says ConnectingCancelledError:
+        # still the client going away, not an auth service failure (CI met it on a loaded machine).
+        service = self.service(ok())
+        router = self.router(service.url)
+        asking = Deferred.fromCoroutine(router.route(IMAP))
+        asking.cancel()
+        with self.assertRaises(CancelledError):
+            await asking
+
     async def test_server_error_without_auth_status(self) -> None:
         service = self.service(answer(("Content-Type", "text/html"), status=500, body=b"<h1>Internal Server Error</h1>"))
         router = self.router(service.url, headers=EXTRA)

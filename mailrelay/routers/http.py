@@ -198,9 +198,15 @@ class _Discard(Protocol):
 
 
 def _cancelled(error: BaseException) -> bool:
-    """Whether `error` is, or (as Twisted's HTTP client reports it) wraps, a cancellation."""
+    """Whether `error` is, or (as Twisted's HTTP client reports it) wraps, a cancellation.
+
+    Cancelled before the TCP connection was made, the endpoint says
+    `ConnectingCancelledError` instead (a loaded machine makes that window wide).
+    """
     reasons = getattr(error, "reasons", None) or ()
-    return isinstance(error, CancelledError) or any(_cancelled(reason.value) for reason in reasons)
+    if isinstance(error, (CancelledError, net.ConnectingCancelledError)):
+        return True
+    return any(_cancelled(reason.value) for reason in reasons)
 
 
 def describe_failure(error: BaseException) -> str:
