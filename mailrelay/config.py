@@ -26,7 +26,18 @@ from .routerspec import RouterSpec, parse_router, refuse_unchecked_logins
 from .sasl import MECHANISMS
 from .tls import MIN_VERSIONS, CertificateFiles, ServerTLSConfig
 
-__all__ = ["Config", "ConfigError", "FrontEndConfig", "ListenerConfig", "UpstreamConfig", "load_config", "parse_config"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "FrontEndConfig",
+    "ListenerConfig",
+    "LogConfig",
+    "MetricsConfig",
+    "RedisConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
 
 TLS_MODES = ("tls", "starttls")
 FRONT_END_PROTOCOLS = ("smtp", "imap", "pop3")
@@ -35,7 +46,33 @@ AUTH_METHODS = {"smtp": (*MECHANISMS, "none"), "imap": MECHANISMS, "pop3": (*MEC
 """What a listener's `auth` may name, per protocol."""
 
 
-TOP_LEVEL_KEYS = frozenset({"drain_timeout"})
+TOP_LEVEL_KEYS = frozenset({"drain_timeout", "workers"})
+
+
+@attrs.frozen
+class MetricsConfig:
+    """`[metrics]`: where Prometheus scrapes mailrelay (see `mailrelay.metrics`)."""
+
+    listen: str
+    """A server endpoint string, as a listener's `listen`."""
+
+
+@attrs.frozen
+class RedisConfig:
+    """`[redis]`: the store a fleet of mailrelay processes shares login limits and the
+    route cache in (see `mailrelay.shared`)."""
+
+    url: str
+    """`redis://host:port/db` (or `unix:` path)."""
+
+
+@attrs.frozen
+class LogConfig:
+    """`[log]`: how mailrelay writes its log."""
+
+    sessions: str = "text"
+    """The session line's form: `text` (one line of key=value), or `json` (one JSON
+    object per session, the same fields, for log shippers)."""
 
 
 @attrs.frozen
@@ -102,6 +139,13 @@ class Config:
     """`[tls]`; None: `tls` and `starttls` listeners get a self-signed certificate."""
     login_limits: LoginLimits = LoginLimits()
     """`[login_limits]`: the brute-force defence shared by every listener."""
+    workers: int = 1
+    """Processes serving every listener (`workers = "auto"`: one per core)."""
+    metrics: MetricsConfig | None = None
+    """`[metrics]`; None: no metrics endpoint."""
+    redis: RedisConfig | None = None
+    """`[redis]`; None: login limits and the route cache are each process's own."""
+    log: LogConfig = LogConfig()
 
     def router_for(self, listener: ListenerConfig) -> RouterSpec | None:
         return listener.router or self.router
@@ -121,6 +165,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base_dir: st
     errors = Errors(source, TOP_LEVEL_KEYS, base_dir)
     top = Table(dict(data), "", errors)
     drain_timeout = top.seconds("drain_timeout", 30.0)
+    workers = _workers(top)
 
     upstream = UpstreamConfig()
     upstream_table = top.table("upstream", None)
@@ -142,6 +187,13 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base_dir: st
 
     router_table = top.table("router", None)
     default_router = _router(router_table)
+
+    metrics_table = top.table("metrics", None)
+    metrics = _metrics(metrics_table) if metrics_table is not None else None
+    redis_table = top.table("redis", None)
+    redis = _redis(redis_table) if redis_table is not None else None
+    log_table = top.table("log", None)
+    log = _log(log_table) if log_table is not None else LogConfig()
 
     listeners = [_listener(t) for t in top.tables("listener")]
     if not top.has("listener") or top.data["listener"] == []:
@@ -169,6 +221,10 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base_dir: st
         drain_timeout=drain_timeout,
         tls=tls,
         login_limits=login_limits,
+        workers=workers or 1,
+        metrics=metrics,
+        redis=redis,
+        log=log or LogConfig(),
     )
 
 
@@ -345,6 +401,35 @@ def _for_modes(table: Table, mode: str | None, modes: tuple[str, ...], key: str,
         names = " and ".join(f'"{m}"' for m in modes)
         table.error(key, f'applies only to mode {names} listeners, not "{mode}"')
     return value
+
+
+def _workers(top: Table) -> int | None:
+    """`workers`: a number of processes, or "auto" for one per core."""
+    if top.data.get("workers") == "auto":
+        top.consume("workers")
+        return os.cpu_count() or 1
+    return top.integer("workers", 1, minimum=1, maximum=1024)
+
+
+def _metrics(table: Table) -> MetricsConfig | None:
+    listen = table.string("listen")
+    table.finish()
+    if listen is None:
+        return None
+    listen = _check_endpoint(table, listen)
+    return MetricsConfig(listen=listen) if listen is not None else None
+
+
+def _redis(table: Table) -> RedisConfig | None:
+    url = table.string("url")
+    table.finish()
+    return RedisConfig(url=url) if url is not None else None
+
+
+def _log(table: Table) -> LogConfig | None:
+    sessions = table.string("sessions", "text", choices=("text", "json"))
+    table.finish()
+    return LogConfig(sessions=sessions) if sessions is not None else None
 
 
 def _login_limits(table: Table) -> LoginLimits | None:
