@@ -58,12 +58,22 @@ def check(path: str) -> int:
         if listener.accepts_passwords and router is not None:
             print(f"  passwords: {_who_checks_passwords(router)}")
         print(f"  connection_limits: {listener.connection_limits.describe()}")
+        if listener.proxy_protocol:
+            trusted = ",".join(str(network) for network in listener.trusted_proxies)
+            print(f"  proxy_protocol: v1 or v2 header first, from {trusted} only, within {listener.proxy_timeout:g}s")
     limits = config.login_limits
     print(
         f"login_limits: window={limits.window:g}s max_per_client={limits.max_per_client or 'off'}"
         f" max_per_user={limits.max_per_user or 'off'} delay={limits.delay:g}s max_delay={limits.max_delay:g}s"
         f" exempt={','.join(str(network) for network in limits.exempt) or 'none'}"
     )
+    if config.redis is not None:
+        print(f"redis: {config.redis.describe()}")
+    if config.metrics is not None:
+        print(f"metrics: served at /metrics on {config.metrics.listen}")
+    print(f"log: session lines as {config.log.sessions}")
+    if config.workers > 1:
+        print(f"workers: {config.workers} processes under one supervisor")
     trust = config.upstream.ca or "the system trust store"
     print(
         f"upstream: connect_timeout={config.upstream.connect_timeout:g}s login_timeout={config.upstream.login_timeout:g}s,"
@@ -90,7 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     check_parser = commands.add_parser("check", help="validate a configuration file and show what it builds")
     check_parser.add_argument("config", help="TOML configuration file")
+    worker_parser = commands.add_parser("worker", help="one worker process (started by mailrelay itself with workers > 1)")
+    source = worker_parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="TOML configuration file")
+    source.add_argument("--tac", help="the .tac file twistd runs")
     args = parser.parse_args(argv)
+    if args.command == "worker":
+        from .worker import run
+
+        return run(args.config, args.tac)
     return check(args.config)
 
 

@@ -8,6 +8,7 @@ nothing listens until the whole configuration is valid.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from .connlimits import ConnectionLimits, read_connection_limits
 from .core.settings import DEFAULT_AUTH, FrontEndConfig
 from .guard import LoginLimits
 from .networks import Network, read_networks
+from .redisurl import RedisAddress, parse_redis_url
 from .router import MODES, PASSWORDLESS_METHODS, PROTOCOLS
 from .routerspec import RouterSpec, parse_router, refuse_unchecked_logins
 from .sasl import MECHANISMS
@@ -62,8 +64,26 @@ class RedisConfig:
     """`[redis]`: the store a fleet of mailrelay processes shares login limits and the
     route cache in (see `mailrelay.shared`)."""
 
-    url: str
-    """`redis://host:port/db` (or `unix:` path)."""
+    url: str = attrs.field(repr=False)
+    """`redis://[[user]:password@]host:port/db` or `unix:/path` (may hold a password:
+    show `address.describe()`, never this)."""
+    timeout: float = 0.5
+    """Seconds each Redis call may take before this process decides alone."""
+    key_prefix: str = "mailrelay:"
+    """Prefix of every key mailrelay writes (several fleets may share one Redis)."""
+    secret_file: str | None = None
+    """A file only the fleet can read, holding its shared secret: it keys the digests
+    in the route cache's keys and authenticates its entries. Without it, the route
+    cache stays each process's own."""
+
+    @property
+    def address(self) -> RedisAddress:
+        return parse_redis_url(self.url)
+
+    def describe(self) -> str:
+        """The settings, for `check`: never the password."""
+        cache = "and the route cache (secret_file)" if self.secret_file else "only (no secret_file: route caches per process)"
+        return f"{self.address.describe()} timeout={self.timeout:g}s key_prefix={self.key_prefix!r}; shares login counts {cache}"
 
 
 @attrs.frozen
@@ -90,6 +110,10 @@ class UpstreamConfig:
     system trust store."""
 
 
+LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+"""Who may send a PROXY header when a listener does not say (`trusted_proxies`)."""
+
+
 @attrs.frozen
 class ListenerConfig:
     """One `[[listener]]`."""
@@ -113,6 +137,13 @@ class ListenerConfig:
     connection_limits: ConnectionLimits = ConnectionLimits()
     """`[listener.connection_limits]`: the connections taken at once, per client, and per
     client and minute."""
+    proxy_protocol: bool = False
+    """Every connection starts with a PROXY protocol header (v1 or v2) naming the real
+    client (see `mailrelay.proxied`)."""
+    trusted_proxies: tuple[Network, ...] = LOOPBACK
+    """`proxy_protocol` listeners: the peers allowed to send the header; others are closed."""
+    proxy_timeout: float = 5.0
+    """`proxy_protocol` listeners: seconds to receive the whole header."""
 
     @property
     def terminates_tls(self) -> bool:
@@ -268,6 +299,7 @@ def _listener(table: Table) -> ListenerConfig | None:
     preread_sni = _for_modes(table, mode, ("splice",), "preread_sni", table.boolean, False)
     preread_timeout = _for_modes(table, mode, ("splice",), "preread_timeout", table.seconds, 10.0)
     front_end = _front_end(table, mode, protocol)
+    proxy_protocol, trusted_proxies, proxy_timeout = _proxy_protocol(table)
     router_table = table.table("router", None)
     router = _router(router_table)
     limits_table = table.table("connection_limits", None)
@@ -287,6 +319,9 @@ def _listener(table: Table) -> ListenerConfig | None:
         preread_timeout,
         front_end,
         connection_limits,
+        proxy_protocol,
+        trusted_proxies,
+        proxy_timeout,
     )
     if None in required or front_end is None or connection_limits is None or (router_table and router is None):
         return None
@@ -303,7 +338,29 @@ def _listener(table: Table) -> ListenerConfig | None:
         preread_timeout=preread_timeout,
         front_end=front_end,
         connection_limits=connection_limits,
+        proxy_protocol=proxy_protocol,
+        trusted_proxies=trusted_proxies,
+        proxy_timeout=proxy_timeout,
     )
+
+
+def _proxy_protocol(table: Table) -> tuple[Any, Any, Any]:
+    """`proxy_protocol`, `trusted_proxies`, `proxy_timeout` (each None if invalid); the
+    last two mean something only with the first (an error without it: the
+    administrator expects them to do something)."""
+    enabled = table.boolean("proxy_protocol", False)
+    trusted: tuple[Network, ...] | None = LOOPBACK
+    networks = read_networks(table, "trusted_proxies")
+    if networks is False:
+        trusted = None
+    elif networks is not None:
+        trusted = networks
+    timeout = table.seconds("proxy_timeout", 5.0)
+    if enabled is False:
+        for key in ("trusted_proxies", "proxy_timeout"):
+            if table.has(key):
+                table.error(key, "applies only with proxy_protocol = true")
+    return enabled, trusted, timeout
 
 
 OPTIONAL_FRONT_END_KEYS = ("capabilities", "size")
@@ -421,9 +478,23 @@ def _metrics(table: Table) -> MetricsConfig | None:
 
 
 def _redis(table: Table) -> RedisConfig | None:
-    url = table.string("url")
+    url = table.string("url", secret=True)
+    if isinstance(url, str):
+        try:
+            parse_redis_url(url)
+        except ValueError as e:
+            table.error("url", str(e))
+            url = None
+    timeout = table.seconds("timeout", 0.5)
+    key_prefix = table.string("key_prefix", "mailrelay:")
+    if isinstance(key_prefix, str) and (len(key_prefix) > 64 or not key_prefix.isprintable()):
+        table.error("key_prefix", "must be at most 64 printable characters")
+        key_prefix = None
+    secret_file = table.file("secret_file", None)
     table.finish()
-    return RedisConfig(url=url) if url is not None else None
+    if url is None or timeout is None or key_prefix is None:
+        return None
+    return RedisConfig(url=url, timeout=timeout, key_prefix=key_prefix, secret_file=secret_file)
 
 
 def _log(table: Table) -> LogConfig | None:
@@ -516,6 +587,12 @@ def _check_endpoint(table: Table, description: str) -> str | None:
         serverFromString(reactor, description)
     except Exception as e:  # endpoint parsers raise ValueError, TypeError...
         reason = str(e) or type(e).__name__
+        if description.startswith("systemd:") and isinstance(e, (IndexError, KeyError)):
+            if "MAILRELAY_LISTEN_FDS" in os.environ:  # a worker (mailrelay.workers.LISTEN_FDS):
+                return description  # it accepts on the socket its supervisor got from systemd
+            # Twisted's own words are "list index out of range".
+            fds = os.environ.get("LISTEN_FDS", "none")
+            reason = f"no such socket from systemd (LISTEN_FDS={fds}): start it through its .socket unit"
         table.error("listen", f'bad endpoint "{description}": {reason}')
         return None
     return description

@@ -18,6 +18,12 @@ TCP connect (itself bounded by `connect_timeout`, name resolution included), TLS
 handshake, greeting, STARTTLS and login together. An upstream that accepts the
 connection and then says nothing fails its route, naming what it was waiting for
 (`UpstreamProtocol.stage`: "no greeting within 30s"), and the next route is tried.
+
+A route with `proxy_protocol = 1 | 2` is told the client's address by a PROXY header,
+the first bytes on its TCP connection (before a TLS ClientHello, before the greeting
+is read): `ProxyHeaderEndpoint`, between `stream_endpoint` and TLS. The addresses are
+the caller's (`connect(client=, local=)`: the accepted socket's, or a trusted inbound
+PROXY header's), never anything the client said.
 """
 
 from __future__ import annotations
@@ -39,15 +45,22 @@ from twisted.internet.error import (
     DNSLookupError,
     TimeoutError,
 )
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from . import proxyprotocol
 from .core.errors import UpstreamProtocolError
 from .logtext import loggable
-from .router import Reject, Route
+from .metrics import NO_METRICS, Metrics
+from .proxy_endpoint import ProxyHeaderEndpoint
+from .router import Address, Reject, Route
 from .splice import LineTooLong, PeerClosed, SpliceableProtocol
 from .tls import TLSSetupError
 from .tls_client import ClientTLS
@@ -62,6 +75,10 @@ failure should the login deadline pass; it may be cancelled at any await."""
 StartTLSStep = Callable[["UpstreamProtocol", Route], Awaitable[None]]
 """A protocol's upstream STARTTLS exchange (greeting, EHLO, `STARTTLS`, `220`): it
 returns when the upstream is ready for the TLS handshake, or raises like a login step."""
+
+
+_Addresses = tuple[Address | None, Address | None]
+"""A PROXY header's (source, destination): the client's address and the one it connected to."""
 
 
 class UpstreamTLSError(Exception):
@@ -193,8 +210,6 @@ def unsupported(route: Route, starttls: StartTLSStep | None) -> str | None:
     """Why this version cannot use `route` in this session, or None."""
     if route.tls == "starttls" and starttls is None:
         return 'tls = "starttls" needs a mail protocol on the listener; use tls = "tls" with protocol "none"'
-    if route.proxy_protocol is not None:
-        return "sending the PROXY protocol upstream is not available in this version of mailrelay"
     return None
 
 
@@ -231,6 +246,8 @@ class UpstreamConnector:
     """Connects to the first usable of a session's routes and runs its login step."""
 
     log = Logger()
+    metrics: Metrics = NO_METRICS
+    """Where each successful TCP connect's duration is observed (the service sets it)."""
 
     def __init__(
         self, reactor: Any, connect_timeout: float = 10.0, tls: ClientTLS | None = None, login_timeout: float = 30.0
@@ -247,9 +264,16 @@ class UpstreamConnector:
         self.login_timeout = login_timeout
         self.tls = tls if tls is not None else ClientTLS()
 
-    def endpoint_for(self, route: Route) -> IStreamClientEndpoint:
-        """The client endpoint that reaches `route`, TLS included when `route.tls` is "tls"."""
+    def endpoint_for(self, route: Route, client: Address | None = None, local: Address | None = None) -> IStreamClientEndpoint:
+        """
+        The client endpoint that reaches `route`: `stream_endpoint`, then the PROXY
+        header when `route.proxy_protocol` asks for one (`ProxyHeaderEndpoint`: from
+        `client` to `local`, the address the client connected to; "UNKNOWN" when one
+        is not an IP address or not given), then TLS when `route.tls` is "tls".
+        """
         endpoint = self.stream_endpoint(route)
+        if route.proxy_protocol is not None:
+            endpoint = ProxyHeaderEndpoint(endpoint, proxyprotocol.header(route.proxy_protocol, client, local))
         if route.tls == "tls":
             return wrapClientTLS(self.tls.creator(route), endpoint)
         return endpoint
@@ -270,10 +294,15 @@ class UpstreamConnector:
         login: LoginStep | None = None,
         session_id: str = "-",
         starttls: StartTLSStep | None = None,
+        client: Address | None = None,
+        local: Address | None = None,
     ) -> Upstream:
         """
         Try `routes` in order; return the first one connected, secured as it asks, and
-        logged in.
+        logged in. A route with `proxy_protocol` is sent a PROXY header naming `client`
+        and `local` (the address it connected to) first: these must come from the
+        accepted socket or a trusted inbound PROXY header, as an upstream that reads
+        the header believes them (without them, the header says UNKNOWN).
 
         A route that cannot be connected to, whose TLS handshake or certificate check
         fails, whose login step fails for any reason but `Reject`, or that is not done
@@ -290,7 +319,7 @@ class UpstreamConnector:
             why = unsupported(route, starttls)
             if why is None:
                 try:
-                    return await self._connect_one(route, login, starttls)
+                    return await self._connect_one(route, login, starttls, (client, local))
                 except (Reject, CancelledError):
                     raise
                 except ConnectingCancelledError:
@@ -308,23 +337,34 @@ class UpstreamConnector:
             )
         raise UpstreamUnavailable(failures)
 
-    async def _connect_one(self, route: Route, login: LoginStep | None, starttls: StartTLSStep | None) -> Upstream:
+    async def _connect_one(
+        self, route: Route, login: LoginStep | None, starttls: StartTLSStep | None, addresses: _Addresses
+    ) -> Upstream:
         """One route, within `login_timeout`. Our deadline cancels the attempt (which
         aborts its connection) and fails it with an UpstreamTimeout naming the stage;
         the caller's cancellation goes through as it is."""
         attempt = _Attempt()
-        attempting = Deferred.fromCoroutine(self._attempt(route, login, starttls, attempt))
+        attempting = Deferred.fromCoroutine(self._attempt(route, login, starttls, addresses, attempt))
         attempting.addTimeout(
             self.login_timeout, self.reactor, onTimeoutCancel=lambda _, timeout: Failure(deadline_passed(attempt.stage, timeout))
         )
         return await attempting
 
-    async def _attempt(self, route: Route, login: LoginStep | None, starttls: StartTLSStep | None, attempt: _Attempt) -> Upstream:
-        connecting = self.endpoint_for(route).connect(_UpstreamFactory(route.tls != "none"))
+    async def _attempt(
+        self,
+        route: Route,
+        login: LoginStep | None,
+        starttls: StartTLSStep | None,
+        addresses: _Addresses,
+        attempt: _Attempt,
+    ) -> Upstream:
+        started = self.reactor.seconds()
+        connecting = self.endpoint_for(route, *addresses).connect(_UpstreamFactory(route.tls != "none"))
         # The endpoint's own timeout covers each TCP attempt; this one also bounds
         # name resolution and the happy-eyeballs races.
         connecting.addTimeout(self.connect_timeout, self.reactor, onTimeoutCancel=_timed_out)
         protocol = attempt.protocol = cast(UpstreamProtocol, await connecting)
+        self.metrics.upstream_connected(self.reactor.seconds() - started)
         try:
             if route.tls == "starttls":
                 assert starttls is not None

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
+from collections.abc import Callable
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -156,10 +157,14 @@ class ConnectionLimiter:
     report_interval = 60.0
     """Seconds between the summaries of a burst of refusals."""
 
-    def __init__(self, limits: ConnectionLimits, listener: str, clock: IReactorTime) -> None:
+    def __init__(
+        self, limits: ConnectionLimits, listener: str, clock: IReactorTime, hit: Callable[[str], object] | None = None
+    ) -> None:
+        """`hit`: told the name of the limit (`max_sessions`...) each refusal hit (the metrics)."""
         self.limits = limits
         self.listener = listener
         self.clock = clock
+        self.hit = hit
         self.sessions = 0
         """Connections let in and not released yet."""
         self._per_client: dict[str, int] = {}
@@ -260,6 +265,8 @@ class ConnectionLimiter:
     # The log
 
     def _refused(self, key: str, limit: str, now: float) -> None:
+        if self.hit is not None:
+            self.hit(limit.partition("=")[0])
         burst = self._bursts.get(key)
         if burst is None and key not in (_LISTENER, _OTHERS) and len(self._bursts) >= self.max_bursts:
             key, burst = _OTHERS, self._bursts.get(_OTHERS)

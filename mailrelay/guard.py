@@ -36,13 +36,23 @@ Memory is bounded, and a flood cannot make the guard forget a key under attack:
 addresses and users below their limit, and those at or past it, are kept in two maps
 each capped at `LoginGuard.max_keys` (the least recently failed forgotten first), so
 made-up user names, each below the limit, only ever push out one another.
+
+Shared by a fleet (`[redis]`, `LoginGuard.shared`): `enter()` asks the fleet's counts
+(failures and logins in flight of every process, `mailrelay.shared.limits`) as well
+as this process's own, and a login is refused or held back when either says so. The
+process keeps counting on its own all along, so that when the shared counts do not
+answer in time (Redis down or slow) it decides alone, with what it has seen; failures
+counted while Redis was unavailable stay this process's (they are not replayed).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
+import secrets
 from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Protocol
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -90,6 +100,32 @@ class LoginLimits:
         return math.ceil(math.log2(self.max_delay / self.delay))
 
 
+@attrs.frozen
+class SharedCount:
+    """What the fleet's counts said of a login (`SharedCounts.admit()`)."""
+
+    refused: bool
+    """Its client is at `max_per_client` (failures and logins in flight); then it was
+    not counted in flight."""
+    client_failed: int
+    client_in_flight: int
+    user_failed: int
+
+
+class SharedCounts(Protocol):
+    """Failure counts and logins in flight kept outside this process, shared by a fleet
+    (`mailrelay.shared.SharedLoginCounts`). `client` is a `client_block` (None: not
+    counted per client), `user` a `user_key` (None: not counted per user)."""
+
+    async def admit(self, attempt: str, client: str | None, user: str | None, now: float) -> SharedCount | None:
+        """Check `client` against `max_per_client` and, unless refused, count the login
+        `attempt` in flight there, at once; None when the counts cannot be reached now."""
+
+    def ended(self, attempt: str, client: str | None, user: str | None, now: float, failed: bool) -> None:
+        """The login `attempt` is over: no longer in flight; `failed`: count it. Sent
+        without waiting (and lost if the counts cannot be reached)."""
+
+
 class Attempt:
     """
     A login the guard has seen, from `LoginGuard.admit()` to `end()`. Unless refused, it
@@ -113,6 +149,8 @@ class Attempt:
         is counted for it), or None."""
         self.delay = delay
         """Seconds to hold the login back before the Router is asked (the per-user slowdown)."""
+        self._ended: Callable[[bool], None] | None = None
+        """Tells the shared counts of the outcome, when they counted this login."""
 
     def end(self, failed: bool = False) -> None:
         """The login's outcome is known; `failed`: count it as a failed login. Only the
@@ -123,6 +161,9 @@ class Attempt:
         guard._release(self._keys)
         if failed and self._request is not None:
             guard.failed(self._request)
+        ended, self._ended = self._ended, None
+        if ended is not None:
+            ended(failed)
 
 
 class LoginGuard:
@@ -146,6 +187,8 @@ class LoginGuard:
         limit never pushes one of these out."""
         self._in_flight: dict[Key, int] = {}
         """Logins let through and not ended yet, per key (only keys with some)."""
+        self.shared: SharedCounts | None = None
+        """The fleet's counts (`[redis]`), asked by `enter()`; None: this process's only."""
 
     def _client_key(self, request: RouteRequest) -> Key | None:
         host = request.client[0]
@@ -202,6 +245,9 @@ class LoginGuard:
         failed, in_flight = self._count(key, self.clock.seconds())
         if failed + in_flight < self.limits.max_per_client:
             return None
+        return self._too_many(failed, in_flight)
+
+    def _too_many(self, failed: int, in_flight: int) -> str:
         pending = f", {in_flight} in progress" if in_flight else ""
         return f"too many failed logins for this client ({failed} in {self.limits.window:g}s{pending})"
 
@@ -229,6 +275,37 @@ class LoginGuard:
         for key in keys:
             self._in_flight[key] = self._in_flight.get(key, 0) + 1
         return Attempt(self, request, keys, None, delay)
+
+    async def enter(self, request: RouteRequest) -> Attempt:
+        """
+        `admit()`, asking the fleet's counts too when the guard shares them (`shared`):
+        refused when either this process's or the fleet's counts refuse, held back as
+        long as the longer of their slowdowns says. When the fleet's counts do not
+        answer (in the store's deadline), this process's decision stands.
+        """
+        attempt = self.admit(request)
+        shared = self.shared
+        if shared is None or attempt._guard is None:
+            return attempt  # refused here already, or not counted
+        client_key, user_key_ = self._client_key(request), self._user_key(request)
+        client = client_key[1] if client_key is not None else None
+        user = user_key_[1] if user_key_ is not None else None
+        name = secrets.token_hex(12)
+        try:
+            counted = await shared.admit(name, client, user, self.clock.seconds())
+        except BaseException:
+            # Cancelled (the client left) or a bug: not in flight here, nor there.
+            attempt.end()
+            shared.ended(name, client, user, self.clock.seconds(), False)
+            raise
+        if counted is None:
+            return attempt
+        if counted.refused:
+            attempt.end()
+            return Attempt(None, request, (), self._too_many(counted.client_failed, counted.client_in_flight), 0.0)
+        attempt.delay = max(attempt.delay, self.limits.slowdown(counted.user_failed))
+        attempt._ended = lambda failed: shared.ended(name, client, user, self.clock.seconds(), failed)
+        return attempt
 
     def _release(self, keys: tuple[Key, ...]) -> None:
         for key in keys:

@@ -33,6 +33,7 @@ from .connector import UpstreamConnector
 from .connlimits import ConnectionLimiter
 from .core.machine import Input
 from .guard import LoginGuard
+from .metrics import NO_METRICS, Metrics
 from .protocols import FRONT_ENDS
 from .relay import RoutedConnection, address_of
 from .router import IRouter
@@ -59,11 +60,13 @@ class ListenerFactory(Factory):
         tls: IOpenSSLServerConnectionCreator | None = None,
         connection_class: type[RoutedConnection] | None = None,
         guard: LoginGuard | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         """
         `tls` is the server TLS of a `starttls` listener (a `tls` listener's factory is
         wrapped in Twisted's TLS layer instead). `connection_class` replaces the
-        protocol the listener's mode and protocol call for.
+        protocol the listener's mode and protocol call for. `metrics` counts logins,
+        limit hits and the Router's time (sessions are counted by `sessions`).
         """
         self.listener = listener
         self.router = router
@@ -72,10 +75,13 @@ class ListenerFactory(Factory):
         self.clock = clock
         self.tls = tls
         self.guard = guard
+        self.metrics = metrics
         self.connection_class = (
             connection_class or MODE_PROTOCOLS.get((listener.mode, listener.protocol)) or FRONT_ENDS[listener.protocol]
         )
-        self.limiter = ConnectionLimiter(listener.connection_limits, listener.name, clock)
+        self.limiter = ConnectionLimiter(
+            listener.connection_limits, listener.name, clock, hit=lambda limit: metrics.limit_hit(listener.name, limit)
+        )
         busy = self.connection_class.busy_reply
         self.busy_reply = b""
         """What a connection turned away hears before the close (nothing on a `tls`

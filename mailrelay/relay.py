@@ -28,6 +28,7 @@ from .connector import LoginStep, StartTLSStep, Upstream, UpstreamConnector, Ups
 from .connlimits import Slot
 from .core.machine import Input, SessionMachine, State
 from .guard import Attempt, LoginGuard
+from .metrics import Metrics
 from .router import Address, IRouter, Reject, Route, RouteRequest, RouterError
 from .session import Session, Sessions
 from .splice import Splice, SpliceableProtocol, SpliceResult
@@ -53,6 +54,14 @@ class Relay(Protocol):
     def abort(self, outcome: str) -> None:
         """Drop both connections now; the session line says `outcome`."""
 
+    @property
+    def bytes_up(self) -> int:
+        """Bytes from the client delivered towards the upstream so far."""
+
+    @property
+    def bytes_down(self) -> int:
+        """Bytes from the upstream delivered towards the client so far."""
+
 
 class RoutedConnectionFactory(Protocol):
     """What a RoutedConnection needs from its listener (see `listener.ListenerFactory`)."""
@@ -66,6 +75,8 @@ class RoutedConnectionFactory(Protocol):
     """The server TLS a connection upgrades to on STARTTLS (None: no STARTTLS)."""
     guard: LoginGuard | None
     """Counts failed logins, and refuses logins past its limits (None: no limits)."""
+    metrics: Metrics
+    """Where logins, limit hits and the Router's answering time are counted."""
 
 
 @implementer(IHandshakeListener)
@@ -230,46 +241,65 @@ class RoutedConnection(SpliceableProtocol):
         factory, session, machine = self.factory, self.session, self.machine
         assert session is not None
         session.user = request.user
-        guard = factory.guard
+        guard, metrics, name = factory.guard, factory.metrics, self.listener.name
         attempt = Attempt()  # without a guard: counted by no one
+        login_result = "abandoned"  # the client left before the outcome (mailrelay_logins_total)
         if guard is not None:
-            attempt = guard.admit(request)
+            attempt = await guard.enter(request)  # the fleet's counts too, when shared
             if attempt.refusal is not None:
+                metrics.limit_hit(name, "login_max_per_client")
+                metrics.login(name, "throttled")
                 if guard.limits.delay > 0:
                     await deferLater(factory.clock, guard.limits.delay)
                 self.unavailable("throttled", attempt.refusal)
                 return
         try:
             if attempt.delay > 0:  # the per-user slowdown
+                metrics.limit_hit(name, "login_max_per_user")
                 await deferLater(factory.clock, attempt.delay)
-            routes = await ask_router(factory.router, request, factory.clock, self.listener.router_timeout)
+            asked = ask_router(factory.router, request, factory.clock, self.listener.router_timeout)
+            routes = await metrics.timed_router(asked, factory.clock)
             if self.lost_reason is not None:  # a router that ignored its cancellation
                 raise CancelledError()
             machine.fire(Input.CONNECT)
-            upstream = await factory.connector.connect(routes, login=login, session_id=session.id, starttls=starttls)
+            upstream = await factory.connector.connect(
+                routes, login=login, session_id=session.id, starttls=starttls, client=request.client, local=request.local
+            )
+            login_result = "success"
         except Reject as reject:  # by the Router, or by the upstream refusing our login
             attempt.end(failed=reject.counts)  # before the front-end may read the next login
+            login_result = "failure" if reject.counts else "refused"
             if reject.wait > 0:
                 await deferLater(factory.clock, reject.wait)
             self.refused(reject)
             return
         except RouterError as e:
             attempt.end()
+            login_result = "error"
             if e.__cause__ is not None:  # the router raised: its author needs the traceback
                 self.log.failure("session {session_id}: router failed", Failure(e.__cause__), session_id=session.id)
             self.unavailable("router-error", str(e))
             return
         except UpstreamUnavailable as e:
             attempt.end()
+            login_result = "error"
             self.unavailable("upstream-unavailable", str(e))
             return
         finally:  # logged in or cancelled (ending twice is harmless): no longer in flight
             attempt.end()
+            if request.user is not None:
+                metrics.login(name, login_result)
         session.upstream = upstream.route.address
+        session.traffic = self._traffic
         self.logged_in(upstream)
         result = await self.relay(upstream)
         session.bytes_up, session.bytes_down = result.bytes_up, result.bytes_down
         session.finish(result.outcome, result.reason or (f"{result.ended_by} closed first" if result.ended_by else None))
+
+    def _traffic(self) -> tuple[int, int]:
+        """Bytes the relay carried so far (up, down), for the metrics."""
+        relay = self._relay
+        return (relay.bytes_up, relay.bytes_down) if relay is not None else (0, 0)
 
     async def relay(self, upstream: Upstream) -> SpliceResult:
         """Carry the session between client and upstream until it ends: splice it."""

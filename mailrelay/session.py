@@ -14,10 +14,19 @@ Each session logs exactly one line when it ends:
 `drain-timeout` or `error`. A `reason` field follows when one is
 known. No credential is ever a field of this line, and the user name is shown through
 `logtext.loggable()`: control characters escaped, length bounded.
+
+With `[log] sessions = "json"` the line is one JSON object with the same fields
+(`session_id`, `listener`, `client`, `user`, `upstream`, `bytes_up`, `bytes_down`,
+`duration`, `outcome`, `reason`; null for a missing user, upstream or reason), all of
+it ASCII: no field, whatever a client put in it, can end the line or forge a record.
+
+Each session is counted in the service's `metrics` as it opens and ends; the bytes it
+carries are counted while they flow (`Sessions.report_traffic()`).
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +36,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .logtext import loggable
+from .metrics import NO_METRICS, Metrics
 from .router import Address, format_address
 from .timers import cancel
 
@@ -34,6 +44,8 @@ SESSION_LINE = (
     "session {session_id} listener={listener} client={client} user={user} upstream={upstream}"
     " up={bytes_up} down={bytes_down} duration={duration:.3f}s outcome={outcome}{reason_text}"
 )
+SESSION_JSON = "{session_json}"
+"""The session line with `[log] sessions = "json"`: the event's `session_json` field."""
 
 
 class Session:
@@ -53,6 +65,22 @@ class Session:
         self._abort = abort
         self._started = registry.clock.seconds()
         self.ended: Deferred[None] = Deferred()
+        self.traffic: Callable[[], tuple[int, int]] | None = None
+        """Bytes carried so far (up, down), while a relay carries the session."""
+        self._reported = (0, 0)
+        """Bytes already counted in the metrics (up, down)."""
+        registry.metrics.session_opened(listener)
+
+    def report_traffic(self) -> None:
+        """Count in the metrics the bytes carried since the last report."""
+        if self.traffic is not None:
+            self._report(*self.traffic())
+
+    def _report(self, up: int, down: int) -> None:
+        reported_up, reported_down = self._reported
+        if up > reported_up or down > reported_down:
+            self._registry.metrics.carried(self.listener, max(0, up - reported_up), max(0, down - reported_down))
+            self._reported = (max(up, reported_up), max(down, reported_down))
 
     def abort(self, outcome: str) -> None:
         """End the session now; `outcome` is what its log line will say."""
@@ -62,10 +90,14 @@ class Session:
         """Log the session's line and forget it; later calls are ignored."""
         if self.ended.called:
             return
+        # Counted before the line is written: whoever reads the line (a test, a
+        # supervisor relaying a worker's log) finds the session in the metrics.
+        self.traffic = None
+        self._report(self.bytes_up, self.bytes_down)
+        self._registry.metrics.session_ended(self.listener, outcome)
         duration = self._registry.clock.seconds() - self._started
         log = self.log.info if outcome == "closed" else self.log.warn
-        log(
-            SESSION_LINE,
+        fields = dict(
             session_id=self.id,
             listener=self.listener,
             client=format_address(self.client),
@@ -76,17 +108,35 @@ class Session:
             duration=duration,
             outcome=outcome,
             reason=reason,
-            reason_text=f" reason={reason!r}" if reason else "",
         )
+        if self._registry.json_lines:
+            log(SESSION_JSON, session_json=session_json(fields, self.user, self.upstream), **fields)
+        else:
+            log(SESSION_LINE, reason_text=f" reason={reason!r}" if reason else "", **fields)
         self._registry.remove(self)
         self.ended.callback(None)
+
+
+def session_json(fields: dict[str, Any], user: str | None, upstream: str | None) -> str:
+    """The session line's `fields` as one line of ASCII JSON (`user`, `upstream`: the
+    raw values, null when missing)."""
+    shown = dict(fields)
+    shown["duration"] = round(fields["duration"], 3)
+    if user is None:
+        shown["user"] = None
+    if upstream is None:
+        shown["upstream"] = None
+    return json.dumps(shown, ensure_ascii=True, separators=(",", ":"))
 
 
 class Sessions:
     """The sessions of one service, so that stopping it can wait for them."""
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: IReactorTime, metrics: Metrics = NO_METRICS, json_lines: bool = False) -> None:
+        """`metrics`: where sessions are counted; `json_lines`: write session lines as JSON."""
         self.clock = clock
+        self.metrics = metrics
+        self.json_lines = json_lines
         self._open: set[Session] = set()
 
     def __len__(self) -> int:
@@ -99,6 +149,11 @@ class Sessions:
 
     def remove(self, session: Session) -> None:
         self._open.discard(session)
+
+    def report_traffic(self) -> None:
+        """Count in the metrics the bytes every open session carried since its last report."""
+        for session in list(self._open):
+            session.report_traffic()
 
     def drain(self, timeout: float) -> Deferred[Any]:
         """Fire when every open session has ended, aborting those left after `timeout`."""

@@ -31,9 +31,9 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
-    from .service import MailrelayService
+    from .service import makeService
 
     try:
-        return MailrelayService(options.config)
+        return makeService(options.config)  # with workers > 1: the supervisor
     except ConfigError as e:
         raise SystemExit("invalid configuration:\n" + str(e)) from None

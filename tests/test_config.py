@@ -814,3 +814,59 @@ def test_shipped_map_example_is_valid() -> None:
     assert config.router is not None and config.router.type == "map"
     assert config.login_limits.max_per_user == 10
     MailrelayService(config, reactor=MemoryReactor())  # reads routes.toml beside it
+
+
+# -- PROXY protocol listener keys (mailrelay.proxied) -----------------------------------
+
+PROXY_CASES = [
+    (
+        'trusted_proxies = ["10.0.0.0/8"]\nproxy_timeout = 3\n',
+        [
+            "listener[0].trusted_proxies: applies only with proxy_protocol = true",
+            "listener[0].proxy_timeout: applies only with proxy_protocol = true",
+        ],
+    ),
+    (
+        'proxy_protocol = true\ntrusted_proxies = ["10.0.0.1/8"]\n',
+        ['listener[0].trusted_proxies: "10.0.0.1/8" has host bits set (the network is 10.0.0.0/8)'],
+    ),
+    ("proxy_protocol = true\ntrusted_proxies = []\n", ["listener[0].trusted_proxies: must list at least one value"]),
+    (
+        'proxy_protocol = true\ntrusted_proxies = ["balancer.example"]\n',
+        ['listener[0].trusted_proxies: "balancer.example" is not an IP address or network (CIDR)'],
+    ),
+    ('proxy_protocol = "yes"\n', ["listener[0].proxy_protocol: must be true or false, not a string ('yes')"]),
+    ("proxy_protocol = true\nproxy_timeout = 0\n", ["listener[0].proxy_timeout: must be a positive number of seconds, not 0"]),
+]
+
+
+@pytest.mark.parametrize("extra, expected", PROXY_CASES)
+def test_proxy_protocol_key_errors(extra: str, expected: list[str]) -> None:
+    import tomllib
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(tomllib.loads(ROUTER + LISTENER + extra), "inline.toml")
+    assert caught.value.errors == [f"inline.toml: {line}" for line in expected]
+
+
+def test_proxy_protocol_keys() -> None:
+    import ipaddress
+    import tomllib
+
+    default = parse_config(tomllib.loads(ROUTER + LISTENER)).listeners[0]
+    assert (default.proxy_protocol, default.proxy_timeout) == (False, 5.0)
+    assert default.trusted_proxies == (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    text = ROUTER + LISTENER + 'proxy_protocol = true\ntrusted_proxies = ["10.0.0.0/8", "2001:db8::5"]\nproxy_timeout = 2.5\n'
+    listener = parse_config(tomllib.loads(text)).listeners[0]
+    assert (listener.proxy_protocol, listener.proxy_timeout) == (True, 2.5)
+    assert listener.trusted_proxies == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::5/128"))
+    single = parse_config(tomllib.loads(ROUTER + LISTENER + 'proxy_protocol = true\ntrusted_proxies = "10.1.2.3"\n')).listeners[0]
+    assert single.trusted_proxies == (ipaddress.ip_network("10.1.2.3/32"),)
+
+
+def test_check_shows_the_proxy_protocol_settings(tmp_path: Path) -> None:
+    text = ROUTER + LISTENER + 'proxy_protocol = true\ntrusted_proxies = ["10.0.0.0/8", "::1"]\nproxy_timeout = 2.5\n'
+    (tmp_path / "mailrelay.toml").write_text(text)
+    result = run_check(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "  proxy_protocol: v1 or v2 header first, from 10.0.0.0/8,::1/128 only, within 2.5s\n" in result.stdout

@@ -29,17 +29,20 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mailrelay"
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("leaf helpers", {"logtext", "configtable", "interfaces", "networks", "timers"}),
-    ("value types and pure logic", {"router", "sasl", "clienthello"}),
+    ("leaf helpers", {"logtext", "configtable", "interfaces", "networks", "timers", "redisurl", "listening"}),
+    ("value types and pure logic", {"router", "sasl", "clienthello", "proxyprotocol"}),
     ("I/O-free protocol cores", {"core"}),
     # The configuration holds their settings (ServerTLSConfig, LoginLimits,
     # ConnectionLimits), so they sit below it.
     ("components the configuration holds the settings of", {"tls", "tls_*", "guard", "connlimits"}),
     ("configuration", {"config", "routerspec"}),
-    ("Twisted plumbing", {"ask", "splice", "session", "connector"}),
+    (
+        "Twisted plumbing",
+        {"ask", "splice", "session", "connector", "proxy_endpoint", "metrics", "metrics_web", "workers", "workerlog", "shared"},
+    ),
     ("router backends", {"routers"}),
-    ("sessions", {"relay", "protocols", "listener"}),
-    ("top", {"service", "tap", "__main__", "testing", "__init__"}),
+    ("sessions", {"relay", "protocols", "listener", "proxied"}),
+    ("top", {"service", "tap", "__main__", "testing", "__init__", "worker"}),
 ]
 """Lowest first. A module is named by its path below mailrelay/ (`routers.map`; a
 package by its folder, `routers`; mailrelay/__init__.py is `__init__`). A name matches

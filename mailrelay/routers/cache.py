@@ -20,12 +20,19 @@ The cache holds at most `cache_size` entries (least recently used go first) and 
 emptied on reload, and whenever the router it wraps says its answers changed (a
 `generation` attribute that changes, as a route map re-read from its file has), so
 that a changed route map or auth decision applies at once.
+
+Shared by a fleet (`[redis]` with a `secret_file`, `share()`): an answer is looked up
+in this process's memory, then in Redis (`mailrelay.shared.routes`), and only then
+asked for; a new answer goes to both, unless a route carries an upstream password
+(then only to memory). The fleet's secret then keys the password digests, so that
+every process computes the same keys.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -39,6 +46,7 @@ from ..ask import call_router
 from ..interfaces import IReloadable
 from ..router import IRouter, Route, RouteRequest, verifies_passwords
 from ..routerspec import PasswordListener, RouterSpec
+from ..shared.routes import SharedRoutes
 
 UNCACHEABLE_METHODS = frozenset({"cram-md5", "apop"})
 
@@ -59,6 +67,14 @@ class CachingRouter:
         # outside this process (no dictionary attack on a memory dump).
         self._secret = secrets.token_bytes(32)
         self._generation = getattr(inner, "generation", None)
+        self.shared: SharedRoutes | None = None
+        """The fleet's cache (`share()`), or None: this process's memory only."""
+
+    def share(self, shared: SharedRoutes) -> None:
+        """Keep answers in the fleet's cache too; its secret keys the password digests."""
+        self.shared = shared
+        self._secret = shared.secret
+        self._entries.clear()  # keyed with the old secret
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -101,16 +117,37 @@ class CachingRouter:
                     self._entries.move_to_end(key)
                     return answer
                 del self._entries[key]
+        shared, epoch = self.shared, None
+        if key is not None and shared is not None:
+            found = await shared.get(_login(key, generation))
+            if found.answer is not None:
+                self._remember(key, self.clock.seconds() + min(found.ttl, self.ttl), found.answer)
+                return found.answer
+            epoch = found.epoch
         answer = await call_router(self.inner, request)
         if key is not None and _is_success(answer):
-            self._entries[key] = (now + self.ttl, answer)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
+            self._remember(key, now + self.ttl, answer)
+            if shared is not None and epoch is not None:
+                shared.put(_login(key, generation), epoch, answer, self.ttl)
         return answer
+
+    def _remember(self, key: CacheKey, expires: float, answer: Any) -> None:
+        self._entries[key] = (expires, answer)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
 
     def reload(self) -> None:
         self._entries.clear()
+        if self.shared is not None:
+            self.shared.forget()
+
+
+def _login(key: CacheKey, generation: object) -> bytes:
+    """A cache key (and the wrapped router's generation) as the bytes the fleet's
+    cache digests: the same in every process for the same login."""
+    fields = [part.hex() if isinstance(part, bytes) else part for part in key]
+    return json.dumps([repr(generation), *fields], separators=(",", ":")).encode("utf-8", "surrogateescape")
 
 
 def _is_success(answer: object) -> bool:

@@ -7,6 +7,7 @@ maildirs the test delivers to, and the client's address forwarded by a trusted p
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import re
@@ -73,6 +74,8 @@ class Dovecot:
       from there may name the real client: IMAP `ID ("x-originating-ip" ...
       "x-originating-port" ...)` before login, POP3 `XCLIENT ADDR=... PORT=...`; the log's
       login line then says `rip=` that address, and `who()` lists it. None: nobody may.
+    - `extra_config`: more of dovecot.conf, appended (e.g. an example file's listener
+      on a port the test chose: Dovecot does not wait for it to listen).
     - `deliver(user, message)` puts a message in a user's maildir as a delivery agent
       would; IMAP FETCH and POP3 RETR return its bytes (LF line ends become CRLF).
     - A failed login is answered at once, and costs later logins nothing (no delay, no
@@ -89,8 +92,10 @@ class Dovecot:
         users: Mapping[str, str] = DOVECOT_USERS,
         trusted_networks: str | None = None,
         hostname: str = "imap.upstream.test",
+        extra_config: str = "",
     ) -> None:
         self.dir = os.path.abspath(directory)
+        self.extra_config = extra_config
         self.tls = tls
         self.users = dict(users)
         self.trusted_networks = trusted_networks
@@ -118,8 +123,11 @@ class Dovecot:
         self.mail_dir = os.path.join(self.dir, "mail")
         self.log_file = os.path.join(self.dir, "dovecot.log")
         self.output_file = os.path.join(self.dir, "dovecot.out")
-        # Dovecot's instance_name: the processes' titles start with it ("NAME/imap-login").
-        self.name = "dovecot-" + re.sub(r"[^A-Za-z0-9]", "-", os.path.basename(self.dir))
+        # Dovecot's instance_name: the processes' titles start with it ("NAME/imap-login"),
+        # and stop() kills what carries it: unique per folder, not per basename (two test
+        # runs each with a ".../dovecot" folder would kill each other's processes).
+        digest = hashlib.sha256(os.path.abspath(self.dir).encode()).hexdigest()[:8]
+        self.name = "dovecot-" + re.sub(r"[^A-Za-z0-9]", "-", os.path.basename(self.dir)) + "-" + digest
         self._ports: tuple[int, int, int | None, int | None] | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._session: int | None = None
@@ -402,6 +410,7 @@ class Dovecot:
             ports=self._ports or (0, 0, None, None),
             tls=self.tls,
             trusted_networks=self.trusted_networks,
+            extra_config=self.extra_config,
         )
 
     # -- the work

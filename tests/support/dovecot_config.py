@@ -32,11 +32,13 @@ def dovecot_conf(
     ports: tuple[int, int, int | None, int | None],
     tls: tuple[str, str] | None,
     trusted_networks: str | None,
+    extra_config: str = "",
 ) -> str:
     """dovecot.conf of an instance named `name` (its processes' titles start with it) on
     127.0.0.1's `ports` (IMAP, POP3, IMAPS, POP3S; None or 0: off), reading nothing from
     /etc/dovecot: logins checked against `users_file` (`passwd_file`), and a client from
-    `trusted_networks` may forward the real client's address."""
+    `trusted_networks` may forward the real client's address. `extra_config` is
+    appended as it is (Dovecot merges a `service` section given twice)."""
     imap, pop3, imaps, pop3s = ports
     lines = [
         "# A private Dovecot for tests (tests/support/dovecot.py). Nothing comes from /etc/dovecot.",
@@ -116,4 +118,4 @@ def dovecot_conf(
             "  }",
             "}",
         ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + extra_config

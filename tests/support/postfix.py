@@ -103,6 +103,8 @@ class Postfix:
       delivered to maildirs: `wait_for_messages(user)` returns the delivered files. Other
       users of those domains are refused at RCPT with 550; other domains are accepted
       from loopback and bounced without any network lookup.
+    - `extra_master_cf`: more master.cf services (e.g. an example file's smtpd on a port
+      the test chose), put after the SMTP listeners.
     - It runs as `postfix start-fg` under REAPER; `stop()` ends and collects every process
       of the instance, `processes()` lists them.
     """
@@ -114,8 +116,10 @@ class Postfix:
         tls: tuple[str, str] | None = None,
         users: Sequence[str] = ("alice@example.test", "bob@example.test"),
         hostname: str = "mx.upstream.test",
+        extra_master_cf: str = "",
     ) -> None:
         self.dir = os.path.abspath(directory)
+        self.extra_master_cf = extra_master_cf
         self.tls = tls
         self.users = list(users)
         self.hostname = hostname
@@ -379,7 +383,7 @@ class Postfix:
             lines.append(
                 f"127.0.0.1:{tls_port} inet n - n - - smtpd -o smtpd_tls_wrappermode=yes -o smtpd_tls_security_level=encrypt"
             )
-        return "\n".join(lines) + "\n" + MASTER_SERVICES
+        return "\n".join(lines) + "\n" + self.extra_master_cf + MASTER_SERVICES
 
     def _write_config(self) -> None:
         for name, text in (("main.cf", self.main_cf()), ("master.cf", self.master_cf()), ("vmailbox", self.vmailbox())):
