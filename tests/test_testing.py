@@ -367,6 +367,21 @@ def test_a_pop3_user_and_pass_login_is_made_upstream() -> None:
     assert transcript.outcome == "closed"
 
 
+def test_a_route_with_proxy_protocol_tells_the_scripted_upstream_the_client_first() -> None:
+    router = RecordingRouter(Route(host="10.0.0.7", port=110, proxy_protocol=2))
+    dovecot = ScriptedUpstream(
+        "+OK Dovecot ready.",
+        {"CAPA": "+OK\nUSER\n.", "USER alice": "+OK", "PASS s3cret": "+OK Logged in.", "QUIT": Hangup("+OK Bye.")},
+    )
+    transcript = converse(POP3, router, ["USER alice", "PASS s3cret", "QUIT"], upstream=dovecot, client=("198.51.100.9", 50123))
+    header = dovecot.proxy_headers[0]
+    assert header is not None
+    assert (header.version, header.command, header.source) == (2, "PROXY", ("198.51.100.9", 50123))
+    assert transcript.upstream.endswith(b"CAPA\r\nUSER alice\r\nPASS s3cret\r\nQUIT\r\n")
+    assert transcript.lines()[-2:] == ["+OK Logged in.", "+OK Bye."]
+    assert dovecot.unexpected == []
+
+
 # -- converse: what goes wrong ------------------------------------------------------------------
 
 

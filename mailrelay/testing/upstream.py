@@ -13,6 +13,8 @@ from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
+from ..proxyprotocol import InvalidProxyHeader, ProxyHeader, parse_header
+
 __all__ = ["Hangup", "ScriptedUpstream"]
 
 
@@ -59,6 +61,10 @@ class ScriptedUpstream(Factory):
     Every byte heard is kept, per connection (`connections`, in order) and in all
     (`heard`); each connection starts the script afresh (a client that tries again
     after a refusal makes mailrelay connect again).
+
+    A connection that starts with a PROXY protocol header (a route with
+    `proxy_protocol`) is read as a server configured for one reads it: the header is
+    not a line of the script, and `proxy_headers` keeps what it said.
     """
 
     noisy = False
@@ -79,6 +85,8 @@ class ScriptedUpstream(Factory):
         """What each connection heard, in the order they were made."""
         self.unexpected: list[bytes] = []
         """Lines the script did not expect, with no `default` to answer them."""
+        self.proxy_headers: list[ProxyHeader | None] = []
+        """The PROXY header each connection started with (None: none), in order."""
 
     @property
     def heard(self) -> bytes:
@@ -88,7 +96,8 @@ class ScriptedUpstream(Factory):
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         heard = bytearray()
         self.connections.append(heard)
-        return _ScriptedConnection(self, heard)
+        self.proxy_headers.append(None)
+        return _ScriptedConnection(self, heard, len(self.connections) - 1)
 
     def answer(self, line: bytes, position: int) -> tuple[Reply, int]:
         """The reply to `line`, the `position`th line of its connection in an ordered
@@ -109,12 +118,15 @@ class ScriptedUpstream(Factory):
 
 
 class _ScriptedConnection(Protocol):
-    def __init__(self, upstream: ScriptedUpstream, heard: bytearray) -> None:
+    def __init__(self, upstream: ScriptedUpstream, heard: bytearray, index: int) -> None:
         self.upstream = upstream
         self.heard = heard
+        self.index = index
         self.buffer = b""
         self.position = 0
         self.closed = False
+        self.header_possible = True
+        """Nothing has been heard yet that could not begin a PROXY header."""
 
     def connectionMade(self) -> None:
         if self.upstream.greeting is not None:
@@ -123,6 +135,17 @@ class _ScriptedConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.heard += data
         self.buffer += data
+        if self.header_possible:
+            try:
+                header = parse_header(self.buffer)
+            except InvalidProxyHeader:
+                self.header_possible = False
+            else:
+                if header is None:
+                    return  # a header so far: wait for the rest
+                self.header_possible = False
+                self.upstream.proxy_headers[self.index] = header
+                self.buffer = header.rest
         while not self.closed and b"\n" in self.buffer:
             line, _, self.buffer = self.buffer.partition(b"\n")
             reply, self.position = self.upstream.answer(line + b"\n", self.position)
