@@ -18,6 +18,7 @@ script lives in bench/common/.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,9 +49,9 @@ run()
 """
 
 
-def start_mailrelay(children: Children, workdir: Path, name: str, upstream: Upstream, nagle: bool) -> Target:
+def start_mailrelay(children: Children, workdir: Path, name: str, upstream: Upstream, nagle: bool, workers: int = 1) -> Target:
     listeners = [mailrelay_listener("bulk", "splice", upstream.bulk), mailrelay_listener("smtp", "splice", upstream.line)]
-    config = mailrelay_config("splice.py", listeners)
+    config = mailrelay_config("splice.py", listeners, workers=workers)
     proc, ports, log, twistd_args = start_twistd(children, workdir, name, config, 2, NAGLE_WRAPPER if nagle else None)
     shown = "twistd" if not nagle else f"{sys.executable} -c '<set_nodelay replaced by a no-op; twistd>'"
     target = Target(name, ports["bulk"], ports["smtp"], proc.pid, " ".join([shown, *twistd_args]))
@@ -106,6 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--upstream-procs", type=int, default=2, help="processes of the line upstream (SO_REUSEPORT)")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(os.cpu_count() or 1, 4) if (os.cpu_count() or 1) > 1 else 0,
+        help="also measure mailrelay with `workers = N` (a supervisor and N worker processes); 0: not",
+    )
+    parser.add_argument(
         "--no-nagle-compare",
         dest="nagle_compare",
         action="store_false",
@@ -127,6 +134,8 @@ def run(args: argparse.Namespace, children: Children, workdir: Path, failures: l
     targets = [direct, start_mailrelay(children, workdir, "mailrelay", upstream, nagle=False)]
     if args.nagle_compare:
         targets.append(start_mailrelay(children, workdir, "mailrelay-nagle", upstream, nagle=True))
+    if args.workers > 1:
+        targets.append(start_mailrelay(children, workdir, f"mailrelay-w{args.workers}", upstream, False, args.workers))
     skipped = start_others(args, children, workdir, targets, upstream)
 
     names = [t.name for t in targets]

@@ -78,13 +78,15 @@ def mailrelay_listener(name: str, mode: str, port: int, keys: str = "", route: s
     return LISTENER.format(name=name, mode=mode, keys=keys, port=port, route=route)
 
 
-def mailrelay_config(script: str, listeners: list[str], certs: Certificates | None = None, upstream_ca: bool = False) -> str:
+def mailrelay_config(
+    script: str, listeners: list[str], certs: Certificates | None = None, upstream_ca: bool = False, workers: int = 1
+) -> str:
     """
-    The configuration of bench/`script`'s mailrelay: a short drain, `certs`'s certificate
-    as its `[tls]` (with `upstream_ca`, its CA as what upstreams are verified against),
-    and `listeners` (`mailrelay_listener`).
+    The configuration of bench/`script`'s mailrelay: a short drain, `workers` processes,
+    `certs`'s certificate as its `[tls]` (with `upstream_ca`, its CA as what upstreams
+    are verified against), and `listeners` (`mailrelay_listener`).
     """
-    text = f"# written by bench/{script}\ndrain_timeout = 1\n"
+    text = f"# written by bench/{script}\ndrain_timeout = 1\nworkers = {workers}\n"
     if certs is not None:
         text += f'\n[tls]\ncert = "{certs.chain}"\nkey = "{certs.key}"\n'
         if upstream_ca:
