@@ -15,7 +15,8 @@ from .service import MailrelayService
 
 def check(path: str) -> int:
     try:
-        config = load_config(path)
+        # Sockets from systemd reach ExecStart only, not an ExecStartPre check.
+        config = load_config(path, systemd_sockets_later=True)
         # Building the service builds every router and endpoint, and loads every
         # certificate, without listening.
         service = MailrelayService(config)

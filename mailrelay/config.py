@@ -182,18 +182,23 @@ class Config:
         return listener.router or self.router
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a TOML file; raise ConfigError naming the file otherwise."""
+def load_config(path: str | os.PathLike[str], systemd_sockets_later: bool = False) -> Config:
+    """Read and validate a TOML file; raise ConfigError naming the file otherwise.
+    `systemd_sockets_later`: a `systemd:` listener need not have its socket now."""
     data, _ = read_toml(path)
-    return parse_config(data, str(path), base_dir=os.path.dirname(os.path.abspath(path)))
+    base_dir = os.path.dirname(os.path.abspath(path))
+    return parse_config(data, str(path), base_dir=base_dir, systemd_sockets_later=systemd_sockets_later)
 
 
-def parse_config(data: Mapping[str, Any], source: str = "<config>", base_dir: str | None = None) -> Config:
+def parse_config(
+    data: Mapping[str, Any], source: str = "<config>", base_dir: str | None = None, systemd_sockets_later: bool = False
+) -> Config:
     """
     Validate already-parsed TOML data (a `.tac` file or a test may build it in Python).
     Relative file names are taken relative to `base_dir` (default: the current directory).
     """
     errors = Errors(source, TOP_LEVEL_KEYS, base_dir)
+    errors.systemd_sockets_later = systemd_sockets_later
     top = Table(dict(data), "", errors)
     drain_timeout = top.seconds("drain_timeout", 30.0)
     workers = _workers(top)
@@ -590,6 +595,8 @@ def _check_endpoint(table: Table, description: str) -> str | None:
         if description.startswith("systemd:") and isinstance(e, (IndexError, KeyError)):
             if "MAILRELAY_LISTEN_FDS" in os.environ:  # a worker (mailrelay.workers.LISTEN_FDS):
                 return description  # it accepts on the socket its supervisor got from systemd
+            if table.errors.systemd_sockets_later:
+                return description
             # Twisted's own words are "list index out of range".
             fds = os.environ.get("LISTEN_FDS", "none")
             reason = f"no such socket from systemd (LISTEN_FDS={fds}): start it through its .socket unit"

@@ -58,6 +58,9 @@ class Errors:
         self.lines: list[str] = []
         self.top_level_keys = top_level_keys
         """Keys valid only at the top: found in a table, they were written after it."""
+        self.systemd_sockets_later = False
+        """`systemd:` endpoints are not checked for their socket now (`check` runs where
+        systemd passes none, e.g. as ExecStartPre): the start will."""
 
     def add(self, path: str, reason: str) -> None:
         self.lines.append(f"{self.source}: {path}: {reason}" if path else f"{self.source}: {reason}")

@@ -19,11 +19,12 @@ from typing import Any, TypeVar
 
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IAddress, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 from .config import Config, ConfigError, ListenerConfig, load_config, parse_config
 from .connector import UpstreamConnector
@@ -167,7 +168,7 @@ class MailrelayService(MultiService):
             if listener.proxy_protocol:  # outside TLS: the header comes before the handshake
                 factory = ProxiedFactory(factory, listener, reactor)
             if inherited is None:
-                endpoint = serverFromString(reactor, listener.listen)
+                endpoint = _server_endpoint(reactor, listener.listen)
             elif listener.name in inherited:
                 endpoint = inherited[listener.name].endpoint(reactor)
             else:
@@ -289,6 +290,26 @@ class MailrelayService(MultiService):
         await DeferredList([maybeDeferred(s.stopService) for s in self.metrics_services])
         if self.worker_metrics is not None:  # every worker has exited
             self.worker_metrics.close()
+
+
+def _server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """`serverFromString`; a `systemd:` socket systemd did not pass (only `check` gets
+    this far without one) listens nowhere, and says so if asked to."""
+    try:
+        return serverFromString(reactor, description)
+    except (IndexError, KeyError):
+        if not description.startswith("systemd:"):
+            raise
+        return _NoSystemdSocket(description)
+
+
+@implementer(IStreamServerEndpoint)
+class _NoSystemdSocket:
+    def __init__(self, description: str) -> None:
+        self.description = description
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return fail(ConfigError([f'listen "{self.description}": no such socket from systemd']))
 
 
 def _store(config: Config, reactor: Any, errors: list[str]) -> SharedStore:

@@ -521,3 +521,20 @@ def test_started_without_its_sockets_it_refuses_to_start(site: Site) -> None:
     # Named: the listener's endpoint, that systemd's socket is missing, what systemd gave.
     assert re.search(r'"systemd:domain=INET:index=0".* from systemd \(LISTEN_FDS=none\)', output), output
     assert "Traceback" not in output and "starting up" not in output
+
+
+def test_check_passes_where_systemd_gives_no_sockets(site: Site) -> None:
+    """`check` by hand or as ExecStartPre (systemd passes sockets to ExecStart only):
+    everything is checked but the sockets, which the start checks."""
+    config = site.directory / "fleet.toml"
+    result = subprocess.run(
+        [sys.executable, "-m", "mailrelay", "check", str(config)],
+        cwd=site.directory,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'listener "imap": systemd:domain=INET:index=0 ' in result.stdout
+    assert "LISTEN_FDS" not in result.stdout + result.stderr
