@@ -22,7 +22,10 @@ What a caller may rely on:
   half-close (forwarded when the listener's protocol is half-closeable), TLS handshake
   events (forwarded when it listens for them), the interfaces it provides;
 - a connection that ends without sending a byte is not logged: that is what a
-  balancer's plain TCP health check does.
+  balancer's plain TCP health check does;
+- connections still reading their header are bounded: past the listener's
+  `max_sessions` of them at once (its connection limits cannot count them yet, not
+  knowing their clients), a new one is closed at once, with one warning per burst.
 """
 
 from __future__ import annotations
@@ -69,6 +72,10 @@ class ProxiedFactory(Factory):
         self.wrappedFactory = wrappedFactory
         self.listener = listener
         self.clock = clock
+        self.waiting = 0
+        """Connections reading their header now."""
+        self._turned_away = 0
+        """Connections closed for `waiting` being full since it last had room."""
 
     def doStart(self) -> None:
         self.wrappedFactory.doStart()
@@ -90,7 +97,26 @@ class ProxiedFactory(Factory):
             return None
         if not self.trusts(addr):
             return Untrusted(self, addr)
+        limit = self.listener.connection_limits.max_sessions
+        if limit and self.waiting >= limit:
+            self._turned_away += 1
+            if self._turned_away == 1:  # the first of a burst; `header_done` counts the rest
+                self.refused(addr, f"{self.waiting} connections are already waiting for their PROXY header (max_sessions)")
+            return Untrusted(self, addr, reason=None)
+        self.waiting += 1
         return ProxyHeaderReceiver(self, addr)
+
+    def header_done(self) -> None:
+        """A connection stopped waiting for its header (read, refused or gone)."""
+        self.waiting -= 1
+        if self._turned_away > 1:
+            self.log.warn(
+                "listener {listener}: {count} more connections closed while {limit} were waiting for their PROXY header",
+                listener=self.listener.name,
+                count=self._turned_away - 1,
+                limit=self.listener.connection_limits.max_sessions,
+            )
+        self._turned_away = 0
 
     def refused(self, peer: IAddress, reason: str) -> None:
         """One warning line for a connection closed before its listener saw it."""
@@ -102,15 +128,21 @@ class ProxiedFactory(Factory):
         )
 
 
-class Untrusted(Protocol):
-    """A connection from a peer not in `trusted_proxies`: closed at once, nothing read."""
+UNTRUSTED = "not in trusted_proxies, so it may not send a PROXY header"
 
-    def __init__(self, factory: ProxiedFactory, peer: IAddress) -> None:
+
+class Untrusted(Protocol):
+    """A connection closed at once, nothing read: from a peer not in `trusted_proxies`,
+    or one too many waiting for a header (`reason` None: already logged)."""
+
+    def __init__(self, factory: ProxiedFactory, peer: IAddress, reason: str | None = UNTRUSTED) -> None:
         self.factory = factory
         self.peer = peer
+        self.reason = reason
 
     def connectionMade(self) -> None:
-        self.factory.refused(self.peer, "not in trusted_proxies, so it may not send a PROXY header")
+        if self.reason is not None:
+            self.factory.refused(self.peer, self.reason)
         # Abort: nothing was written, and nothing it sent is worth reading.
         self.transport.abortConnection()  # type: ignore[union-attr]
 
@@ -133,6 +165,8 @@ class ProxyHeaderReceiver(Protocol):
         self._received = 0
         self._closing = False
         self._timer: IDelayedCall | None = None
+        self._waiting = True
+        """Counted in the factory's `waiting` (until the header is read, refused or lost)."""
 
     def connectionMade(self) -> None:
         timeout = self.factory.listener.proxy_timeout
@@ -166,8 +200,12 @@ class ProxyHeaderReceiver(Protocol):
         self.transport.loseConnection()
 
     def _stop_timer(self) -> None:
+        """The wait for the header is over, whichever way."""
         cancel(self._timer)
         self._timer = None
+        if self._waiting:
+            self._waiting = False
+            self.factory.header_done()
 
     def _start(self, header: ProxyHeader) -> None:
         self._stop_timer()

@@ -212,6 +212,31 @@ class RefusalTests(ProxiedTestCase):
         self.assertTrue(any(r.endswith("no complete PROXY header within 3s (20 bytes of it)") for r in refusals), refusals)
         self.assertEqual((router.requests, self.logs.sessions()), ([], []))
 
+    async def test_connections_waiting_for_their_header_are_bounded_by_max_sessions(self) -> None:
+        """Until its header is read a connection has no client to count it under: past
+        `max_sessions` of them waiting, a new one is closed at once, one warning a burst."""
+        upstream = self.server(echo)
+        _, port = await self.start_proxy(proxied_splice(upstream.port, connection_limits={"max_sessions": 2}))
+        silent = [await self.in_thread(connect_proxied, port, b"") for _ in range(2)]
+        for conn in silent:
+            self.addCleanup(conn.close)
+        await self.eventually(functools.partial(received_so_far, [0, 0]), "connections not accepted")
+
+        self.assertEqual(await self.exchange_after(port, v1(), b"hi"), b"")
+        self.assertEqual(await self.exchange_after(port, v1(), b"hi"), b"")
+        [refusal] = self.refusals()
+        self.assertIn("2 connections are already waiting for their PROXY header (max_sessions)", refusal)
+
+        silent.pop().close()
+        await self.eventually(functools.partial(received_so_far, [0]), "the closed connection still waits")
+        self.assertEqual(await self.exchange_after(port, v1(), b"hi"), b"hi")
+        self.assertTrue(
+            any("1 more connections closed while 2 were waiting for their PROXY header" in line for line in self.logs.lines()),
+            self.logs.lines(),
+        )
+        await self.eventually(lambda: len(self.logs.sessions()) == 1, "no session line")
+        self.assertEqual([(e["outcome"], e["client"]) for e in self.logs.sessions()], [("closed", "192.0.2.1:56324")])
+
     async def test_closing_without_a_byte_is_not_logged_but_inside_a_header_is(self) -> None:
         upstream = self.server(echo)
         _, port = await self.start_proxy(proxied_splice(upstream.port))
