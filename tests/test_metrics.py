@@ -30,7 +30,7 @@ from mailrelay.service import MailrelayService
 from mailrelay.session import SESSION_LINE, Sessions
 from tests.support.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check
 from tests.support.imap import ScriptedIMAP
-from tests.support.net import WAIT, LogCapture, ThreadedServer, connect, recv_all, tcp_port
+from tests.support.net import WAIT, LogCapture, ThreadedServer, connect, recv_all, recv_exactly, tcp_port
 from tests.support.processes import LISTENING, TWISTD, Process, assert_clean_stop
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -70,16 +70,6 @@ def echo_held(conn: socket.socket) -> int:
         conn.sendall(data)
         total += len(data)
     return total
-
-
-def recv_exactly(conn: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = conn.recv(count - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 METRICS = {"listen": "tcp:0:interface=127.0.0.1"}

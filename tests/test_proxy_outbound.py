@@ -31,7 +31,7 @@ from mailrelay.router import Route
 from mailrelay.tls_client import ClientTLS
 from tests.support.dovecot import Dovecot
 from tests.support.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check
-from tests.support.net import WAIT, ProxyTestCase, read_line, recv_all
+from tests.support.net import WAIT, ProxyTestCase, read_line, recv_all, recv_exactly
 from tests.support.pki import PKI
 from tests.support.postfix import Postfix, split_delivered
 from tests.support.servers import free_ports
@@ -53,16 +53,6 @@ def v2_tcp4(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
     """Written out from the spec (section 2.2), not with mailrelay's builder."""
     block = socket.inet_aton(source[0]) + socket.inet_aton(destination[0]) + struct.pack("!HH", source[1], destination[1])
     return V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(block)) + block
-
-
-def read_exactly(conn: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = conn.recv(count - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def recording(reply: bytes = b"") -> Any:
@@ -216,7 +206,7 @@ class ConnectorTests(ProxyTestCase):
         header = v1(SOURCE, DESTINATION)
 
         def serve(conn: socket.socket) -> tuple[bytes, bytes, bytes]:
-            before = read_exactly(conn, len(header))
+            before = recv_exactly(conn, len(header))
             # The first bytes after it, left in place for the handshake: a TLS record
             # of type handshake (0x16), version 3.x.
             record = conn.recv(2, socket.MSG_PEEK | socket.MSG_WAITALL)
@@ -238,7 +228,7 @@ class ConnectorTests(ProxyTestCase):
         header = v2_tcp4(SOURCE, DESTINATION)
 
         def serve(conn: socket.socket) -> tuple[bytes, bytes, bytes]:
-            before = read_exactly(conn, len(header))
+            before = recv_exactly(conn, len(header))
             conn.sendall(b"220 plain greeting\r\n")
             command = read_line(conn)
             conn.sendall(b"220 go ahead\r\n")
@@ -258,10 +248,10 @@ class ConnectorTests(ProxyTestCase):
 
     async def test_each_route_tried_gets_its_own_header(self) -> None:
         def hangs_up(conn: socket.socket) -> bytes:
-            return read_exactly(conn, len(v1(SOURCE, DESTINATION)))
+            return recv_exactly(conn, len(v1(SOURCE, DESTINATION)))
 
         def greets(conn: socket.socket) -> bytes:
-            header = read_exactly(conn, 28)
+            header = recv_exactly(conn, 28)
             conn.sendall(b"220 second\r\n")
             return header + recv_all(conn)
 

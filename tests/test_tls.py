@@ -35,7 +35,7 @@ from mailrelay import ConfigError, Route, Router, RouteRequest, makeService
 from mailrelay.tls import CertificateFiles, ServerTLS, ServerTLSConfig
 from mailrelay.tls_facts import ALPNRefused, describe_tls_error
 from tests.support.clocked import all_read
-from tests.support.net import WAIT, ProxyTestCase, connect, echo, payload, recv_all, sha, tcp_port
+from tests.support.net import WAIT, ProxyTestCase, connect, echo, payload, recv_all, recv_exactly, sha, tcp_port
 from tests.support.pki import PKI, Issued, common_name, dns_names
 
 MiB = 1 << 20
@@ -144,16 +144,6 @@ def refused(port: int, context: ssl.SSLContext, server_name: str | None) -> str:
     if data:
         raise AssertionError(f"the client was served: {data!r}")
     return "closed"
-
-
-def recv_exactly(conn: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = conn.recv(min(1 << 17, size - len(data)))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
 
 
 def closed_by_peer(conn: socket.socket) -> str:

@@ -51,6 +51,17 @@ def recv_all(conn: socket.socket, chunk: int = 1 << 20) -> bytes:
         parts.append(data)
 
 
+def recv_exactly(conn: socket.socket, size: int) -> bytes:
+    """`size` bytes, or what came before the end of the stream."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = conn.recv(min(1 << 17, size - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
 def read_line(conn: Any) -> bytes:
     """One line, LF (or CRLF) included, read a byte at a time so that nothing behind it is
     consumed (a STARTTLS reply is followed by the TLS handshake); b"" at the end of the
