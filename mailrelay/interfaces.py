@@ -11,6 +11,12 @@ from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
 
+class IBalancerAddress(Interface):
+    """Marks a peer address as a load balancer's own: the connection came with a PROXY
+    header of command LOCAL, which a balancer sends for its health checks. Its session
+    line is quieter when all went well (`session.Session.quiet`)."""
+
+
 class IReloadable(Interface):
     """A component that can re-read its files (certificates, route maps...) on SIGHUP."""
 

@@ -22,7 +22,8 @@ What a caller may rely on:
   half-close (forwarded when the listener's protocol is half-closeable), TLS handshake
   events (forwarded when it listens for them), the interfaces it provides;
 - a connection that ends without sending a byte is not logged: that is what a
-  balancer's plain TCP health check does;
+  balancer's plain TCP health check does; a LOCAL header's session (a balancer's
+  health check) is logged at debug level when it ends well (`IBalancerAddress`);
 - connections still reading their header are bounded: past the listener's
   `max_sessions` of them at once (its connection limits cannot count them yet, not
   knowing their clients), a new one is closed at once, with one warning per burst.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
     IAddress,
@@ -49,6 +51,7 @@ from zope.interface import alsoProvides, providedBy
 from zope.interface.declarations import Declaration
 
 from .config import ListenerConfig
+from .interfaces import IBalancerAddress
 from .networks import client_addresses
 from .proxyprotocol import InvalidProxyHeader, ProxyHeader, ProxyHeaderParser
 from .relay import address_of
@@ -214,6 +217,10 @@ class ProxyHeaderReceiver(Protocol):
         addresses = header.addresses if header.command == "PROXY" else None
         if addresses is not None:
             peer, host = _twisted_address(addresses[0]), _twisted_address(addresses[1])
+        elif header.command == "LOCAL" and isinstance(peer, (IPv4Address, IPv6Address)):
+            # The balancer speaking for itself (a health check): its own address, marked.
+            peer = attrs.evolve(peer)
+            alsoProvides(peer, IBalancerAddress)
         self.factory.log.debug(
             "listener {listener}: {peer} says (PROXY v{version} {command} {family}) the client is {client}",
             listener=self.factory.listener.name,

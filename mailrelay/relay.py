@@ -28,6 +28,7 @@ from .connector import LoginStep, StartTLSStep, Upstream, UpstreamConnector, Ups
 from .connlimits import Slot
 from .core.machine import Input, SessionMachine, State
 from .guard import Attempt, LoginGuard
+from .interfaces import IBalancerAddress
 from .metrics import Metrics
 from .router import Address, IRouter, Reject, Route, RouteRequest, RouterError
 from .session import Session, Sessions
@@ -115,9 +116,12 @@ class RoutedConnection(SpliceableProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.client = address_of(self.transport.getPeer())
+        peer = self.transport.getPeer()
+        self.client = address_of(peer)
         self.local = address_of(self.transport.getHost())
-        self.session = self.factory.sessions.open(self.listener.name, self.client, self._abort)
+        # A balancer's health check (mailrelay.proxied) logs quietly when it goes well.
+        quiet = IBalancerAddress.providedBy(peer)
+        self.session = self.factory.sessions.open(self.listener.name, self.client, self._abort, quiet=quiet)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         try:

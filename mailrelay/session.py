@@ -53,8 +53,12 @@ class Session:
 
     log = Logger()
 
-    def __init__(self, registry: Sessions, listener: str, client: Address, abort: Callable[[str], None]) -> None:
+    def __init__(
+        self, registry: Sessions, listener: str, client: Address, abort: Callable[[str], None], quiet: bool = False
+    ) -> None:
         self.id = secrets.token_hex(4)
+        self.quiet = quiet
+        """A balancer's health check: its line is debug, not info, when it ends `closed`."""
         self.listener = listener
         self.client = client
         self.user: str | None = None
@@ -96,7 +100,9 @@ class Session:
         self._report(self.bytes_up, self.bytes_down)
         self._registry.metrics.session_ended(self.listener, outcome)
         duration = self._registry.clock.seconds() - self._started
-        log = self.log.info if outcome == "closed" else self.log.warn
+        log = self.log.warn
+        if outcome == "closed":
+            log = self.log.debug if self.quiet else self.log.info
         fields = dict(
             session_id=self.id,
             listener=self.listener,
@@ -142,8 +148,8 @@ class Sessions:
     def __len__(self) -> int:
         return len(self._open)
 
-    def open(self, listener: str, client: Address, abort: Callable[[str], None]) -> Session:
-        session = Session(self, listener, client, abort)
+    def open(self, listener: str, client: Address, abort: Callable[[str], None], quiet: bool = False) -> Session:
+        session = Session(self, listener, client, abort, quiet)
         self._open.add(session)
         return session
 

@@ -18,6 +18,7 @@ import pytest
 from twisted.internet import reactor, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel
 
 from mailrelay.config import parse_config
 from mailrelay.proxied import ProxiedFactory, ProxyHeaderReceiver
@@ -454,6 +455,34 @@ class SMTPTests(SMTPTestCase):
         await self.in_thread(conn.sendall, v1()[-1:])
         self.assertEqual(await self.in_thread(raw_reply, conn), b"220 relay.test ESMTP ready\r\n")
         self.assertEqual(len(service.sessions), 1)
+
+    async def test_a_balancers_health_check_logs_quietly_unless_it_fails(self) -> None:
+        """A LOCAL header (HAProxy's check-send-proxy) is the balancer speaking for
+        itself: a check that ends well is logged at debug level, not once per check at
+        info; one that fails still warns. A client's session stays at info."""
+        _, port = await self.proxied_smtp_listener(Router())
+
+        def check(first: bytes, say: bytes) -> bytes:
+            with connect_proxied(port, first) as conn:
+                greeting = raw_reply(conn)
+                if say:
+                    conn.sendall(say)
+                    return greeting + raw_reply(conn)
+                return greeting
+
+        self.assertEqual(await self.in_thread(check, V2_LOCAL, b"QUIT\r\n"), b"220 relay.test ESMTP ready\r\n221 2.0.0 Bye\r\n")
+        self.assertEqual(await self.in_thread(check, v1(), b"QUIT\r\n"), b"220 relay.test ESMTP ready\r\n221 2.0.0 Bye\r\n")
+        await self.in_thread(check, V2_LOCAL, b"")  # gone after the greeting: not well
+        await self.eventually(lambda: len(self.logs.sessions()) == 3, "session lines missing")
+        seen = [(e["client"].split(":")[0], e["outcome"], e["log_level"]) for e in self.logs.sessions()]
+        self.assertEqual(
+            seen,
+            [
+                ("127.0.0.1", "closed", LogLevel.debug),
+                ("192.0.2.1", "closed", LogLevel.info),
+                ("127.0.0.1", "client-gone", LogLevel.warn),
+            ],
+        )
 
     async def test_xclient_names_the_headers_client(self) -> None:
         upstream = self.upstream(users={})
