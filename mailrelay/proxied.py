@@ -146,8 +146,9 @@ class Untrusted(Protocol):
     def connectionMade(self) -> None:
         if self.reason is not None:
             self.factory.refused(self.peer, self.reason)
-        # Abort: nothing was written, and nothing it sent is worth reading.
-        self.transport.abortConnection()  # type: ignore[union-attr]
+        # A clean close (FIN), nothing read: what it sent is dropped with the connection
+        # (the kernel answers bytes still unread with a reset, as it must).
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         pass

@@ -170,6 +170,17 @@ class RefusalTests(ProxiedTestCase):
         self.assertIn("from 127.0.0.1:", refusal)
         self.assertIn("not in trusted_proxies", refusal)
 
+    async def test_untrusted_peer_that_waits_gets_a_clean_close(self) -> None:
+        upstream = self.server(echo)
+        _, port = await self.start_proxy(proxied_splice(upstream.port, trusted_proxies=["192.0.2.0/24"]))
+
+        def wait_for_the_end() -> bytes:
+            with connect_proxied(port, b"") as conn:
+                return conn.recv(1024)  # a reset would raise ConnectionResetError
+
+        self.assertEqual(await self.in_thread(wait_for_the_end), b"")
+        self.assertEqual(len(self.refusals()), 1)
+
     async def test_trusted_network_other_than_loopback(self) -> None:
         """127.0.0.2 is trusted, 127.0.0.1 (the same machine) is not."""
         upstream = self.server(echo)
