@@ -30,6 +30,7 @@ from tests.support.imap import ScriptedIMAP, read_tagged
 from tests.support.net import (
     WAIT,
     ProxyTestCase,
+    digest_after_eof,
     echo,
     exchange,
     payload,
@@ -38,7 +39,7 @@ from tests.support.net import (
     sha,
     splice_config,
 )
-from tests.support.pki import PKI, client_context
+from tests.support.pki import PKI, client_context, client_hello
 from tests.support.proxyheader import CLIENT, SERVER, V2_LOCAL, ProxiedSMTP, connect_proxied, receivers, v1, v2
 from tests.support.smtp import MESSAGE, SMTPTestCase, password_check, raw_reply
 
@@ -301,11 +302,6 @@ class StreamTests(ProxiedTestCase):
         self.assertEqual((line["bytes_up"], line["bytes_down"]), (len(data), len(data)))
 
     async def test_client_end_of_stream_reaches_upstream_which_still_answers(self) -> None:
-        def digest_after_eof(conn: socket.socket) -> int:
-            data = recv_all(conn)
-            conn.sendall(sha(data).encode())
-            return len(data)
-
         upstream = self.server(digest_after_eof)
         _, port = await self.start_proxy(proxied_splice(upstream.port))
         question = payload(300_000)
@@ -356,17 +352,6 @@ class StreamTests(ProxiedTestCase):
 
         await self.in_thread(finish)
         self.assertEqual(await self.in_thread(upstream.result), sha(data))
-
-
-def client_hello(server_name: str) -> bytes:
-    """The ClientHello Python's ssl sends for `server_name`."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=server_name)
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
 
 
 def tls_echo_in_one_segment(port: int, context: ssl.SSLContext, first: bytes) -> bytes:

@@ -27,6 +27,7 @@ from tests.support.net import (
     ProxyTestCase,
     closed_port,
     connect,
+    digest_after_eof,
     echo,
     exchange,
     payload,
@@ -198,11 +199,6 @@ class BackPressureTests(ProxyTestCase):
 
 class HalfCloseTests(ProxyTestCase):
     async def test_client_end_of_stream_reaches_upstream_which_still_answers(self) -> None:
-        def digest_after_eof(conn: socket.socket) -> int:
-            data = recv_all(conn)
-            conn.sendall(sha(data).encode())
-            return len(data)
-
         upstream = self.server(digest_after_eof)
         _, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port)))
         question = payload(300_000)

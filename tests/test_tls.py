@@ -36,7 +36,7 @@ from mailrelay.tls import CertificateFiles, ServerTLS, ServerTLSConfig
 from mailrelay.tls_facts import ALPNRefused, describe_tls_error
 from tests.support.clocked import all_read
 from tests.support.net import WAIT, ProxyTestCase, connect, echo, payload, recv_all, recv_exactly, sha, tcp_port
-from tests.support.pki import PKI, Issued, common_name, dns_names
+from tests.support.pki import PKI, Issued, client_hello, common_name, dns_names
 
 MiB = 1 << 20
 LISTEN = "tcp:0:interface=127.0.0.1"
@@ -231,17 +231,6 @@ def swap(send: bytes, expect: int) -> Callable[[socket.socket], tuple[str, int]]
         return sha(received), len(received)
 
     return handle
-
-
-def client_hello(server_name: str) -> bytes:
-    """The ClientHello Python's ssl sends for `server_name`."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=server_name)
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
 
 
 # --- mailrelay side -----------------------------------------------------------------

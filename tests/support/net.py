@@ -62,6 +62,14 @@ def recv_exactly(conn: socket.socket, size: int) -> bytes:
     return bytes(data)
 
 
+def digest_after_eof(conn: socket.socket) -> int:
+    """A `ThreadedServer` handler: read to the client's end of stream, then answer (the
+    other direction still open) the SHA-256 of what came; the byte count is its result."""
+    data = recv_all(conn)
+    conn.sendall(sha(data).encode())
+    return len(data)
+
+
 def read_line(conn: Any) -> bytes:
     """One line, LF (or CRLF) included, read a byte at a time so that nothing behind it is
     consumed (a STARTTLS reply is followed by the TLS handshake); b"" at the end of the

@@ -72,3 +72,14 @@ def dns_names(certificate: x509.Certificate) -> list[str]:
 def common_name(certificate: x509.Certificate) -> str:
     [attribute] = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(attribute.value)
+
+
+def client_hello(server_name: str) -> bytes:
+    """The ClientHello Python's ssl sends for `server_name`."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=server_name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
