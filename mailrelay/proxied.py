@@ -222,15 +222,6 @@ class ProxyHeaderReceiver(Protocol):
             # The balancer speaking for itself (a health check): its own address, marked.
             peer = attrs.evolve(peer)
             alsoProvides(peer, IBalancerAddress)
-        self.factory.log.debug(
-            "listener {listener}: {peer} says (PROXY v{version} {command} {family}) the client is {client}",
-            listener=self.factory.listener.name,
-            peer=format_address(address_of(self.peer)),
-            version=header.version,
-            command=header.command,
-            family=header.family,
-            client=format_address(address_of(peer)),
-        )
         inner = self.factory.wrappedFactory.buildProtocol(peer)
         if inner is None:  # as Twisted's own ports do with a factory that declines
             self._closing = True

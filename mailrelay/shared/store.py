@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from ..redisurl import RedisAddress
+from ..timers import cancel
 
 __all__ = ["SharedStore", "StoreUnavailable", "connect_txredisapi", "read_secret"]
 
@@ -109,8 +110,7 @@ class SharedStore(Service):
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        if self._probe is not None and self._probe.active():
-            self._probe.cancel()
+        cancel(self._probe)
         self._probe = None
         client, self._client = self._client, None
         if client is None:
