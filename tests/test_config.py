@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from twisted.internet.testing import MemoryReactor
 
-from mailrelay.config import Config, ConfigError, ListenerConfig, load_config, parse_config
+from mailrelay.config import Config, ConfigError, ListenerConfig, MetricsConfig, load_config, parse_config
 from mailrelay.router import Route, RouteRequest
 from mailrelay.service import MailrelayService, makeService
 from tests.support.net import closed_port
@@ -870,3 +870,37 @@ def test_check_shows_the_proxy_protocol_settings(tmp_path: Path) -> None:
     result = run_check(tmp_path)
     assert result.returncode == 0, result.stderr
     assert "  proxy_protocol: v1 or v2 header first, from 10.0.0.0/8,::1/128 only, within 2.5s\n" in result.stdout
+
+
+# -- workers, [metrics], [log] (issue 16) -------------------------------------------
+
+
+def test_workers_metrics_and_log_keys() -> None:
+    import os
+    import tomllib
+
+    default = parse_config(tomllib.loads(ROUTER + LISTENER))
+    assert (default.workers, default.metrics, default.log.sessions) == (1, None, "text")
+    text = 'workers = 3\n[metrics]\nlisten = "tcp:9108:interface=127.0.0.1"\n[log]\nsessions = "json"\n' + ROUTER + LISTENER
+    config = parse_config(tomllib.loads(text))
+    assert (config.workers, config.metrics, config.log.sessions) == (3, MetricsConfig("tcp:9108:interface=127.0.0.1"), "json")
+    assert parse_config(tomllib.loads('workers = "auto"\n' + ROUTER + LISTENER)).workers == (os.cpu_count() or 1)
+
+
+TOP_LEVEL_CASES = [
+    ("workers = 0\n", ["workers: must be from 1 to 1024, not 0"]),
+    ('workers = "many"\n', ["workers: must be an integer, not a string ('many')"]),
+    ('[metrics]\nlisten = "bogus:9108"\n', ["metrics.listen: bad endpoint \"bogus:9108\": Unknown endpoint type: 'bogus'"]),
+    ("[metrics]\n", ["metrics.listen: is required"]),
+    ('[metrics]\nlisten = "tcp:9108"\npath = "/m"\n', ["metrics.path: unknown key"]),
+    ('[log]\nsessions = "xml"\n', ['log.sessions: must be one of "text", "json", not "xml"']),
+]
+
+
+@pytest.mark.parametrize("top, expected", TOP_LEVEL_CASES)
+def test_workers_metrics_and_log_key_errors(top: str, expected: list[str]) -> None:
+    import tomllib
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(tomllib.loads(top + ROUTER + LISTENER), "inline.toml")
+    assert caught.value.errors == [f"inline.toml: {line}" for line in expected]
