@@ -382,6 +382,37 @@ class DovecotTests(FrontEndTestCase):
         self.assertIn(f"rip={CLIENT},", line)
         self.assertIn("TLS", line)  # Dovecot's "secured" note: the login came over TLS
 
+    async def test_a_client_s_own_header_through_a_splice_listener_is_only_a_bad_command(self) -> None:
+        """The attack: a client of a raw splice listener (mailrelay reads nothing of it)
+        starts with its own PROXY header claiming 10.9.9.9. Dovecot reads mailrelay's
+        header first, so the client's is an IMAP command it does not know, and the login
+        after it is logged from the client's real address."""
+        router = {"type": "static", **self.router()}
+        listener = {"name": "raw", "listen": "tcp:0:interface=127.0.0.1", "mode": "splice"}
+        _, port = await self.start_proxy({"router": router, "listener": [listener]})
+        login = f"Login: user=<{USER}>"
+        before = self.dovecot.log_text().count(login)
+
+        def client() -> list[bytes]:
+            with socket.create_connection(("127.0.0.1", port), timeout=WAIT, source_address=(CLIENT, 0)) as conn:
+                replies = [read_line(conn)]
+                conn.sendall(b"PROXY TCP4 10.9.9.9 127.0.0.1 4711 143\r\n")
+                replies.append(read_line(conn))
+                conn.sendall(f'a1 LOGIN "{USER}" "{PASSWORD}"\r\n'.encode())
+                while not (line := read_line(conn)).startswith(b"a1 ") and line:
+                    pass
+                replies.append(line)
+                conn.sendall(b"a2 LOGOUT\r\n")
+                return replies
+
+        greeting, forged, logged_in = await self.in_thread(client)
+        self.assertTrue(greeting.startswith(b"* OK"), greeting)
+        self.assertTrue(forged.startswith(b"PROXY BAD"), forged)
+        self.assertTrue(logged_in.startswith(b"a1 OK"), logged_in)
+        lines = await self.in_thread(self.dovecot.wait_for_log, login, before + 1)
+        self.assertIn(f"rip={CLIENT},", str(lines[before]))
+        self.assertNotIn("10.9.9.9", self.dovecot.log_text())
+
     async def test_without_the_header_dovecot_sees_mailrelay(self) -> None:
         # The same login to Dovecot's ordinary listener, no header: mailrelay's address.
         # (What the tests above would see, were the header not sent or not believed.)
