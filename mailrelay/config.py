@@ -132,6 +132,9 @@ class ListenerConfig:
     """`splice` listeners: peek the SNI name from a client's ClientHello for the Router."""
     preread_timeout: float = 10.0
     """How long a `preread_sni` listener waits for the client's first bytes."""
+    zero_copy: bool = True
+    """Splice bytes between two plain TCP legs inside the kernel (`os.splice`) instead of
+    through Python; False keeps every byte in the userspace pump (`mailrelay.zerocopy`)."""
     front_end: FrontEndConfig = FrontEndConfig()
     """Listeners with a mail protocol: greeting, STARTTLS, authentication."""
     connection_limits: ConnectionLimits = ConnectionLimits()
@@ -303,6 +306,7 @@ def _listener(table: Table) -> ListenerConfig | None:
     handshake_timeout = _for_modes(table, mode, TLS_MODES, "handshake_timeout", table.seconds, 30.0)
     preread_sni = _for_modes(table, mode, ("splice",), "preread_sni", table.boolean, False)
     preread_timeout = _for_modes(table, mode, ("splice",), "preread_timeout", table.seconds, 10.0)
+    zero_copy = table.boolean("zero_copy", True)
     front_end = _front_end(table, mode, protocol)
     proxy_protocol, trusted_proxies, proxy_timeout = _proxy_protocol(table)
     router_table = table.table("router", None)
@@ -322,6 +326,7 @@ def _listener(table: Table) -> ListenerConfig | None:
         handshake_timeout,
         preread_sni,
         preread_timeout,
+        zero_copy,
         front_end,
         connection_limits,
         proxy_protocol,
@@ -341,6 +346,7 @@ def _listener(table: Table) -> ListenerConfig | None:
         handshake_timeout=handshake_timeout,
         preread_sni=preread_sni,
         preread_timeout=preread_timeout,
+        zero_copy=zero_copy,
         front_end=front_end,
         connection_limits=connection_limits,
         proxy_protocol=proxy_protocol,

@@ -268,6 +268,11 @@ class ProxiedTransport:
         self._host = host
 
     @property
+    def socket_transport(self) -> Any:
+        """The real transport, for what works on its socket (`mailrelay.zerocopy`)."""
+        return self.transport
+
+    @property
     def __providedBy__(self) -> Declaration:  # noqa: PLW3201 (zope.interface's hook)
         return providedBy(self.transport)
 

@@ -308,7 +308,9 @@ class RoutedConnection(SpliceableProtocol):
     async def relay(self, upstream: Upstream) -> SpliceResult:
         """Carry the session between client and upstream until it ends: splice it."""
         self.machine.fire(Input.SPLICE)
-        splice = Splice(self, upstream.protocol, self.factory.clock, self.listener.idle_timeout)
+        splice = Splice(
+            self, upstream.protocol, self.factory.clock, self.listener.idle_timeout, zero_copy=self.listener.zero_copy
+        )
         self._relay = splice
         return await splice.start()
 

@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .timers import cancel
+from .zerocopy import ZeroCopyPump, can_splice, read_in_large_chunks, socket_connection, write_through
 
 
 def set_nodelay(transport: ITransport) -> None:
@@ -270,6 +271,10 @@ class SpliceResult:
     """Why the session ended, when more needs saying than `ended_by` (a relay's refusal)."""
 
 
+ZERO_COPY_TRIES = 100
+"""Reactor turns a splice waits for its legs' buffers to empty before it stays in userspace."""
+
+
 class _Side:
     """One leg of a splice: what happens when its peer reads, ends or vanishes."""
 
@@ -296,7 +301,7 @@ class _Side:
     def received(self, data: bytes) -> None:
         self.bytes += len(data)
         self.splice.last_activity = self.splice.clock.seconds()
-        self.peer.transport.write(data)
+        write_through(self.peer.transport, data)
 
     def read_closed(self) -> None:
         """Our peer will send nothing more: pass the end of stream on."""
@@ -352,7 +357,10 @@ class Splice:
         clock: IReactorTime,
         idle_timeout: float,
         close_grace: float = 10.0,
+        zero_copy: bool = True,
     ) -> None:
+        """`zero_copy`: move the bytes with `os.splice` when both legs are plain TCP
+        (`mailrelay.zerocopy`); otherwise, or when False, through Python."""
         self._client = _Side(self, "client", client)
         self._upstream = _Side(self, "upstream", upstream)
         self._client.peer, self._upstream.peer = self._upstream, self._client
@@ -365,6 +373,14 @@ class Splice:
         self._ended_by: str | None = None
         self._done: Deferred[SpliceResult] = Deferred()
         self.last_activity = clock.seconds()
+        self._zero_copy = zero_copy
+        self._pump: ZeroCopyPump | None = None
+        self._zero_copy_tries = ZERO_COPY_TRIES
+
+    @property
+    def pump(self) -> str:
+        """Which pump carries the bytes now: "zero-copy" or "userspace"."""
+        return "zero-copy" if self._pump is not None and self._pump.running else "userspace"
 
     @property
     def bytes_up(self) -> int:
@@ -380,14 +396,54 @@ class Splice:
             side.paced = True
         for side in (self._client, self._upstream):
             side.protocol.attach(side)
+            read_in_large_chunks(side.transport)
         if not self._done.called:
             self._idle_call = self.clock.callLater(self._idle_timeout, self._check_idle)
+            if self._zero_copy and all(socket_connection(side.transport) for side in (self._client, self._upstream)):
+                self._try_zero_copy()
         return self._done
+
+    def _try_zero_copy(self) -> None:
+        """Hand the bytes to a zero-copy pump once nothing is buffered on either leg
+        (bytes kept before the splice are still being written by the transports: try
+        again on the reactor's next turns, the userspace pump carrying them meanwhile)."""
+        sides = (self._client, self._upstream)
+        if self._done.called or any(side.gone or side.reading_done or side.writing_done for side in sides):
+            return
+        reactor: Any = getattr(socket_connection(self._client.transport), "reactor", None)
+        if can_splice(self._client.transport, self._upstream.transport):
+            for side in sides:
+                side.stop_pacing()
+            self._pump = ZeroCopyPump(
+                self._client, self._upstream, reactor, self._touched, self.note_first_end, self._pump_done
+            )
+            self._pump.start()
+        elif self._zero_copy_tries > 0 and reactor is not None:
+            self._zero_copy_tries -= 1
+            reactor.callLater(0, self._try_zero_copy)
+
+    def _touched(self) -> None:
+        self.last_activity = self.clock.seconds()
+
+    def _pump_done(self, lost: _Side | None, reason: Failure | None) -> None:
+        """The zero-copy pump is over: both directions ended (close both connections),
+        or a socket failed (it is dropped as Twisted drops a failed connection; the
+        other one closes after what it still has to write)."""
+        if lost is None:
+            for side in (self._client, self._upstream):
+                side.transport.loseConnection()
+        else:
+            lost.transport.abortConnection()
+
+    def _stop_pump(self) -> None:
+        if self._pump is not None:
+            self._pump.stop()
 
     def abort(self, outcome: str) -> None:
         """Drop both connections now, discarding what is buffered (drain timeout)."""
         if self._outcome == "closed":
             self._outcome = outcome
+        self._stop_pump()
         for side in (self._client, self._upstream):
             if not side.gone:
                 side.transport.abortConnection()
@@ -397,6 +453,7 @@ class Splice:
         whatever is still open `close_grace` seconds later (a peer that reads nothing)."""
         if self._outcome == "closed":
             self._outcome = outcome
+        self._stop_pump()
         for side in (self._client, self._upstream):
             if not side.gone:
                 side.stop_pacing()

@@ -24,6 +24,7 @@ from mailrelay.config import parse_config
 from mailrelay.proxied import ProxiedFactory, ProxyHeaderReceiver
 from mailrelay.router import Route
 from mailrelay.testing import RecordingRouter
+from mailrelay.zerocopy import PIPE_SIZE
 from tests.support.frontends import PASSWORD, USER, FrontEndTestCase, Router
 from tests.support.httpauth import AuthService, ok
 from tests.support.imap import ScriptedIMAP, read_tagged
@@ -38,6 +39,7 @@ from tests.support.net import (
     recv_all,
     sha,
     splice_config,
+    zero_copy_pumps,
 )
 from tests.support.pki import PKI, client_context, client_hello
 from tests.support.proxyheader import CLIENT, SERVER, V2_LOCAL, ProxiedSMTP, connect_proxied, receivers, v1, v2
@@ -310,6 +312,13 @@ class StreamTests(ProxiedTestCase):
 
     @pytest.mark.slow  # a second of the client's sending getting nowhere tells it stalled
     async def test_a_slow_upstream_pauses_the_client(self) -> None:
+        await self._slow_upstream_pauses_the_client(zero_copy=True)
+
+    @pytest.mark.slow
+    async def test_a_slow_upstream_pauses_the_client_on_the_userspace_pump(self) -> None:
+        await self._slow_upstream_pauses_the_client(zero_copy=False)
+
+    async def _slow_upstream_pauses_the_client(self, zero_copy: bool) -> None:
         release = threading.Event()
         data = payload(64 * MiB)
 
@@ -318,7 +327,7 @@ class StreamTests(ProxiedTestCase):
             return sha(recv_all(conn))
 
         upstream = self.server(slow_reader)
-        _, port = await self.start_proxy(proxied_splice(upstream.port))
+        _, port = await self.start_proxy(proxied_splice(upstream.port, zero_copy=zero_copy))
 
         def send_until_stalled() -> tuple[socket.socket, int]:
             conn = connect_proxied(port, v2())
@@ -335,13 +344,17 @@ class StreamTests(ProxiedTestCase):
         self.addCleanup(conn.close)
         self.assertLess(sent, len(data) // 2)
         # What mailrelay holds for the upstream stays small: it stopped reading the client.
-        buffered = [
-            len(s.dataBuffer) - s.offset + s._tempDataLen
-            for s in set(reactor.getReaders()) | set(reactor.getWriters())
-            if isinstance(s, tcp.Client)
-        ]
-        self.assertEqual(len(buffered), 1)
-        self.assertLessEqual(buffered[0], 512 * 1024)
+        if zero_copy:  # through the PROXY listener's transport, to the socket beneath
+            [pump] = zero_copy_pumps()
+            self.assertLessEqual(pump.in_flight, PIPE_SIZE)
+        else:
+            buffered = [
+                len(s.dataBuffer) - s.offset + s._tempDataLen
+                for s in set(reactor.getReaders()) | set(reactor.getWriters())
+                if isinstance(s, tcp.Client)
+            ]
+            self.assertEqual(len(buffered), 1)
+            self.assertLessEqual(buffered[0], 512 * 1024)
 
         release.set()
 

@@ -24,6 +24,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from mailrelay.service import MailrelayService, makeService
+from mailrelay.zerocopy import ZeroCopyPump
 from tests.support.clocked import POLL, ClockedReactor, eventually, let_time_pass
 
 WAIT = 60.0
@@ -263,6 +264,13 @@ def tcp_port(listening: IListeningPort) -> int:
     address = listening.getHost()
     assert isinstance(address, (IPv4Address, IPv6Address)), address
     return address.port
+
+
+def zero_copy_pumps() -> set[ZeroCopyPump]:
+    """The zero-copy pumps the reactor is watching sockets for."""
+    selectables = set(reactor.getReaders()) | set(reactor.getWriters())
+    pumps = (getattr(selectable, "pump", None) for selectable in selectables)
+    return {pump for pump in pumps if isinstance(pump, ZeroCopyPump)}
 
 
 def splice_config(*routes: tuple[str, int], **listener: Any) -> dict[str, Any]:
