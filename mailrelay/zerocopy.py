@@ -53,9 +53,15 @@ try:
 except (ImportError, AttributeError):  # not Linux
     AVAILABLE = False
 
-PIPE_SIZE = 256 * 1024
-"""Bytes a pipe holds: the most one direction has in flight (what the userspace pump's
-back-pressure allows in Twisted's buffer, in the same order of size)."""
+PIPE_SIZE = 1024 * 1024
+"""Bytes a pipe holds: the most one direction has in flight. Linux's default limit for
+an unprivileged process (/proc/sys/fs/pipe-max-size), and what moved a gigabyte with the
+least CPU here (256 KiB took a third more). Past the user's pipe quota
+(/proc/sys/fs/pipe-user-pages-soft, 64 MiB of capacity: 64 such pipes busy at once)
+Linux makes smaller pipes, which still work, with more system calls per megabyte."""
+
+READS_PER_EVENT = 4
+"""Reads one readiness event may do while each fills the pipe and empties at once."""
 
 READ_SIZE = 256 * 1024
 """What the userspace pump reads at once from a plain TCP socket (Twisted's default is
@@ -138,7 +144,7 @@ class _Pipe:
 class PipePool:
     """Empty pipes for the process's zero-copy splices; at most `keep` wait unused."""
 
-    def __init__(self, size: int = PIPE_SIZE, keep: int = 64) -> None:
+    def __init__(self, size: int = PIPE_SIZE, keep: int = 8) -> None:
         self.size = size
         self.keep = keep
         self._idle: list[_Pipe] = []
@@ -288,26 +294,31 @@ class ZeroCopyPump:
 
     def readable(self, end: _End) -> None:
         direction = self._reading[end]
-        if direction.in_pipe or direction.ended or not self.running:
-            return  # a stale event (see `writable`); reading waits for the pipe to empty
-        pipe = self._pool.take()
-        try:
-            count = _SPLICE(end.fd, pipe.write_fd, pipe.size, flags=_FLAGS)
-        except BlockingIOError:
-            self._pool.give(pipe)
-            return
-        except OSError as e:
-            self._pool.give(pipe)
-            self.failed(end, Failure(_connection_error(e)))
-            return
-        if count == 0:
-            self._pool.give(pipe)
-            self._end_of_stream(direction)
-            return
-        end.leg.bytes += count
-        direction.pipe, direction.in_pipe = pipe, count
-        self._activity()
-        self._flush(direction)
+        # A full pipe that emptied at once means more is probably waiting: read again
+        # (a few times) rather than going back to the reactor for the next event.
+        for _ in range(READS_PER_EVENT):
+            if direction.in_pipe or direction.ended or not self.running:
+                return  # a stale event (see `writable`); reading waits for the pipe to empty
+            pipe = self._pool.take()
+            try:
+                count = _SPLICE(end.fd, pipe.write_fd, pipe.size, flags=_FLAGS)
+            except BlockingIOError:
+                self._pool.give(pipe)
+                return
+            except OSError as e:
+                self._pool.give(pipe)
+                self.failed(end, Failure(_connection_error(e)))
+                return
+            if count == 0:
+                self._pool.give(pipe)
+                self._end_of_stream(direction)
+                return
+            end.leg.bytes += count
+            direction.pipe, direction.in_pipe = pipe, count
+            self._activity()
+            self._flush(direction)
+            if count < pipe.size:
+                return
 
     def writable(self, end: _End) -> None:
         # An event may be stale: polled for an earlier owner of the same descriptor

@@ -520,6 +520,45 @@ class SocketOptionTests(OnBothPumps):
         self.assertEqual(options(), {UpstreamProtocol: 1, SpliceModeProtocol: 1})
 
 
+class HandBackTests(OnBothPumps):
+    """A session closed by mailrelay while bytes are in flight towards a reader that
+    does not read: every byte mailrelay read reaches that reader, in order."""
+
+    @pytest.mark.slow  # a second of the upstream's sending getting nowhere tells it stalled
+    async def test_bytes_in_flight_at_an_idle_timeout_still_reach_the_client(self) -> None:
+        clock = Clock()
+        data = payload(32 * MiB, seed=5)
+        stalled = threading.Event()
+
+        def send_until_stalled(conn: socket.socket) -> None:
+            conn.settimeout(1.0)
+            sent = 0
+            try:
+                while sent < len(data):
+                    sent += conn.send(data[sent : sent + MiB])
+            except TimeoutError:
+                pass
+            stalled.set()
+            recv_all(conn)
+
+        upstream = self.server(send_until_stalled)
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port), idle_timeout=600), clock=clock)
+        conn = await self.in_thread(connect, port)
+        self.addCleanup(conn.close)
+        await self.in_thread(stalled.wait, WAIT)
+        if self.zero_copy:
+            [pump] = zero_copy_pumps()
+            self.assertGreater(pump.in_flight, 0)  # the case this test is about
+
+        clock.advance(600)
+        received = await self.in_thread(recv_all, conn)
+
+        line = await self.session_line()
+        self.assertEqual(line["outcome"], "idle-timeout")
+        self.assertEqual(len(received), line["bytes_down"])
+        self.assertEqual(received, data[: len(received)])
+
+
 class IdleAndDrainTests(ProxyTestCase):
     async def test_idle_session_is_closed(self) -> None:
         clock = Clock()
@@ -719,3 +758,4 @@ HalfCloseTestsOnUserspacePump = on_userspace_pump(HalfCloseTests)
 EarlyBytesTestsOnUserspacePump = on_userspace_pump(EarlyBytesTests)
 IPv6TestsOnUserspacePump = on_userspace_pump(IPv6Tests)
 SocketOptionTestsOnUserspacePump = on_userspace_pump(SocketOptionTests)
+HandBackTestsOnUserspacePump = on_userspace_pump(HandBackTests)
