@@ -41,6 +41,8 @@ def check(path: str) -> int:
             extra = f" handshake_timeout={listener.handshake_timeout:g}s"
         elif listener.preread_sni:
             extra = f" preread_sni preread_timeout={listener.preread_timeout:g}s"
+        if not listener.zero_copy:
+            extra += " zero_copy=false"
         print(
             f'listener "{listener.name}": {listener.listen} mode={listener.mode} protocol={listener.protocol}'
             f" idle_timeout={listener.idle_timeout:g}s router_timeout={listener.router_timeout:g}s{extra}"

@@ -181,6 +181,11 @@ CASES = [
         ["listener[0].idle_timeout: must be a number of seconds, not a string ('long')"],
     ),
     (
+        "string-for-zero-copy",
+        ROUTER + LISTENER + 'zero_copy = "no"\n',
+        ["listener[0].zero_copy: must be true or false, not a string ('no')"],
+    ),
+    (
         "boolean-for-port",
         ROUTER.replace("port = 2525", "port = true") + LISTENER,
         ["router.port: must be an integer, not a boolean (True)"],
@@ -700,6 +705,7 @@ name = "custom"
 listen = "tcp:0:interface=127.0.0.1"
 mode = "splice"
 router_timeout = 7
+zero_copy = false
 router = {{ type = "python", class = "{module}:EchoRouter", port = 2527, password = "s3cret" }}
 
 [[listener]]
@@ -757,6 +763,17 @@ def test_parse_config_defaults() -> None:
         3600.0,
         30.0,
     )
+    assert listener.zero_copy is True
+
+
+def test_zero_copy_can_be_turned_off() -> None:
+    config = parse_config(
+        {
+            "router": {"type": "static", "host": "127.0.0.1", "port": 25},
+            "listener": [{"listen": "tcp:2525", "mode": "splice", "zero_copy": False}],
+        }
+    )
+    assert config.listeners[0].zero_copy is False
 
 
 def test_shipped_example_is_valid() -> None:
@@ -787,7 +804,8 @@ def test_check_valid(tmp_path: Path, modules: tuple[str, str]) -> None:
     assert "idle_timeout=600s" in relay[0]
     assert relay[1].strip() == "router: the default router"
     assert custom[0].startswith('listener "custom": tcp:0:interface=127.0.0.1 mode=splice')
-    assert "router_timeout=7s" in custom[0]
+    assert "router_timeout=7s" in custom[0] and custom[0].endswith(" zero_copy=false")
+    assert "zero_copy" not in relay[0]  # on by default, not worth a word
     # The python router: its class and the names of its options, never their values.
     assert custom[1].strip() == f"router: python: {good}:EchoRouter with password, port"
     assert single[0].startswith('listener "single": ')
