@@ -341,7 +341,7 @@ class RoutedConnection(SpliceableProtocol):
         """Log the session's line and close the connection after what was written (the
         machine is already `draining`)."""
         self.finish(outcome, reason)
-        self.transport.loseConnection()
+        self.close_lingering(self.factory.clock)
 
     def end_now(self, outcome: str, reason: str | None = None) -> None:
         """End the session dropping the connection: nothing can be said (inside a TLS

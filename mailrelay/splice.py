@@ -93,9 +93,14 @@ class SpliceableProtocol(Protocol):
     """Who is at the other end, for error messages: "client" or "upstream"."""
     transport: Any  # a TCP transport, or any ITransport with pause/resume and abortConnection
 
+    linger_timeout = 5.0
+    """Seconds `close_lingering()` keeps reading (and dropping) what the peer still sends."""
+
     def __init__(self) -> None:
         self.pending = bytearray()
         self.read_closed = False
+        self._linger: Any = None
+        """The timer of a lingering close in progress (see `close_lingering()`)."""
         self.lost_reason: Failure | None = None
         self._paused_for_pending = False
         self._held = False
@@ -145,6 +150,8 @@ class SpliceableProtocol(Protocol):
         if self._side is not None:
             self._side.received(data)
             return
+        if self._linger is not None:
+            return  # closing: dropped unread
         self.pending += data
         self.pendingReceived()
         self._wake()
@@ -180,6 +187,8 @@ class SpliceableProtocol(Protocol):
     def readConnectionLost(self) -> None:
         if self._side is not None:
             self._side.read_closed()
+        elif self._linger is not None:
+            self.transport.loseConnection()  # the peer has closed too: done lingering
         else:
             self.read_closed = True
             self.pendingReceived()
@@ -189,7 +198,34 @@ class SpliceableProtocol(Protocol):
         if self._side is not None:
             self._side.write_closed()
 
+    def close_lingering(self, clock: IReactorTime) -> None:
+        """
+        Close after what was written, as the peer will read it: closing a TCP socket
+        with unread bytes in it makes the kernel reset the connection, and a reset can
+        destroy the last reply before the peer reads it (a client that pipelined a
+        command after the one refused). So: end our side of the stream (after the
+        buffered bytes), then read and drop what the peer still sends until it closes
+        too, for at most `linger_timeout` seconds. Without a TCP half-close (TLS) this
+        is a plain close.
+        """
+        if self._linger is not None or self._side is not None:
+            return
+        if not can_half_close(self.transport):
+            self.transport.loseConnection()
+            return
+        self._linger = clock.callLater(self.linger_timeout, self._linger_expired)
+        self.pending.clear()
+        self._held = self._paused_for_pending = False
+        self.transport.resumeProducing()
+        self.transport.loseWriteConnection()
+        if self.read_closed:
+            self.transport.loseConnection()
+
+    def _linger_expired(self) -> None:
+        self.transport.loseConnection()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        cancel(self._linger)
         if self._side is not None:
             self._side.lost(reason)
         else:
@@ -330,6 +366,7 @@ class _Side:
             self.transport.loseConnection()
 
     def lost(self, reason: Failure) -> None:
+        self.splice.stop_pump()  # Twisted closed the socket under it (an abort from elsewhere)
         self.gone = True
         self.splice.note_first_end(self.name)
         peer = self.peer
@@ -435,7 +472,8 @@ class Splice:
         else:
             lost.transport.abortConnection()
 
-    def _stop_pump(self) -> None:
+    def stop_pump(self) -> None:
+        """Hand the connections back to their transports, if a zero-copy pump has them."""
         if self._pump is not None:
             self._pump.stop()
 
@@ -443,7 +481,7 @@ class Splice:
         """Drop both connections now, discarding what is buffered (drain timeout)."""
         if self._outcome == "closed":
             self._outcome = outcome
-        self._stop_pump()
+        self.stop_pump()
         for side in (self._client, self._upstream):
             if not side.gone:
                 side.transport.abortConnection()
@@ -453,7 +491,7 @@ class Splice:
         whatever is still open `close_grace` seconds later (a peer that reads nothing)."""
         if self._outcome == "closed":
             self._outcome = outcome
-        self._stop_pump()
+        self.stop_pump()
         for side in (self._client, self._upstream):
             if not side.gone:
                 side.stop_pacing()

@@ -72,10 +72,21 @@ def socket_connection(transport: Any) -> tcp.Connection | None:
     """The plain TCP (or UNIX stream) connection under `transport`, or None when there is
     none or TLS runs on it. Sees through a PROXY-protocol listener's transport, which
     only answers `getPeer()`/`getHost()` differently."""
-    real = getattr(transport, "socket_transport", transport)
+    real = _socket_transport(transport)
     if not isinstance(real, tcp.Connection) or getattr(real, "TLS", False) or ISSLTransport.providedBy(real):
         return None
     return real
+
+
+def _socket_transport(transport: Any) -> Any:
+    """What `transport` says is its socket's transport, if its own class says so: a
+    wrapper that forwards unknown attributes to what it wraps (Twisted's TLS layer
+    does) must not answer for the plaintext transport beneath it."""
+    if isinstance(transport, tcp.Connection):
+        return transport
+    if any("socket_transport" in vars(cls) for cls in type(transport).__mro__):
+        return transport.socket_transport
+    return None
 
 
 def socket_beneath(transport: Any) -> tcp.Connection | None:
@@ -84,8 +95,19 @@ def socket_beneath(transport: Any) -> tcp.Connection | None:
     for _ in range(4):  # a TLS layer over a PROXY-protocol transport over TCP at most
         if isinstance(transport, tcp.Connection):
             return transport
-        transport = getattr(transport, "socket_transport", None) or getattr(transport, "transport", None)
+        transport = _socket_transport(transport) or getattr(transport, "transport", None)
     return None
+
+
+def _writable(connection: tcp.Connection) -> bool:
+    """Open for writing, not on its way to closing, and nothing waiting to be written."""
+    return bool(
+        connection.connected
+        and not connection.disconnecting
+        and not connection._writeDisconnecting
+        and not getattr(connection, "_aborting", True)
+        and _nothing_buffered(connection)
+    )
 
 
 def read_in_large_chunks(transport: Any) -> None:
@@ -108,13 +130,7 @@ def write_through(transport: Any, data: bytes) -> None:
     """Write `data` to `transport`, straight to its socket when that is plain TCP with
     nothing buffered before it (what does not fit waits in the transport as usual)."""
     connection = socket_connection(transport)
-    if (
-        connection is None
-        or not connection.connected
-        or connection.disconnecting
-        or connection._writeDisconnecting
-        or not _nothing_buffered(connection)
-    ):
+    if connection is None or not _writable(connection):
         transport.write(data)
         return
     try:
@@ -179,14 +195,7 @@ def can_splice(*transports: Any) -> bool:
         return False
     for transport in transports:
         connection = socket_connection(transport)
-        if (
-            connection is None
-            or not IReactorFDSet.providedBy(connection.reactor)
-            or not connection.connected
-            or connection.disconnecting
-            or connection._writeDisconnecting
-            or not _nothing_buffered(connection)
-        ):
+        if connection is None or not IReactorFDSet.providedBy(connection.reactor) or not _writable(connection):
             return False
     return True
 

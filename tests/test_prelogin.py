@@ -23,6 +23,7 @@ from twisted.internet.task import Clock, deferLater
 from mailrelay.config import ConfigError, FrontEndConfig, parse_config
 from mailrelay.relay import RoutedConnection
 from mailrelay.router import Reject, Route
+from mailrelay.splice import SpliceableProtocol
 from tests.support.clocked import owner
 from tests.support.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check, plain_ir
 from tests.support.imap import ScriptedIMAP, read_tagged
@@ -103,9 +104,11 @@ class PreLoginTests(FrontEndTestCase):
 
     def session_timers(self) -> list[Any]:
         """The pending calls, on the clock or the real reactor, that belong to a client
-        connection."""
+        connection's session: all but the lingering close's, which bounds the connection
+        itself until the client closes its end (`SpliceableProtocol.close_lingering`)."""
         calls = [*self.clock.getDelayedCalls(), *reactor.getDelayedCalls()]
-        return [c for c in calls if isinstance(owner(c), RoutedConnection)]
+        lingering = SpliceableProtocol._linger_expired.__name__
+        return [c for c in calls if isinstance(owner(c), RoutedConnection) and c.func.__name__ != lingering]
 
     async def ended(self) -> Any:
         """The session's line, once logged; no timer of the session may be left."""

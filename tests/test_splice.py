@@ -559,6 +559,35 @@ class HandBackTests(OnBothPumps):
         self.assertEqual(received, data[: len(received)])
 
 
+    async def test_an_abort_from_elsewhere_ends_the_session_cleanly(self) -> None:
+        """Something else (a front-end's timer, a drain) aborts the client's transport
+        while the session is spliced: the pump lets go, the upstream is closed, the
+        session ends, nothing fails."""
+        upstream = self.server(lambda conn: recv_all(conn))
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port)))
+        conn = await self.in_thread(connect, port)
+        self.addCleanup(conn.close)
+        await self.in_thread(conn.sendall, b"hello")
+
+        def client_connection() -> tcp.Connection | None:
+            for selectable in set(reactor.getReaders()) | set(reactor.getWriters()):
+                connection = getattr(selectable, "connection", selectable)  # a zero-copy pump's socket
+                if isinstance(connection, tcp.Server) and isinstance(protocol_of(connection), SpliceModeProtocol):
+                    return connection
+            return None
+
+        await self.eventually(client_connection, "the session was not spliced")
+        connection = client_connection()
+        assert connection is not None
+        connection.abortConnection()
+
+        self.assertEqual(await self.in_thread(upstream.result), b"hello")  # its end of stream came
+        line = await self.session_line()
+        self.assertEqual((line["outcome"], line["bytes_up"]), ("closed", 5))
+        self.assertEqual(zero_copy_pumps(), set())
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
 class IdleAndDrainTests(ProxyTestCase):
     async def test_idle_session_is_closed(self) -> None:
         clock = Clock()
