@@ -451,9 +451,7 @@ class Splice:
         if can_splice(self._client.transport, self._upstream.transport):
             for side in sides:
                 side.stop_pacing()
-            self._pump = ZeroCopyPump(
-                self._client, self._upstream, reactor, self._touched, self.note_first_end, self._pump_done
-            )
+            self._pump = ZeroCopyPump(self._client, self._upstream, reactor, self._touched, self.note_first_end, self._pump_done)
             self._pump.start()
         elif self._zero_copy_tries > 0 and reactor is not None:
             self._zero_copy_tries -= 1

@@ -558,7 +558,6 @@ class HandBackTests(OnBothPumps):
         self.assertEqual(len(received), line["bytes_down"])
         self.assertEqual(received, data[: len(received)])
 
-
     async def test_an_abort_from_elsewhere_ends_the_session_cleanly(self) -> None:
         """Something else (a front-end's timer, a drain) aborts the client's transport
         while the session is spliced: the pump lets go, the upstream is closed, the
