@@ -400,6 +400,51 @@ class RoutingFailureTests(ProxyTestCase):
         self.assertEqual(line["outcome"], "upstream-unavailable")
         self.assertIn("no connection within 10s", line["reason"])
 
+    async def test_a_client_whose_bytes_were_never_read_sees_a_clean_close(self) -> None:
+        """Closing a socket with unread bytes makes the kernel reset the connection,
+        which can destroy what was said last: mailrelay ends its side, reads and drops
+        until the client ends too (a lingering close)."""
+        from mailrelay.router import Reject
+
+        answer: Deferred[Route] = Deferred()
+        router = SettableRouter(lambda request: answer)
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", 1)), router=router)
+        unread = payload(300_000, seed=9)  # past the pending limit: reading pauses, the rest waits unread
+
+        def client() -> tuple[bytes, bytes]:
+            with connect(port) as conn:
+                conn.sendall(unread)
+                cast(IReactorFromThreads, reactor).callFromThread(answer.errback, Reject("not from here"))
+                first = recv_all(conn)  # the end of mailrelay's stream, not a reset
+                conn.sendall(b"still sending after the close")  # dropped, not answered with a reset
+                conn.shutdown(socket.SHUT_WR)
+                return first, recv_all(conn)
+
+        self.assertEqual(await self.in_thread(client), (b"", b""))
+        line = await self._session_line()
+        self.assertEqual((line["outcome"], line["reason"]), ("rejected", "not from here"))
+
+    async def test_a_lingering_close_ends_after_its_timeout(self) -> None:
+        from mailrelay.router import Reject
+        from mailrelay.splice import SpliceableProtocol
+
+        clock = Clock()
+        router = SettableRouter(Reject("not from here"))
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", 1)), router=router, clock=clock)
+        conn = await self.in_thread(connect, port)
+        self.addCleanup(conn.close)
+        await self.in_thread(conn.sendall, b"data the client keeps sending")
+        self.assertEqual(await self.in_thread(conn.recv, 100), b"")  # mailrelay's side has ended
+        await self.in_thread(conn.sendall, b"more")  # the client does not end its own
+
+        def lingering() -> bool:
+            return any(owner(call).__class__.__mro__.count(SpliceableProtocol) for call in clock.getDelayedCalls())
+
+        await self.eventually(lingering, "no lingering close")
+        clock.advance(SpliceableProtocol.linger_timeout)
+        # Closed now: the client's next write is answered with a reset.
+        await self.eventually(lambda: not lingering(), "the lingering close did not end")
+
     async def test_reject_closes_after_its_wait(self) -> None:
         from mailrelay.router import Reject
 
