@@ -37,7 +37,7 @@ from service_identity import VerificationError
 from twisted.internet import defer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import (
     ConnectError,
     ConnectingCancelledError,
@@ -65,6 +65,7 @@ from .splice import LineTooLong, PeerClosed, SpliceableProtocol
 from .tls import TLSSetupError
 from .tls_client import ClientTLS
 from .tls_facts import describe_tls_error
+from .tls_layer import wrap_client_tls
 
 LoginStep = Callable[["UpstreamProtocol", Route], Awaitable[None]]
 """A protocol's upstream login: raise `Reject` when the upstream refuses the
@@ -275,7 +276,7 @@ class UpstreamConnector:
         if route.proxy_protocol is not None:
             endpoint = ProxyHeaderEndpoint(endpoint, proxyprotocol.header(route.proxy_protocol, client, local))
         if route.tls == "tls":
-            return wrapClientTLS(self.tls.creator(route), endpoint)
+            return wrap_client_tls(self.tls.creator(route), endpoint)
         return endpoint
 
     def stream_endpoint(self, route: Route) -> IStreamClientEndpoint:

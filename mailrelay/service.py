@@ -23,7 +23,6 @@ from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from .config import Config, ConfigError, ListenerConfig, load_config, parse_config
@@ -41,6 +40,7 @@ from .session import Sessions
 from .shared import SharedLoginCounts, SharedRoutes, SharedStore, read_secret
 from .tls import ServerTLS, ServerTLSConfig, TLSSetupError
 from .tls_client import ClientTLS
+from .tls_layer import RecordTLSFactory
 from .workers import InheritedSocket, Supervisor, inherited_sockets, worker_command
 
 T = TypeVar("T")
@@ -162,7 +162,7 @@ class MailrelayService(MultiService):
             )
             if listener.mode == "tls":
                 assert tls is not None
-                tls_factory = TLSMemoryBIOFactory(tls, False, factory)
+                tls_factory = RecordTLSFactory(tls, False, factory)
                 tls_factory.noisy = False  # one "starting on" line per listener is ours to write
                 factory = tls_factory
             if listener.proxy_protocol:  # outside TLS: the header comes before the handshake

@@ -8,6 +8,8 @@ during the handshake (exact name first, then a `*.` wildcard one label deep, the
 default). Every context refuses TLS below the configured minimum (1.2
 by default), compression and renegotiation; when a listener speaks a known protocol,
 its ALPN name is required of clients that send ALPN at all (the ALPACA defence).
+Every context releases a connection's buffers while they are empty
+(`mailrelay.tls_layer.release_buffers`), so an idle session holds about 34 KiB less.
 
 `reload()` reads every file again and swaps the whole set at once; a connection keeps
 the contexts it started with, so a running session never sees the change, and a set
@@ -41,6 +43,7 @@ from zope.interface import implementer
 
 from .interfaces import IReloadable
 from .tls_facts import ALPNRefused, ssl_reason
+from .tls_layer import release_buffers
 
 MIN_VERSIONS = {
     "1.0": SSL.TLS1_VERSION,
@@ -331,6 +334,7 @@ class ServerTLS:
     def _context(self, certificate: LoadedCertificate, client_cas: Sequence[x509.Certificate], alpn: str | None) -> SSL.Context:
         config = self.config
         context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        release_buffers(context)  # SNI and reloaded contexts too: every one is made here
         try:
             context.set_min_proto_version(MIN_VERSIONS[config.min_version])
             context.set_options(_SERVER_OPTIONS)

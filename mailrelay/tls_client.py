@@ -6,6 +6,9 @@ the system trust store or a CA file, with the host name checked by service_ident
 sent as SNI. They are cached, because building a context loads a whole trust store;
 `reload()` reads the trust again. `tls_verify = false` still sends SNI but checks
 nothing, and says so in the log once per upstream.
+Their contexts release a connection's buffers while they are empty: those made here
+through `mailrelay.tls_layer.release_buffers`, those `optionsForClientTLS` makes by
+Twisted's own default (it keeps them out of reach; tests/test_tls_buffers.py checks).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from zope.interface import implementer
 from .interfaces import IReloadable
 from .router import Route
 from .tls import TLSSetupError, read_pem_file
+from .tls_layer import release_buffers
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -38,6 +42,7 @@ class _UnverifiedClientTLS:
 
     def __init__(self, options: CertificateOptions, server_name: str) -> None:
         self.options = options
+        release_buffers(options.getContext())
         self.send_name = not (isIPAddress(server_name) or isIPv6Address(server_name))
         self.server_name = server_name.encode("idna") if self.send_name else b""
 
