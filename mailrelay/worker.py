@@ -32,10 +32,18 @@ PR_SET_PDEATHSIG = 1
 
 @implementer(ILogObserver)
 class WorkerLogObserver:
-    """Writes every event as `LEVEL text` lines (no timestamp: the supervisor adds its own)."""
+    """
+    Writes every event as `LEVEL text` lines (no timestamp: the supervisor adds its own).
 
-    def __init__(self, out: TextIO) -> None:
+    While the reactor runs, what one turn of it logged leaves in one write, at the end of
+    the turn: a busy worker wakes its supervisor once per turn rather than once per
+    session line. Otherwise (starting, stopping) each event is written at once.
+    """
+
+    def __init__(self, out: TextIO, reactor: Any = None) -> None:
         self.out = out
+        self.reactor = reactor
+        self._flushing: Any = None
 
     def __call__(self, event: LogEvent) -> None:
         text = eventAsText(event, includeTimestamp=False, includeSystem=False)
@@ -43,6 +51,13 @@ class WorkerLogObserver:
             return
         level = event.get("log_level", LogLevel.info)
         self.out.write(worker_log_line(level, text))
+        if self.reactor is None or not self.reactor.running:
+            self.out.flush()
+        elif self._flushing is None:
+            self._flushing = self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self._flushing = None
         self.out.flush()
 
 
@@ -70,11 +85,12 @@ def run(config: str | None, tac: str | None, reactor: Any = None) -> int:
     # is kept and delivered again once the worker serves.
     hangups: list[int] = []
     signal.signal(signal.SIGHUP, lambda number, frame: hangups.append(number))
-    globalLogBeginner.beginLoggingTo([WorkerLogObserver(sys.stdout)], redirectStandardIO=False)
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    observer = WorkerLogObserver(sys.stdout, reactor)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     try:
         if tac is not None:
             service = IService(loadApplication(tac, "python"))
@@ -103,5 +119,6 @@ def run(config: str | None, tac: str | None, reactor: Any = None) -> int:
     # as the one the supervisor sends: a second one, arriving once the reactor has put
     # back the default handlers, must not turn a clean stop into a death by signal.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    observer.flush()
     log.info("worker stopped")
     return 0
