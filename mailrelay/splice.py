@@ -428,9 +428,7 @@ class Splice:
         return self._upstream.bytes
 
     def start(self) -> Deferred[SpliceResult]:
-        for side in (self._client, self._upstream):
-            side.transport.registerProducer(side.peer.transport, True)
-            side.paced = True
+        self._pace()
         for side in (self._client, self._upstream):
             side.protocol.attach(side)
             read_in_large_chunks(side.transport)
@@ -449,13 +447,24 @@ class Splice:
             return
         reactor: Any = getattr(socket_connection(self._client.transport), "reactor", None)
         if can_splice(self._client.transport, self._upstream.transport):
+            try:
+                pump = ZeroCopyPump(self._client, self._upstream, reactor, self._touched, self.note_first_end, self._pump_done)
+            except OSError:  # no descriptor to spare now: this session stays in userspace
+                return
             for side in sides:
                 side.stop_pacing()
-            self._pump = ZeroCopyPump(self._client, self._upstream, reactor, self._touched, self.note_first_end, self._pump_done)
-            self._pump.start()
+            self._pump = pump
+            pump.start()
         elif self._zero_copy_tries > 0 and reactor is not None:
             self._zero_copy_tries -= 1
             reactor.callLater(0, self._try_zero_copy)
+
+    def _pace(self) -> None:
+        """Make each transport the other's producer (the userspace pump's back-pressure)."""
+        for side in (self._client, self._upstream):
+            if not side.paced:
+                side.transport.registerProducer(side.peer.transport, True)
+                side.paced = True
 
     def _touched(self) -> None:
         self.last_activity = self.clock.seconds()
@@ -464,11 +473,15 @@ class Splice:
         """The zero-copy pump is over: both directions ended (close both connections),
         or a socket failed (it is dropped as Twisted drops a failed connection; the
         other one closes after what it still has to write)."""
-        if lost is None:
+        if lost is not None:
+            lost.transport.abortConnection()
+        elif reason is None:
             for side in (self._client, self._upstream):
                 side.transport.loseConnection()
-        else:
-            lost.transport.abortConnection()
+        else:  # the pump could not go on: the userspace pump takes over
+            self._pace()
+            for side in (self._client, self._upstream):
+                side.transport.resumeProducing()
 
     def stop_pump(self) -> None:
         """Hand the connections back to their transports, if a zero-copy pump has them."""

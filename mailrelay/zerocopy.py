@@ -188,10 +188,27 @@ class PipePool:
 POOL = PipePool()
 
 
+def _descriptor_budget() -> int:
+    """How many descriptors the pumps' duplicates may hold at once: a quarter of what
+    the process may open, so that zero-copy never takes from accept() and connect()
+    what they need (a session beyond it uses the userspace pump)."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 256
+    return 1 << 30 if soft == resource.RLIM_INFINITY else soft // 4
+
+
+DESCRIPTOR_BUDGET = _descriptor_budget()
+
+
 def can_splice(*transports: Any) -> bool:
     """Whether a zero-copy pump can carry a splice between `transports` now: plain TCP
-    each, on a reactor of file descriptors, open, nothing of theirs waiting to be written."""
-    if not AVAILABLE:
+    each, on a reactor of file descriptors, open, nothing of theirs waiting to be
+    written, and descriptors to spare (`DESCRIPTOR_BUDGET`)."""
+    if not AVAILABLE or 2 * ZeroCopyPump.running_pumps + 2 > DESCRIPTOR_BUDGET:
         return False
     for transport in transports:
         connection = socket_connection(transport)
@@ -263,7 +280,9 @@ class ZeroCopyPump:
     `activity()` is called whenever bytes are read; `first_end(name)` at each end of
     stream or failure, with the side's name; `done(lost, reason)` once, when the pump is
     over by itself: `(None, None)` when both directions ended, `(leg, failure)` when a
-    socket failed (the pump has handed back already).
+    socket failed, `(None, failure)` when the pump could not go on (no pipe could be
+    made) and the connections should carry on without it. The pump has handed the
+    connections back before it calls `done`.
     """
 
     def __init__(
@@ -281,8 +300,14 @@ class ZeroCopyPump:
         self._first_end = first_end
         self._done = done
         self._pool = pool
+        # Raises OSError (EMFILE...) when the process has no descriptor left to spare:
+        # the caller keeps the userspace pump.
         self._client = _End(self, client)
-        self._upstream = _End(self, upstream)
+        try:
+            self._upstream = _End(self, upstream)
+        except OSError:
+            os.close(self._client.fd)
+            raise
         self._up = _Direction(self._client, self._upstream)
         self._down = _Direction(self._upstream, self._client)
         self._reading: dict[_End, _Direction] = {self._client: self._up, self._upstream: self._down}
@@ -294,8 +319,12 @@ class ZeroCopyPump:
         """Bytes read and not yet written, both directions together."""
         return self._up.in_pipe + self._down.in_pipe
 
+    running_pumps = 0
+    """Pumps of this process that hold their duplicate descriptors now."""
+
     def start(self) -> None:
         self.running = True
+        ZeroCopyPump.running_pumps += 1
         for end in (self._client, self._upstream):
             end.connection.stopReading()
             end.connection.stopWriting()
@@ -308,7 +337,12 @@ class ZeroCopyPump:
         for _ in range(READS_PER_EVENT):
             if direction.in_pipe or direction.ended or not self.running:
                 return  # a stale event (see `writable`); reading waits for the pipe to empty
-            pipe = self._pool.take()
+            try:
+                pipe = self._pool.take()
+            except OSError as e:  # no descriptor or pipe left: carry on in userspace
+                self.stop()
+                self._done(None, Failure(e))
+                return
             try:
                 count = _SPLICE(end.fd, pipe.write_fd, pipe.size, flags=_FLAGS)
             except BlockingIOError:
@@ -401,6 +435,7 @@ class ZeroCopyPump:
         if not self.running:
             return
         self.running = False
+        ZeroCopyPump.running_pumps -= 1
         for end in (self._client, self._upstream):
             self._reactor.removeReader(end)
             self._reactor.removeWriter(end)

@@ -5,6 +5,7 @@ threads, mailrelay in the reactor.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import socket
 import threading
@@ -18,6 +19,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from mailrelay import zerocopy
 from mailrelay.connector import UpstreamProtocol
 from mailrelay.listener import SpliceModeProtocol
 from mailrelay.router import Route, Router
@@ -35,6 +37,7 @@ from tests.support.net import (
     exchange,
     payload,
     recv_all,
+    recv_exactly,
     reset,
     sha,
     splice_config,
@@ -630,6 +633,67 @@ class HandBackTests(OnBothPumps):
         self.assertEqual((line["outcome"], line["bytes_up"]), ("closed", 5))
         self.assertEqual(zero_copy_pumps(), set())
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class ZeroCopyResourceTests(ProxyTestCase):
+    """The zero-copy pump needs two more descriptors per session and pipes: without
+    them a session carries on in userspace, byte for byte."""
+
+    async def test_no_descriptor_to_duplicate_keeps_the_session_in_userspace(self) -> None:
+        def no_descriptor_left(fd: int) -> int:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        self.patch(zerocopy.os, "dup", no_descriptor_left)
+        upstream = self.server(echo)
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port)))
+        data = payload(3 * MiB, seed=11)
+
+        self.assertEqual(await self.in_thread(exchange, port, data), data)
+        line = await self.session_line()
+        self.assertEqual((line["outcome"], line["bytes_up"], line["bytes_down"]), ("closed", len(data), len(data)))
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_no_pipe_in_mid_session_hands_the_bytes_to_userspace(self) -> None:
+        release = threading.Event()
+        upstream = self.server(echo)
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port)))
+        first, rest = payload(2 * MiB, seed=12), payload(6 * MiB, seed=13)
+
+        def client() -> bytes:
+            with connect(port) as conn:
+                conn.sendall(first)
+                echoed = recv_exactly(conn, len(first))
+                release.wait(WAIT)
+                sender = threading.Thread(target=lambda: (conn.sendall(rest), conn.shutdown(socket.SHUT_WR)), daemon=True)
+                sender.start()
+                echoed += recv_all(conn)
+                sender.join(WAIT)
+                return echoed
+
+        def no_pipe() -> Any:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        talking = self.in_thread(client)
+        await self.eventually(zero_copy_pumps, "the session did not go through the zero-copy pump")
+        self.patch(zerocopy.POOL, "take", no_pipe)
+        release.set()
+
+        self.assertEqual(await talking, first + rest)
+        self.assertEqual(zero_copy_pumps(), set())
+        line = await self.session_line()
+        self.assertEqual((line["outcome"], line["bytes_up"], line["bytes_down"]), ("closed", 8 * MiB, 8 * MiB))
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_past_the_descriptor_budget_sessions_use_the_userspace_pump(self) -> None:
+        self.patch(zerocopy, "DESCRIPTOR_BUDGET", 2)  # room for one pump's two duplicates
+        upstream = self.server(echo)
+        _, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port)))
+        first = await self.in_thread(connect, port)
+        self.addCleanup(first.close)
+        await self.eventually(lambda: len(zero_copy_pumps()) == 1, "the first session got no pump")
+
+        self.assertEqual(await self.in_thread(exchange, port, b"second session"), b"second session")
+        self.assertEqual(len(zero_copy_pumps()), 1)  # the first one's still; none for the second
 
 
 class IdleAndDrainTests(ProxyTestCase):
