@@ -18,12 +18,13 @@ from twisted.internet import reactor, threads
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
 
 from mailrelay.service import MailrelayService, makeService
+from mailrelay.splice import SpliceableProtocol
 from mailrelay.zerocopy import ZeroCopyPump
 from tests.support.clocked import POLL, ClockedReactor, eventually, let_time_pass
 
@@ -207,6 +208,7 @@ class ProxyTestCase(unittest.TestCase):
         self.logs = LogCapture()
         globalLogPublisher.addObserver(self.logs)
         self.addCleanup(globalLogPublisher.removeObserver, self.logs)
+        self.addCleanup(end_lingering_closes)  # runs last: after the clients' sockets are closed
 
     async def start_proxy(
         self, config: dict[str, Any], router: Any = None, clock: Clock | None = None
@@ -264,6 +266,25 @@ def tcp_port(listening: IListeningPort) -> int:
     address = listening.getHost()
     assert isinstance(address, (IPv4Address, IPv6Address)), address
     return address.port
+
+
+async def end_lingering_closes() -> None:
+    """Wait until mailrelay's lingering closes (`SpliceableProtocol.close_lingering`) on
+    the real reactor have seen their clients' end of stream, as they do a moment after
+    a test closes its sockets (a client a test left open is closed by the lingering
+    close's own timeout), so that the test ends with a clean reactor; abort any left
+    after that."""
+
+    def lingering() -> list[Any]:
+        return [call for call in reactor.getDelayedCalls() if call.func.__name__ == "_linger_expired"]
+
+    for _ in range(int((SpliceableProtocol.linger_timeout + 1) / POLL)):
+        if not lingering():
+            return
+        await deferLater(reactor, POLL)
+    for call in lingering():
+        call.func.__self__.transport.abortConnection()
+    await deferLater(reactor, 0)
 
 
 def zero_copy_pumps() -> set[ZeroCopyPump]:
