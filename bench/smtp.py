@@ -6,7 +6,13 @@ mailrelay's SMTP front-end (`mode = "starttls"`, `protocol = "smtp"`, static rou
 `login = "passthrough"`) with a plain and with a STARTTLS upstream leg, and through
 nginx's mail proxy when nginx with the mail module is on PATH, all in one run.
 
-    .venv/bin/python bench/smtp.py            # about 25 s (about 45 s with nginx)
+Then (`--only smtp-source`) plain SMTP sessions as an MX sees them, made by Postfix's
+`smtp-source` (HELO, MAIL, RCPT, DATA, a small message, QUIT; no TLS, no AUTH), straight
+to the upstream vs through mailrelay's front-end with `auth = ["none"]` vs through
+nginx's mail proxy with `smtp_auth none`.
+
+    .venv/bin/python bench/smtp.py            # about 45 s (about 70 s with nginx)
+    .venv/bin/python bench/smtp.py --only smtp-source   # the plain sessions only, about 20 s
     .venv/bin/python bench/smtp.py --help
 
 Everything runs on 127.0.0.1 with ephemeral ports and one ECDSA P-256 certificate made
@@ -22,9 +28,14 @@ See bench/README.md for what each number means.
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import resource
+import shutil
 import socket
 import ssl
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,10 +43,11 @@ from typing import Any
 
 from common import cli
 from common.clients import TLSDial, connect, make_message, negotiated
-from common.measure import Measurements
+from common.logs import mailrelay_log_summary, mailrelay_warnings
+from common.measure import Measurements, SessionsResult, Window
 from common.processes import Children
 from common.proxies import launch_nginx_mail, start_other
-from common.report import print_logs_and_notes, print_machine, print_targets, pyopenssl_version
+from common.report import print_logs_and_notes, print_machine, print_table, print_targets, pyopenssl_version
 from common.smtp_server import SMTP_PASSWORD, SMTP_USER, plain_response
 from common.targets import SERVER_NAME, Certificates, ScriptedTarget, Target, free_port, wait_until_serving
 from common.twistd import mailrelay_config, mailrelay_listener, start_twistd
@@ -62,6 +74,41 @@ LISTENER_KEYS = 'protocol = "smtp"\nhostname = "relay.bench.example"\nauth = ["p
 # nginx's mail proxy: its directives beyond those of every mail benchmark (`launch_nginx_mail`).
 NGINX_MAIL = ("proxy_smtp_auth on;", "xclient off;")
 NGINX_SERVER = ("smtp_auth plain;",)
+
+# The MX listener of the same mailrelay process (smtp-source's sessions): its keys beyond
+# name and mode, and its route's beyond host and port.
+MX_LISTENER = "smtp-mx"
+MX_LISTENER_KEYS = 'protocol = "smtp"\nhostname = "mx.bench.example"\nstarttls = "optional"\nauth = ["none"]\n'
+MX_ROUTE = ', login = "none"'
+
+# nginx's mail proxy for them: STARTTLS offered, not required (`starttls on`), as mailrelay's.
+NGINX_MX_MAIL = ("xclient off;",)
+NGINX_MX_SERVER = ("smtp_auth none;",)
+
+SMTP_SOURCE = "smtp-source"
+SOURCE_SENDER = "sender@example.org"
+SOURCE_RECIPIENT = "rcpt@example.net"
+SOURCE_HELO = "client.example.org"
+
+# Column name -> what it is, for the plain sessions' legend.
+MX_LEGEND = {
+    "direct": "smtp-source -> upstream (the asyncio SMTP server, MAIL without AUTH)",
+    "mailrelay-mx": 'smtp-source -> mailrelay mode="starttls" protocol="smtp" starttls="optional" auth=["none"] '
+    '(vet_recipients "first"; static route, login="none") -> plain upstream',
+    "nginx-mx": "smtp-source -> nginx mail (protocol smtp, smtp_auth none, starttls on, xclient off, auth_http to the "
+    "upstream process, worker_processes 1) -> plain upstream",
+}
+
+# What each target does in one smtp-source session, for the report.
+MX_SESSION = (
+    "  direct:       220, HELO 250, MAIL 250, RCPT 250, DATA 354, message + '.' 250, QUIT 221: all answered by the upstream",
+    "  mailrelay-mx: its own 220, HELO and MAIL answered by mailrelay; at RCPT the static router answers, mailrelay "
+    "connects to the upstream, reads its 220, sends EHLO (the client's name), MAIL, RCPT as typed; the upstream's RCPT "
+    "reply is the client's; then DATA, the message and QUIT are relayed line by line (smtp_relay), not spliced",
+    "  nginx-mx:     its own 220, HELO and MAIL answered by nginx; at RCPT nginx asks auth_http (an HTTP/1.0 request on a "
+    "new connection, Auth-Method: none), connects to the upstream, reads its 220, sends HELO (its server_name), MAIL, "
+    "RCPT; the upstream's RCPT reply is the client's; then nginx splices the rest (DATA, message, QUIT)",
+)
 
 # Column name -> what it is, for the legend under the header.
 LEGEND = {
@@ -151,8 +198,10 @@ def smtp_target(
 # The proxies
 
 
-def start_mailrelay(children: Children, workdir: Path, upstream: Upstream, certs: Certificates, message: bytes) -> list[Target]:
-    """One twistd with both listeners; a target per listener."""
+def start_mailrelay(
+    children: Children, workdir: Path, upstream: Upstream, certs: Certificates, message: bytes, mx: bool = False
+) -> list[Target]:
+    """One twistd with both listeners (and with `mx` the MX one, whose target comes last); a target per listener."""
     listeners = [
         mailrelay_listener(
             name,
@@ -163,8 +212,10 @@ def start_mailrelay(children: Children, workdir: Path, upstream: Upstream, certs
         )
         for name, _, route in LISTENERS
     ]
+    if mx:
+        listeners.append(mailrelay_listener(MX_LISTENER, "starttls", upstream.mx, MX_LISTENER_KEYS, MX_ROUTE))
     config = mailrelay_config("smtp.py", listeners, certs)
-    proc, ports, log, twistd_args = start_twistd(children, workdir, "mailrelay", config, len(LISTENERS))
+    proc, ports, log, twistd_args = start_twistd(children, workdir, "mailrelay", config, len(listeners))
     note = " ".join(["twistd", *twistd_args])
     targets: list[Target] = []
     for name, column, _ in LISTENERS:
@@ -172,6 +223,10 @@ def start_mailrelay(children: Children, workdir: Path, upstream: Upstream, certs
         wait_until_serving(target, proc, 10, f"mailrelay ({column})")
         targets.append(target)
     targets[0].log_files = [log]  # one process, one log: summarised once
+    if mx:
+        relay = Target("mailrelay-mx", 0, ports[MX_LISTENER], proc.pid, note, proc=proc, log_files=[log])
+        wait_until_serving(relay, proc, 10, "mailrelay (mx)")
+        targets.append(relay)
     return targets
 
 
@@ -183,6 +238,117 @@ def start_nginx_mail(
     return launch_nginx_mail(
         children, workdir, binary, target, certs, "smtp", upstream.auth_http, mail=NGINX_MAIL, server=NGINX_SERVER
     )
+
+
+def start_nginx_mx(children: Children, workdir: Path, binary: str, upstream: Upstream, certs: Certificates) -> Target:
+    """nginx's mail proxy without logins (`smtp_auth none`), routed by the upstream process's auth_http to its MX port."""
+    target = Target("nginx-mx", 0, free_port(), None)
+    return launch_nginx_mail(
+        children,
+        workdir,
+        binary,
+        target,
+        certs,
+        "smtp",
+        upstream.auth_http,
+        mail=NGINX_MX_MAIL,
+        server=NGINX_MX_SERVER,
+        starttls="on",
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Plain SMTP sessions made by smtp-source
+
+
+def smtp_source(binary: str, port: int, sessions: int, parallel: int) -> float:
+    """
+    `sessions` sessions of one message each, `parallel` at a time, by smtp-source to
+    `port`; the seconds they took. smtp-source stops at the first reply it did not
+    expect (exit status not 0): a RuntimeError.
+    """
+    argv = [binary, "-s", str(parallel), "-m", str(sessions), "-M", SOURCE_HELO, "-f", SOURCE_SENDER, "-t", SOURCE_RECIPIENT]
+    start = time.perf_counter()
+    done = subprocess.run([*argv, f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"smtp-source exited with status {done.returncode}: {(done.stderr or done.stdout)[-300:]!r}")
+    return elapsed
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def measure_smtp_source(win: Window, target: Target, binary: str, parallel: int, duration: float) -> SessionsResult:
+    """
+    Sessions/s of one smtp-source run sized to last about `duration` seconds (from a
+    warm-up run of its own, not measured); the client's CPU is smtp-source's.
+    """
+    warmup = max(20, 4 * parallel)
+    rate = warmup / smtp_source(binary, target.line_port, warmup, parallel)
+    sessions = max(4 * parallel, round(rate * duration))
+    win.begin()
+    cpu0 = children_cpu()
+    elapsed = smtp_source(binary, target.line_port, sessions, parallel)
+    win.client_cpu = children_cpu() - cpu0
+    win.end()
+    return SessionsResult(sessions / elapsed, sessions, 0, None, [])
+
+
+def run_smtp_source(
+    args: argparse.Namespace, binary: str, mx_targets: list[Target], upstream_pgid: int, started: float, failures: list[str]
+) -> None:
+    """The plain sessions part: its own table of sessions/s through `mx_targets` (the first: direct)."""
+    print()
+    print(f"Plain SMTP sessions by {binary} (Postfix), as an MX sees them: no TLS, no AUTH")
+    print_targets("targets", mx_targets, MX_LEGEND)
+    print(
+        f"session: {SMTP_SOURCE} -s N -m M -M {SOURCE_HELO} -f {SOURCE_SENDER} -t {SOURCE_RECIPIENT}: connect, 220, "
+        "HELO, MAIL, RCPT, DATA, its default message (From, To, Date, Message-Id and 4 short lines, about 200 bytes) + '.', QUIT; one message per "
+        "session, commands written whole and none pipelined, every reply's code checked (a wrong one stops the run)"
+    )
+    print("\n".join(MX_SESSION))
+    print(
+        f"sessions: N = 1, then N = {args.clients} parallel sessions (smtp-source's own event loop, one process); M sized "
+        f"to take about {args.duration:g}s from a warm-up run; median of {args.rounds} rounds over all targets in turn"
+    )
+    print(flush=True)
+    m = Measurements(mx_targets, upstream_pgid, started, failures)
+    for key, label, parallel in (("serial", "1 client", 1), ("concurrent", f"{args.clients} concurrent", args.clients)):
+        m.rows.append((key, f"sessions/s, {label}"))
+
+        def measure(w: Window, t: Target, n: int = parallel) -> SessionsResult:
+            return measure_smtp_source(w, t, binary, n, args.duration)
+
+        results = m.rounds(key, f"smtp-source sessions, {label}", args.rounds, measure)
+        for name, items in results.items():
+            m.values[(key, name)] = statistics.median(r.rate for r in items) if items else "ERR"
+            m.values[(f"{key}_n", name)] = sum(r.sessions for r in items)
+    m.check_alive()
+    print()
+    print_table(m.rows, [t.name for t in mx_targets], m.values)
+    print("ratio = value / direct: higher is better.")
+    names = [t.name for t in mx_targets]
+    counts = "; ".join(
+        f"{key}: " + ", ".join(f"{name} {m.values.get((f'{key}_n', name), 0):,}" for name in names)
+        for key in ("serial", "concurrent")
+    )
+    print(f"sessions timed: {counts}")
+    m.print_cpu(machine=True)
+    print(f"(the client is {SMTP_SOURCE}; nginx-mx's upstream includes its auth_http service)")
+    print()
+    m.print_cpu_per_session(args.clients)
+    print()
+    for t in mx_targets[1:]:
+        if t.log_files:
+            print(mailrelay_log_summary(t.name, t.log_files, by_listener=True))
+            warnings = mailrelay_warnings(t.log_files)
+            if warnings:
+                print("mailrelay log, lines other than closed sessions (most frequent first):")
+                print("\n".join(warnings))
+        print(f"{t.name}: {t.note}")
 
 
 # --------------------------------------------------------------------------------------
@@ -199,8 +365,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--message-bytes", type=int, default=10_000, help="size of the message of each session (headers included)"
     )
     parser.add_argument("--upstream-procs", type=int, default=2, help="processes of the SMTP upstream (SO_REUSEPORT)")
+    parser.add_argument(
+        "--smtp-source",
+        default=shutil.which(SMTP_SOURCE) or f"/usr/sbin/{SMTP_SOURCE}",
+        help="Postfix's smtp-source, for the plain sessions (--only smtp-source)",
+    )
     parser.set_defaults(pieces=1)  # the shared sessions measurement asks; SMTP sessions write each command whole
-    return cli.parse_args(parser, argv, ("sessions",))
+    return cli.parse_args(parser, argv, ("sessions", SMTP_SOURCE))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,18 +386,45 @@ def run(args: argparse.Namespace, children: Children, workdir: Path, failures: l
     direct = smtp_target("direct", upstream.smtp, certs, message)
     wait_until_serving(direct, upstream.proc, 10, "the upstream")
 
-    targets = [direct, *start_mailrelay(children, workdir, upstream, certs, message)]
-    nginx, skipped = start_other(
-        args, "nginx", lambda binary: start_nginx_mail(children, workdir, binary, upstream, certs, message)
-    )
+    skipped = []
+    mx = SMTP_SOURCE in args.only
+    if mx and not (Path(args.smtp_source).is_file() and os.access(args.smtp_source, os.X_OK)):
+        skipped.append(f"the plain sessions ({args.smtp_source} not found: Debian's postfix package has it)")
+        mx = False
+    targets = [direct, *start_mailrelay(children, workdir, upstream, certs, message, mx)]
+    mx_targets: list[Target] = []
+    if mx:
+        mx_targets = [Target("direct", 0, upstream.mx, None), targets.pop()]
+        wait_until_serving(mx_targets[0], upstream.proc, 10, "the upstream (mx)")
+    nginx = None
+    if "sessions" in args.only:
+        nginx, why = start_other(
+            args, "nginx", lambda binary: start_nginx_mail(children, workdir, binary, upstream, certs, message)
+        )
+        skipped += [why] if why else []
+    if mx:
+        nginx_mx, why = start_other(args, "nginx", lambda binary: start_nginx_mx(children, workdir, binary, upstream, certs))
+        mx_targets += [nginx_mx] if nginx_mx is not None else []
+        skipped += [f"nginx-mx: {why}"] if why else []
     if nginx is not None:
         targets.append(nginx)
 
     print_machine("mailrelay SMTP benchmark")
+    if skipped:
+        print(f"skipped: {'; '.join(skipped)}")
+    m = Measurements(targets, upstream.proc.pid, started, failures)
+    if "sessions" in args.only:
+        run_submission(args, children, m, message, args.upstream_procs)
+    if mx:
+        run_smtp_source(args, args.smtp_source, mx_targets, upstream.proc.pid, started, failures)
+    return m.finish()
+
+
+def run_submission(args: argparse.Namespace, children: Children, m: Measurements, message: bytes, upstream_procs: int) -> None:
+    """The STARTTLS + AUTH PLAIN submission sessions' part (`--only sessions`)."""
+    targets = m.targets
     print(f"OpenSSL: {ssl.OPENSSL_VERSION} (Python ssl: clients, upstream); {pyopenssl_version()} (pyOpenSSL: mailrelay)")
     print_targets("targets", targets, LEGEND)
-    if skipped:
-        print(f"skipped: {skipped}")
     print(
         f"certificate: ECDSA P-256 (trustme; CA ECDSA P-256 too), names {SERVER_NAME} and 127.0.0.1; clients send SNI "
         f"{SERVER_NAME!r} and verify the chain and the name (so does mailrelay towards the upstream)"
@@ -245,35 +443,34 @@ def run(args: argparse.Namespace, children: Children, workdir: Path, failures: l
         f"of {args.duration:g}s, after 20 warm-up sessions per round; rounds go over all targets in turn; session times pooled (ms)"
     )
     print(
-        f"upstream: asyncio SMTP server x {args.upstream_procs} processes (SO_REUSEPORT): STARTTLS with Python's server "
+        f"upstream: asyncio SMTP server x {upstream_procs} processes (SO_REUSEPORT): STARTTLS with Python's server "
         "defaults, AUTH PLAIN with or without TLS, DATA read to the end marker; nginx's auth_http service runs in it too"
     )
     print(flush=True)
 
-    m = Measurements(targets, upstream.proc.pid, started, failures)
     m.sessions(args, children, "SMTP sessions", times=True)
     m.print_results("session times (ms)")
     m.print_session_counts()
     m.print_session_errors()
 
     m.print_cpu(machine=True)
+    nginx = any(t.name == "nginx" for t in targets)
     print(
-        "(mailrelay's columns are one twistd process serving both listeners"
-        + ("; nginx's upstream includes its auth_http service)" if nginx is not None else ")")
+        "(mailrelay's columns are one twistd process serving all its listeners"
+        + ("; nginx's upstream includes its auth_http service)" if nginx else ")")
     )
     cpu = m.cpu()
     if cpu:
         busiest = max(cpu.items(), key=lambda item: item[1]["upstream"])
         print(
             f"upstream: at most {busiest[1]['upstream']:.0f} % of one core ({busiest[0][1]}, {busiest[0][0]}) of the "
-            f"{100 * args.upstream_procs} % its {args.upstream_procs} processes could use"
+            f"{100 * upstream_procs} % its {upstream_procs} processes could use"
         )
     print()
     m.print_cpu_per_session(args.clients)
 
     print()
     print_logs_and_notes(targets)
-    return m.finish()
 
 
 if __name__ == "__main__":

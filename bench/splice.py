@@ -18,24 +18,28 @@ script lives in bench/common/.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import json
 import os
+import re
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from common.cli import add_bulk_arguments, add_sessions_arguments, run_bench
+from common.cli import add_bulk_arguments, add_latency_arguments, add_sessions_arguments, run_bench
 from common.cli import parse_args as common_parse_args
-from common.clients import command, connect, pieces_of, read_line
-from common.logs import mailrelay_log_summary
-from common.measure import Measurements, Window, percentile
-from common.processes import Children
+from common.logs import mailrelay_log_summary, read_session_log
+from common.measure import Measurements
+from common.processes import Children, cpu_of_group
 from common.proxies import start_others
 from common.report import print_machine
 from common.targets import Target, wait_until_serving
 from common.twistd import mailrelay_config, mailrelay_listener, start_twistd
 from common.upstream import Upstream
-from common.wire import CHUNK, NOOP, QUIT
+from common.wire import CHUNK, HOST
 
 # Runs twistd in this interpreter with mailrelay's TCP_NODELAY switched off, to show
 # what it buys. Nothing under mailrelay/ is changed: the function is replaced in memory.
@@ -61,29 +65,174 @@ def start_mailrelay(children: Children, workdir: Path, name: str, upstream: Upst
     return target
 
 
+# What mailrelay's supervisor gives a worker (mailrelay/workers.py): the listening sockets
+# at fd 3, 4, ... in listener order, named in MAILRELAY_LISTEN_FDS.
+FIRST_FD = 3
+WORKER_SESSION = re.compile(r"worker (\d+) \[pid \d+\]: session .* outcome=")
+LISTENER_NAMES = ("bulk", "smtp")
+BACKLOG = 50  # what twisted's listenTCP, and so mailrelay's supervisor, listens with
+
+
+def _reuseport_sockets(ports: list[int]) -> list[socket.socket]:
+    """A listening socket per listener, bound with SO_REUSEPORT to its port in `ports` (0: a new one)."""
+    socks = []
+    for port in ports:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((HOST, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+        socks.append(sock)
+    return socks
+
+
+def _at_first_fds(fds: list[int]) -> Any:
+    """In the worker before its exec: `fds` moved to 3, 4, ... (inheritable, as dup2 makes them)."""
+
+    def setup() -> None:
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]  # out of the way of 3, 4, ... first
+        for offset, fd in enumerate(high):
+            os.dup2(fd, FIRST_FD + offset)
+            os.close(fd)
+
+    return setup
+
+
+def start_mailrelay_workers(
+    children: Children, workdir: Path, name: str, upstream: Upstream, workers: int, reuseport: bool
+) -> Target:
+    """
+    `workers` independent `python -m mailrelay worker` processes, started as mailrelay's
+    supervisor starts its workers (environment, fd layout, command), with no supervisor:
+    their log lines go to a file per worker. With `reuseport` (mailrelay-rpN) each gets
+    listening sockets of its own, bound to the same ports with SO_REUSEPORT: the kernel
+    spreads new connections over the workers by a hash of their addresses. Without
+    (mailrelay-shN) they share one socket per listener, as under the supervisor, and
+    whichever worker's reactor calls accept() first takes the next connection.
+    """
+    listeners = [mailrelay_listener("bulk", "splice", upstream.bulk), mailrelay_listener("smtp", "splice", upstream.line)]
+    config = workdir / f"{name}.toml"
+    config.write_text(mailrelay_config("splice.py", listeners))
+    command = [sys.executable, "-m", "mailrelay", "worker", "--config", str(config)]
+    fds_env = json.dumps({listener: [FIRST_FD + i, "AF_INET"] for i, listener in enumerate(LISTENER_NAMES)})
+    env = {k: v for k, v in os.environ.items() if k not in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")}
+    env.update(MAILRELAY_LISTEN_FDS=fds_env, MAILRELAY_SUPERVISOR_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
+    ports = [0] * len(LISTENER_NAMES)
+    leader = None
+    logs = []
+    shared = None if reuseport else _reuseport_sockets(ports)
+    for index in range(1, workers + 1):
+        socks = shared or _reuseport_sockets(ports)
+        ports = [sock.getsockname()[1] for sock in socks]
+        log = workdir / f"{name}-{index}.out"
+        logs.append(log)
+        fds = [sock.fileno() for sock in socks]
+        kwargs: dict[str, Any] = dict(
+            env={**env, "MAILRELAY_WORKER": str(index)},
+            cwd=workdir,  # the installed mailrelay, not a checkout's (`python -m` puts the cwd first)
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            pass_fds=[FIRST_FD + i for i in range(len(fds))],
+            setup=_at_first_fds(fds),
+        )
+        with open(log, "wb") as out:
+            proc = children.popen_group(command, leader, stdout=out, **kwargs)
+        leader = leader or proc
+        if shared is None:
+            for sock in socks:
+                sock.close()  # the worker has its own descriptors of them
+    for sock in shared or []:
+        sock.close()
+    assert leader is not None
+    _wait_for_workers(logs, leader, name)
+    how = "each with its own SO_REUSEPORT sockets" if reuseport else "sharing one socket per listener"
+    shown = f"{workers} x `python -m mailrelay worker --config ...` (no supervisor), {how}"
+    target = Target(name, ports[0], ports[1], leader.pid, shown)
+    target.log_files = logs
+    target.proc = leader
+    wait_until_serving(target, leader, 10, name)
+    return target
+
+
+def _wait_for_workers(logs: list[Path], leader: Any, name: str) -> None:
+    """Until every worker's log says it serves."""
+    deadline = time.monotonic() + 30
+    while not all(log.exists() and "worker serving" in log.read_text(errors="replace") for log in logs):
+        if time.monotonic() > deadline or leader.poll() is not None:
+            tails = "".join(log.read_text(errors="replace")[-1500:] for log in logs if log.exists())
+            raise RuntimeError(f"{name}: its workers did not all start serving\n{tails}")
+        time.sleep(0.05)
+
+
 # --------------------------------------------------------------------------------------
 # Measurements
 
 
-def measure_latency(win: Window, target: Target, pieces: int, exchanges: int, max_seconds: float) -> list[int]:
-    """Nanoseconds of each NOOP -> 250 exchange inside one open session."""
-    parts = pieces_of(NOOP, pieces)
-    samples: list[int] = []
-    with connect(target.line_port) as sock:
-        read_line(sock)
-        for _ in range(min(50, exchanges)):
-            command(sock, parts, b"250")
-        win.begin()
-        deadline = time.perf_counter() + max_seconds
-        for _ in range(exchanges):
-            t0 = time.perf_counter_ns()
-            command(sock, parts, b"250")
-            samples.append(time.perf_counter_ns() - t0)
-            if time.perf_counter() > deadline:
-                break
-        win.end()
-        command(sock, pieces_of(QUIT, 1), b"221")
-    return samples
+def print_scaling(m: Measurements, workers: int) -> None:
+    """Each N-process (or N-thread) column against its one-process one, and mailrelay's
+    N-process columns against nginx-wN, for the sessions rows."""
+    pairs = [
+        (f"mailrelay-w{workers}", "mailrelay"),
+        (f"mailrelay-sh{workers}", "mailrelay"),
+        (f"mailrelay-rp{workers}", "mailrelay"),
+        (f"nginx-w{workers}", "nginx"),
+        (f"haproxy-t{workers}", "haproxy"),
+        (f"mailrelay-w{workers}", f"nginx-w{workers}"),
+        (f"mailrelay-sh{workers}", f"nginx-w{workers}"),
+        (f"mailrelay-rp{workers}", f"nginx-w{workers}"),
+    ]
+    lines = []
+    for key, label in (("serial", "1 client"), ("concurrent", "concurrent")):
+        ratios = []
+        for a, b in pairs:
+            va, vb = m.values.get((key, a)), m.values.get((key, b))
+            if isinstance(va, float) and isinstance(vb, float) and vb:
+                ratios.append(f"{a}/{b} {va / vb:.2f}")
+        if ratios:
+            lines.append(f"  sessions/s, {label}: " + ", ".join(ratios))
+    if lines:
+        print(f"scaling with {workers} processes (threads for haproxy):")
+        print("\n".join(lines))
+    shares = []
+    for t in m.targets:
+        counts = sessions_per_worker(t)
+        if counts:
+            total = sum(counts) or 1
+            shares.append(f"{t.name} " + " / ".join(f"{100 * n / total:.0f}%" for n in counts))
+    if shares:
+        print("sessions per worker, whole run: " + "; ".join(shares))
+    supervised = next((t for t in m.targets if t.name == f"mailrelay-w{workers}"), None)
+    if supervised is not None and supervised.proc is not None and supervised.pgid is not None:
+        own, group = process_cpu(supervised.proc.pid), cpu_of_group(supervised.pgid)
+        print(
+            f"{supervised.name}, CPU so far (start-up included): supervisor {own:.1f}s of {group:.1f}s "
+            f"({100 * own / (group or 1):.0f} %; it relays every line its workers log)"
+        )
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user+system) one process has used so far, without its children."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sessions_per_worker(target: Target) -> list[int]:
+    """Session lines of each worker of a multi-process mailrelay column (none for the others):
+    one log file per worker, or the supervisor's log with `worker N [pid P]:` prefixes."""
+    if len(target.log_files) > 1:
+        return [read_session_log([log]).count() for log in target.log_files]
+    counts: dict[int, int] = {}
+    for log in target.log_files:
+        if not log.exists():
+            continue
+        for line in log.read_text(errors="replace").splitlines():
+            found = WORKER_SESSION.search(line)
+            if found:
+                counts[int(found.group(1))] = counts.get(int(found.group(1)), 0) + 1
+    return [counts[k] for k in sorted(counts)] if len(counts) > 1 else []
 
 
 # --------------------------------------------------------------------------------------
@@ -99,18 +248,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--pieces", type=int, default=2, help="writes per command line in the sessions/s tests and the split latency test"
     )
-    parser.add_argument(
-        "--exchanges",
-        type=int,
-        default=6000,
-        help="request/response exchanges per latency test and target, split over the rounds (each round capped by --duration)",
-    )
+    add_latency_arguments(parser)
     parser.add_argument("--upstream-procs", type=int, default=2, help="processes of the line upstream (SO_REUSEPORT)")
     parser.add_argument(
         "--workers",
         type=int,
         default=min(os.cpu_count() or 1, 4) if (os.cpu_count() or 1) > 1 else 0,
-        help="also measure mailrelay with `workers = N` (a supervisor and N worker processes); 0: not",
+        help="also measure mailrelay with `workers = N` (a supervisor and N worker processes), N workers on SO_REUSEPORT "
+        "sockets of their own (mailrelay-rpN), nginx with N worker processes and haproxy with N threads; 0: not",
     )
     parser.add_argument(
         "--no-nagle-compare",
@@ -136,7 +281,12 @@ def run(args: argparse.Namespace, children: Children, workdir: Path, failures: l
         targets.append(start_mailrelay(children, workdir, "mailrelay-nagle", upstream, nagle=True))
     if args.workers > 1:
         targets.append(start_mailrelay(children, workdir, f"mailrelay-w{args.workers}", upstream, False, args.workers))
+        for prefix, reuseport in (("sh", False), ("rp", True)):
+            name = f"mailrelay-{prefix}{args.workers}"
+            targets.append(start_mailrelay_workers(children, workdir, name, upstream, args.workers, reuseport))
     skipped = start_others(args, children, workdir, targets, upstream)
+    if args.workers > 1:
+        skipped += start_others(args, children, workdir, targets, upstream, workers=args.workers)
 
     names = [t.name for t in targets]
     print_machine("mailrelay splice benchmark")
@@ -165,41 +315,21 @@ def run(args: argparse.Namespace, children: Children, workdir: Path, failures: l
     print(flush=True)
 
     m = Measurements(targets, upstream.proc.pid, started, failures)
-    values, rows = m.values, m.rows
 
     if "bulk" in args.only:
         m.bulk(args)
     if "sessions" in args.only:
         m.sessions(args, children)
+    pieces_measured = [1] + ([args.pieces] if args.pieces > 1 else [])
     if "latency" in args.only:
-        variants = [(1, "whole line")] + ([(args.pieces, f"{args.pieces} pieces")] if args.pieces > 1 else [])
-        for pieces, label in variants:
-            key = f"lat{pieces}"
-            rows += [(f"{key}_med", f"exchange median us, {label}"), (f"{key}_p99", f"exchange p99 us, {label}")]
-            per_round = max(1, args.exchanges // args.rounds)
-            results = m.rounds(
-                key, f"latency ({label})", args.rounds, lambda w, t: measure_latency(w, t, pieces, per_round, args.duration)
-            )
-
-            def pooled(r: list[list[int]], k: str = key) -> dict[str, Any]:
-                samples = sorted(x for part in r for x in part)
-                return {
-                    f"{k}_med": percentile(samples, 0.5) / 1000,
-                    f"{k}_p99": percentile(samples, 0.99) / 1000,
-                    f"{k}_n": len(samples),
-                }
-
-            m.store(key, results, pooled)
+        for pieces in pieces_measured:
+            m.latency(args, pieces, "whole line" if pieces == 1 else f"{pieces} pieces")
     m.print_results("latency (us)")
     if "latency" in args.only:
-        counts = ", ".join(
-            f"{t.name} {values[(f'lat{p}_n', t.name)]}"
-            for p in ([1] + ([args.pieces] if args.pieces > 1 else []))
-            for t in targets
-            if isinstance(values.get((f"lat{p}_n", t.name)), int)
-        )
-        print(f"latency samples: {counts}")
+        m.print_latency_counts(pieces_measured)
     m.print_session_errors()
+    if args.workers > 1:
+        print_scaling(m, args.workers)
 
     m.print_cpu()
 

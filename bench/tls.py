@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """
-TLS benchmark: short TLS sessions and bulk transfers over TLS, straight to an upstream
-that terminates TLS itself vs through mailrelay's `tls` mode (terminating), its
+TLS benchmark: short TLS sessions, bulk transfers and round trips over TLS, straight to
+an upstream that terminates TLS itself vs through mailrelay's `tls` mode (terminating), its
 `splice` mode (TLS passed through, with and without `preread_sni`) and a splice route
 with `tls = "tls"` (mailrelay as the TLS client), and through haproxy / nginx
 terminating TLS when they are on PATH, all in one run.
 
-    .venv/bin/python bench/tls.py            # about a minute
+    .venv/bin/python bench/tls.py            # about 70 s with haproxy and nginx
     .venv/bin/python bench/tls.py --help
 
 Everything runs on 127.0.0.1 with ephemeral ports and one ECDSA P-256 certificate made
@@ -46,6 +46,9 @@ LISTENERS = (
     ("splice-sni-smtp", "splice-sni", "splice", "preread_sni = true\n", "tls_line", ""),  # ... its server name peeked first
     ("to-tls-smtp", "plain-to-tls", "splice", "", "tls_line", f', tls = "tls", server_name = "{SERVER_NAME}"'),
 )
+
+# The columns of the latency rows: each terminates TLS in front of the line server.
+LATENCY_TARGETS = ("direct", "tls", "haproxy", "nginx")
 
 # Column name -> what it is, for the legend under the header.
 LEGEND = {
@@ -107,10 +110,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     cli.add_bulk_arguments(parser)
-    cli.add_sessions_arguments(parser)
+    cli.add_sessions_arguments(parser, latency=True)
+    cli.add_latency_arguments(parser)
     parser.add_argument("--pieces", type=int, default=1, help="writes (so TLS records) per command line in the sessions tests")
     parser.add_argument("--upstream-procs", type=int, default=2, help="processes of the line upstream (SO_REUSEPORT)")
-    return cli.parse_args(parser, argv, ("sessions", "bulk"))
+    return cli.parse_args(parser, argv, ("sessions", "bulk", "latency"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +153,11 @@ def run(args: argparse.Namespace, children: Children, workdir: Path, failures: l
         f"bulk:     one TLS session from this process, {CHUNK >> 20} MiB send/recv buffers, {args.bulk_mib} MiB per "
         f"transfer, median of {args.repeat} per direction (targets that terminate TLS only)"
     )
+    print(
+        f"latency:  NOOP -> 250 inside one open TLS session, {args.rounds} rounds of up to "
+        f"{max(1, args.exchanges // args.rounds)} exchanges or {args.duration:g}s, samples pooled "
+        f"({', '.join(LATENCY_TARGETS)})"
+    )
     print("clients set TCP_NODELAY; rounds go over all targets in turn")
     print(
         f"upstream: bulk sink/source (threads), SMTP-like line server (asyncio x {args.upstream_procs} processes, "
@@ -161,9 +170,13 @@ def run(args: argparse.Namespace, children: Children, workdir: Path, failures: l
         m.sessions(args, children, "TLS sessions", times=True)
     if "bulk" in args.only:
         m.bulk(args)
-    m.print_results("session times (ms)")
+    if "latency" in args.only:
+        m.latency(args, 1, "whole line", only=lambda t: t.name in LATENCY_TARGETS)
+    m.print_results("session times (ms) and latency (us)")
     if "sessions" in args.only:
         m.print_session_counts()
+    if "latency" in args.only:
+        m.print_latency_counts([1])
     m.print_session_errors()
 
     m.print_cpu(machine=True)

@@ -25,11 +25,13 @@ class AuthHTTPProtocol(asyncio.Protocol):
     """
     nginx's auth_http for bench/smtp.py: `Auth-Status: OK` with the SMTP upstream's
     address for SMTP_USER/SMTP_PASSWORD, `Invalid login` otherwise; one request per
-    connection (HTTP/1.0), as nginx asks.
+    connection (HTTP/1.0), as nginx asks. With `mx_port`, a session without a login
+    (`Auth-Method: none`, nginx's `smtp_auth none`, asked at RCPT TO) is sent there.
     """
 
-    def __init__(self, smtp_port: int) -> None:
+    def __init__(self, smtp_port: int, mx_port: int = 0) -> None:
         self.smtp_port = smtp_port
+        self.mx_port = mx_port
         self.buffer = b""
 
     def connection_made(self, transport: Any) -> None:
@@ -46,6 +48,8 @@ class AuthHTTPProtocol(asyncio.Protocol):
             headers[name.strip().lower()] = unquote(value.strip().decode("latin-1"))
         if headers.get(b"auth-user") == SMTP_USER and headers.get(b"auth-pass") == SMTP_PASSWORD:
             answer = f"Auth-Status: OK\r\nAuth-Server: {HOST}\r\nAuth-Port: {self.smtp_port}\r\n"
+        elif self.mx_port and headers.get(b"auth-method") == "none":
+            answer = f"Auth-Status: OK\r\nAuth-Server: {HOST}\r\nAuth-Port: {self.mx_port}\r\n"
         else:
             answer = "Auth-Status: Invalid login\r\nAuth-Wait: 1\r\n"
         self.transport.write(b"HTTP/1.0 200 OK\r\n" + answer.encode() + b"\r\n")

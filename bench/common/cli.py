@@ -44,6 +44,16 @@ def add_sessions_arguments(parser: argparse.ArgumentParser, duration: float = 1.
     )
 
 
+def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
+    """--exchanges, which `Measurements.latency` reads (with --rounds and --duration)."""
+    parser.add_argument(
+        "--exchanges",
+        type=int,
+        default=6000,
+        help="request/response exchanges per latency test and target, split over the rounds (each round capped by --duration)",
+    )
+
+
 def add_bulk_arguments(parser: argparse.ArgumentParser) -> None:
     """--bulk-mib and --repeat, which `Measurements.bulk` reads."""
     parser.add_argument("--bulk-mib", type=int, default=256, help="MiB per bulk transfer, each direction")

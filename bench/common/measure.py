@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from common.clients import bulk_down, bulk_up, session_script
+from common.clients import bulk_down, bulk_up, command, pieces_of, read_line, session_script
 from common.processes import Children, cpu_of_group, die_with_parent, machine_busy, own_cpu
 from common.report import print_cpu_table, print_grid, print_table
 from common.targets import Target
-from common.wire import IO_TIMEOUT, MB
+from common.wire import IO_TIMEOUT, MB, NOOP, QUIT
 
 
 class Window:
@@ -183,6 +183,30 @@ class Measurements:
             results = self.rounds(key, progress, args.rounds, measure)
             self.store(key, results, functools.partial(_sessions_values, key, times=times))
 
+    def latency(self, args: argparse.Namespace, pieces: int, label: str, only: Callable[[Target], bool] | None = None) -> None:
+        """
+        Rows `lat{pieces}_med` and `_p99` (us): NOOP -> 250 exchanges inside one open session
+        (`measure_latency`), `args.exchanges` over `args.rounds` rounds (each capped by
+        `args.duration` seconds), the samples of all rounds pooled; `_n` counts them.
+        """
+        key = f"lat{pieces}"
+        self.rows += [(f"{key}_med", f"exchange median us, {label}"), (f"{key}_p99", f"exchange p99 us, {label}")]
+        per_round = max(1, args.exchanges // args.rounds)
+        results = self.rounds(
+            key, f"latency ({label})", args.rounds, lambda w, t: measure_latency(w, t, pieces, per_round, args.duration), only
+        )
+        self.store(key, results, functools.partial(_latency_values, key))
+
+    def print_latency_counts(self, pieces: list[int]) -> None:
+        """How many exchanges each target's latency rows were taken from."""
+        counts = ", ".join(
+            f"{t.name} {self.values[(f'lat{p}_n', t.name)]}"
+            for p in pieces
+            for t in self.targets
+            if isinstance(self.values.get((f"lat{p}_n", t.name)), int)
+        )
+        print(f"latency samples: {counts}")
+
     def print_session_errors(self) -> None:
         errors = [
             f"{t.name}: {self.values[('concurrent_errors', t.name)]} failed sessions "
@@ -237,6 +261,42 @@ def finish(started: float, failures: list[str]) -> int:
 
 def _median_of(key: str, results: list[float]) -> dict[str, float]:
     return {key: statistics.median(results)}
+
+
+def _latency_values(key: str, results: list[list[int]]) -> dict[str, Any]:
+    samples = sorted(x for part in results for x in part)
+    return {
+        f"{key}_med": percentile(samples, 0.5) / 1000,
+        f"{key}_p99": percentile(samples, 0.99) / 1000,
+        f"{key}_n": len(samples),
+    }
+
+
+def measure_latency(win: Window, target: Target, pieces: int, exchanges: int, max_seconds: float) -> list[int]:
+    """
+    Nanoseconds of each NOOP -> 250 exchange inside one open session of `target` (dialled
+    as its sessions are: plain or TLS), each command written in `pieces` writes: at most
+    `exchanges` of them, for at most `max_seconds`, after 50 that are not timed.
+    """
+    parts = pieces_of(NOOP, pieces)
+    samples: list[int] = []
+    with target.dial(target.line_port) as sock:
+        read_line(sock)
+        for _ in range(min(50, exchanges)):
+            command(sock, parts, b"250")
+        win.begin()
+        deadline = time.perf_counter() + max_seconds
+        for _ in range(exchanges):
+            t0 = time.perf_counter_ns()
+            command(sock, parts, b"250")
+            samples.append(time.perf_counter_ns() - t0)
+            if time.perf_counter() > deadline:
+                break
+        win.end()
+        command(sock, pieces_of(QUIT, 1), b"221")
+        if target.until_closed and sock.recv(4096):
+            raise ConnectionError("data after 221")
+    return samples
 
 
 class SessionsResult(NamedTuple):

@@ -16,6 +16,7 @@ import resource
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,16 +93,42 @@ def own_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _child_setup(setup: Callable[[], None] | None) -> Callable[[], None]:
+    if setup is None:
+        return die_with_parent
+
+    def both() -> None:
+        die_with_parent()
+        setup()
+
+    return both
+
+
 class Children:
     """Every process this script started; `stop_all()` ends them by process group id."""
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[Any]] = []
+        self.members: list[subprocess.Popen[Any]] = []
+        """Processes in the group of one of `procs` (`popen_group`): stopped with it."""
         self.workers: list[multiprocessing.process.BaseProcess] = []
 
-    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
-        proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=die_with_parent, **kwargs)
+    def popen(self, argv: list[str], setup: Callable[[], None] | None = None, **kwargs: Any) -> subprocess.Popen[Any]:
+        """`argv` in a process group of its own; `setup` runs in the child before the exec."""
+        proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=_child_setup(setup), **kwargs)
         self.procs.append(proc)
+        return proc
+
+    def popen_group(
+        self, argv: list[str], leader: subprocess.Popen[Any] | None = None, setup: Callable[[], None] | None = None, **kwargs: Any
+    ) -> subprocess.Popen[Any]:
+        """
+        As `popen`, but in a new process group of this session (a group of another session
+        cannot be joined), or with `leader` (started so) in its group: its CPU counts with
+        the leader's, and `stop(leader)` ends it too.
+        """
+        proc = subprocess.Popen(argv, process_group=leader.pid if leader else 0, preexec_fn=_child_setup(setup), **kwargs)
+        (self.members if leader else self.procs).append(proc)
         return proc
 
     def python(self, module: str, args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
@@ -133,3 +160,7 @@ class Children:
                 worker.join(2)
         for proc in reversed(self.procs):
             self.stop(proc)
+        for proc in self.members:  # their groups are gone: reap them
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()

@@ -53,14 +53,16 @@ def start_others(
     targets: list[Target],
     upstream: Upstream,
     certs: Certificates | None = None,
+    workers: int = 1,
 ) -> list[str]:
     """
     haproxy and nginx in front of the plain upstream (terminating TLS with `certs`), those
-    that `start_other` starts added to `targets`; returns what was skipped and why.
+    that `start_other` starts added to `targets`; returns what was skipped and why. With
+    `workers` > 1 they are haproxy-tN (`nbthread N`) and nginx-wN (`worker_processes N`).
     """
     skipped = []
     for name, starter in (("haproxy", start_haproxy), ("nginx", start_nginx)):
-        target, why = start_other(args, name, lambda binary: starter(children, workdir, binary, upstream, certs))
+        target, why = start_other(args, name, lambda binary: starter(children, workdir, binary, upstream, certs, workers))
         if target is not None:
             targets.append(target)
         if why is not None:
@@ -87,7 +89,7 @@ def launch_proxy(children: Children, workdir: Path, target: Target, argv: list[s
 HAPROXY_CONFIG = """\
 global
     maxconn 4096
-    nbthread 1
+    nbthread {threads}
 defaults
     mode tcp
     timeout connect 10s
@@ -109,22 +111,27 @@ def _terminating(target: Target, certs: Certificates | None) -> Target:
     return target
 
 
-def start_haproxy(children: Children, workdir: Path, binary: str, upstream: Upstream, certs: Certificates | None) -> Target:
-    """haproxy in front of the plain upstream ports; with `certs`, terminating TLS."""
+def start_haproxy(
+    children: Children, workdir: Path, binary: str, upstream: Upstream, certs: Certificates | None, threads: int = 1
+) -> Target:
+    """haproxy in front of the plain upstream ports; with `certs`, terminating TLS; `threads` > 1: haproxy-tN."""
     p_bulk, p_line = free_port(), free_port()
-    config = workdir / "haproxy.cfg"
+    name = "haproxy" if threads == 1 else f"haproxy-t{threads}"
+    config = workdir / f"{name}.cfg"
     ssl = f" ssl crt {certs.combined}" if certs else ""
-    config.write_text(HAPROXY_CONFIG.format(p_bulk=p_bulk, p_line=p_line, u_bulk=upstream.bulk, u_line=upstream.line, ssl=ssl))
-    target = _terminating(Target("haproxy", p_bulk, p_line, None), certs)
-    how = "-db (mode tcp, bind ... ssl crt, nbthread 1)" if certs else "-db (mode tcp, nbthread 1)"
+    config.write_text(
+        HAPROXY_CONFIG.format(p_bulk=p_bulk, p_line=p_line, u_bulk=upstream.bulk, u_line=upstream.line, ssl=ssl, threads=threads)
+    )
+    target = _terminating(Target(name, p_bulk, p_line, None), certs)
+    how = f"-db (mode tcp, bind ... ssl crt, nbthread {threads})" if certs else f"-db (mode tcp, nbthread {threads})"
     return launch_proxy(children, workdir, target, [binary, "-db", "-f", str(config)], how, [])
 
 
 NGINX_PREAMBLE = """\
 daemon off;
-worker_processes 1;
-pid {workdir}/nginx.pid;
-error_log {workdir}/nginx-error.log;
+worker_processes {workers};
+pid {workdir}/{name}.pid;
+error_log {workdir}/{name}-error.log;
 {user}
 {load_module}
 events {{ worker_connections 8192; }}
@@ -144,8 +151,10 @@ NGINX_STREAM_SSL = """
     ssl_protocols TLSv1.2 TLSv1.3;  # nginx 1.22's default stops at TLSv1.2"""
 
 
-def start_nginx(children: Children, workdir: Path, binary: str, upstream: Upstream, certs: Certificates | None) -> Target:
-    """nginx's stream proxy in front of the plain upstream ports; with `certs`, terminating TLS."""
+def start_nginx(
+    children: Children, workdir: Path, binary: str, upstream: Upstream, certs: Certificates | None, workers: int = 1
+) -> Target:
+    """nginx's stream proxy in front of the plain upstream ports; with `certs`, terminating TLS; `workers` > 1: nginx-wN."""
     p_bulk, p_line = free_port(), free_port()
     body = NGINX_STREAM.format(
         p_bulk=p_bulk,
@@ -155,24 +164,29 @@ def start_nginx(children: Children, workdir: Path, binary: str, upstream: Upstre
         stream_ssl=NGINX_STREAM_SSL.format(chain=certs.chain, key=certs.key) if certs else "",
         ssl=" ssl" if certs else "",
     )
-    target = _terminating(Target("nginx", p_bulk, p_line, None), certs)
-    how = "(stream, listen ... ssl, worker_processes 1)" if certs else "(stream proxy_pass, worker_processes 1)"
-    return launch_nginx(children, workdir, binary, "stream", body, target, how)
+    target = _terminating(Target("nginx" if workers == 1 else f"nginx-w{workers}", p_bulk, p_line, None), certs)
+    how = f"(stream, listen ... ssl, worker_processes {workers})" if certs else f"(stream proxy_pass, worker_processes {workers})"
+    return launch_nginx(children, workdir, binary, "stream", body, target, how, workers)
 
 
-def launch_nginx(children: Children, workdir: Path, binary: str, module: str, body: str, target: Target, how: str) -> Target:
+def launch_nginx(
+    children: Children, workdir: Path, binary: str, module: str, body: str, target: Target, how: str, workers: int = 1
+) -> Target:
     """
-    nginx at `binary` with its `module` ("stream", "mail") and the configuration `body`
-    (its `stream {...}` or `mail {...}` block) serving `target`, until it serves;
-    Unavailable if this nginx has no such module.
+    nginx at `binary` with its `module` ("stream", "mail"), `workers` worker processes and
+    the configuration `body` (its `stream {...}` or `mail {...}` block) serving `target`,
+    until it serves; Unavailable if this nginx has no such module. Its files are named
+    after the target (`nginx.conf`, `nginx-error.log`), so that several can run.
     """
     usable, load_module = nginx_module(binary, module)
     if not usable:
         raise Unavailable(load_module)
-    config = workdir / "nginx.conf"
-    config.write_text(NGINX_PREAMBLE.format(workdir=workdir, user=nginx_user_line(), load_module=load_module) + body)
-    argv = [binary, "-p", f"{workdir}/", "-c", str(config), "-e", f"{workdir}/nginx-error.log"]
-    return launch_proxy(children, workdir, target, argv, how, ["nginx-error.log"])
+    name = target.name
+    config = workdir / f"{name}.conf"
+    preamble = NGINX_PREAMBLE.format(workdir=workdir, name=name, workers=workers, user=nginx_user_line(), load_module=load_module)
+    config.write_text(preamble + body)
+    argv = [binary, "-p", f"{workdir}/", "-c", str(config), "-e", f"{workdir}/{name}-error.log"]
+    return launch_proxy(children, workdir, target, argv, how, [f"{name}-error.log"])
 
 
 NGINX_MAIL = """\
@@ -182,7 +196,7 @@ mail {{
         listen 127.0.0.1:{port};
         protocol {protocol};
         server_name relay.bench.example;
-        starttls only;
+        starttls {starttls};
         ssl_certificate {chain};
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;  # nginx 1.22's default stops at TLSv1.2{server}
@@ -201,11 +215,13 @@ def launch_nginx_mail(
     auth_port: int,
     mail: tuple[str, ...] = (),
     server: tuple[str, ...] = (),
+    starttls: str = "only",
 ) -> Target:
     """
-    nginx's mail proxy for `protocol` on `target`'s line port, STARTTLS only with `certs`,
-    asking the auth_http service on `auth_port` where each login goes; `mail` and
-    `server` are the protocol's own directives in the `mail` and `server` blocks.
+    nginx's mail proxy for `protocol` on `target`'s line port, STARTTLS with `certs`
+    (`starttls`: "only", or "on" for optional), asking the auth_http service on
+    `auth_port` where each login goes; `mail` and `server` are the protocol's own
+    directives in the `mail` and `server` blocks.
     """
     body = NGINX_MAIL.format(
         auth_port=auth_port,
@@ -215,9 +231,10 @@ def launch_nginx_mail(
         chain=certs.chain,
         key=certs.key,
         server="".join(f"\n        {directive}" for directive in server),
+        starttls=starttls,
     )
     directives = ", ".join(directive.rstrip(";") for directive in (*server, *mail))
-    how = f"(mail, protocol {protocol}, starttls only, {directives}, auth_http, worker_processes 1)"
+    how = f"(mail, protocol {protocol}, starttls {starttls}, {directives}, auth_http, worker_processes 1)"
     return launch_nginx(children, workdir, binary, "mail", body, target, how)
 
 

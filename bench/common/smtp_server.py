@@ -32,11 +32,13 @@ class SMTPServerProtocol(asyncio.Protocol):
     PLAIN for SMTP_USER/SMTP_PASSWORD (accepted with or without TLS; with or without an
     initial response), MAIL (after AUTH only), RCPT, DATA read to the end marker and
     answered `250 ... (N bytes)` with the size of what it read, RSET, NOOP, QUIT.
-    Commands may be pipelined; nothing is stored.
+    Commands may be pipelined; nothing is stored. With `require_auth` false (an MX's
+    upstream, bench/smtp.py's plain sessions) MAIL needs no AUTH.
     """
 
-    def __init__(self, tls: ssl.SSLContext) -> None:
+    def __init__(self, tls: ssl.SSLContext, require_auth: bool = True) -> None:
         self.tls_context = tls
+        self.require_auth = require_auth
         self.transport: Any = None
         self.buffer = b""
         self.tls = False
@@ -132,7 +134,7 @@ class SMTPServerProtocol(asyncio.Protocol):
             else:
                 out.append(self._check_plain(words[2]))
         elif verb == b"MAIL":
-            if not self.authenticated:
+            if self.require_auth and not self.authenticated:
                 out.append(b"530 5.7.0 Authentication required\r\n")
             elif self.mail:
                 out.append(b"503 5.5.1 Error: nested MAIL command\r\n")

@@ -37,7 +37,10 @@ def start_twistd(
     twistd_args = ["-n", "--pidfile=", f"--logfile={log}", "mailrelay", "--config", str(config)]
     argv = [sys.executable, "-c", python_wrapper, *twistd_args] if python_wrapper else [twistd_command(), *twistd_args]
     with open(workdir / f"{name}.out", "wb") as out:
-        proc = children.popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        # In `workdir`: a `python -c` wrapper and the workers' `python -m mailrelay worker`
+        # put their directory first on sys.path, and in a checkout that would be its
+        # mailrelay/, not the installed one.
+        proc = children.popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
     ports: dict[str, int] = {}
     deadline = time.monotonic() + 30
     while len(ports) < listeners:

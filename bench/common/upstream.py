@@ -6,9 +6,10 @@ The upstream process of the benchmarks, in a process group of its own:
 (with bench/ on the path: `Upstream` starts it so). It serves a bulk sink/source
 (threads) and an SMTP-like line server (asyncio, in N processes sharing the port through
 SO_REUSEPORT); with `--tls` their TLS twins; with `--smtp` the SMTP server of
-`common.smtp_server` and nginx's auth_http of `common.auth_http`; with `--echo` the soak
+`common.smtp_server` (and its twin without AUTH, `mx`) and nginx's auth_http of
+`common.auth_http`; with `--echo` the soak
 test's checking echo servers (`common.echo`). It prints `ports bulk=P line=P [tls_bulk=P
-tls_line=P] [smtp=P auth_http=P] [echo=P pop3_echo=P]` and serves until its stdin closes.
+tls_line=P] [smtp=P auth_http=P mx=P] [echo=P pop3_echo=P]` and serves until its stdin closes.
 See bench/README.md.
 """
 
@@ -121,13 +122,17 @@ and its TLS context: a line port speaks TLS from the start; the SMTP port offers
 def _server_loop(listeners: list[Served], parent_pipe: int | None) -> None:
     """The asyncio servers of one upstream process, until `parent_pipe` closes (if given)."""
     smtp_port = next((sock.getsockname()[1] for sock, kind, _ in listeners if kind == "smtp"), 0)
+    mx_port = next((sock.getsockname()[1] for sock, kind, _ in listeners if kind == "mx"), 0)
 
     def factory(kind: str, tls: ssl.SSLContext | None) -> Callable[[], asyncio.Protocol]:
         if kind == "smtp":
             assert tls is not None
             return lambda: SMTPServerProtocol(tls)
+        if kind == "mx":
+            assert tls is not None
+            return lambda: SMTPServerProtocol(tls, require_auth=False)
         if kind == "auth_http":
-            return lambda: AuthHTTPProtocol(smtp_port)
+            return lambda: AuthHTTPProtocol(smtp_port, mx_port)
         if kind == "echo":
             return EchoProtocol
         if kind == "pop3_echo":
@@ -186,7 +191,7 @@ def serve_upstream(line_procs: int, tls_pem: str | None, smtp: bool = False, ech
     if smtp:
         if tls is None:
             raise SystemExit("--smtp needs --tls (the certificate STARTTLS uses)")
-        served += [("smtp", tls), ("auth_http", None)]
+        served += [("smtp", tls), ("auth_http", None), ("mx", tls)]
     if echo:
         served += [("echo", None), ("pop3_echo", None)]
     socks = [_reuseport_socket(0) for _ in served]
@@ -214,7 +219,7 @@ def serve_upstream(line_procs: int, tls_pem: str | None, smtp: bool = False, ech
     if tls is not None:
         names.update(tls_bulk=bulk[1][0], tls_line=socks[1])
     if smtp:
-        names.update(smtp=socks[2], auth_http=socks[3])
+        names.update(smtp=socks[2], auth_http=socks[3], mx=socks[4])
     if echo:
         names.update(echo=socks[-2], pop3_echo=socks[-1])
     print("ports " + " ".join(f"{name}={sock.getsockname()[1]}" for name, sock in names.items()), flush=True)
@@ -224,7 +229,8 @@ def serve_upstream(line_procs: int, tls_pem: str | None, smtp: bool = False, ech
 class Upstream:
     """
     The upstream process: plain bulk and line ports, with `tls_pem` their TLS twins, and
-    with `smtp` too an SMTP server offering STARTTLS and AUTH PLAIN, and nginx's auth_http;
+    with `smtp` too an SMTP server offering STARTTLS and AUTH PLAIN, its twin `mx` that
+    takes mail without AUTH, and nginx's auth_http;
     with `echo` the checking echo servers (`EchoProtocol`, `POP3EchoProtocol`). Its stderr
     goes to `stderr` (a file object; default: ours).
     """
@@ -251,6 +257,7 @@ class Upstream:
         self.bulk, self.line = ports["bulk"], ports["line"]
         self.tls_bulk, self.tls_line = ports.get("tls_bulk", 0), ports.get("tls_line", 0)
         self.smtp, self.auth_http = ports.get("smtp", 0), ports.get("auth_http", 0)
+        self.mx = ports.get("mx", 0)
         self.echo, self.pop3_echo = ports.get("echo", 0), ports.get("pop3_echo", 0)
 
 
@@ -258,7 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="The benchmarks' upstream servers (started by bench/*.py).")
     parser.add_argument("--procs", type=int, default=2, help="processes of the line (and SMTP) servers (SO_REUSEPORT)")
     parser.add_argument("--tls", help="PEM file with certificate and key: also serve TLS twins of both ports")
-    parser.add_argument("--smtp", action="store_true", help="also serve SMTP (STARTTLS with --tls's certificate, AUTH PLAIN)")
+    parser.add_argument(
+        "--smtp", action="store_true", help="also serve SMTP (STARTTLS with --tls's certificate, AUTH PLAIN; and without AUTH)"
+    )
     parser.add_argument("--echo", action="store_true", help="also serve the soak test's echo and POP3 echo servers")
     options = parser.parse_args(argv)
     serve_upstream(options.procs, options.tls, options.smtp, options.echo)
