@@ -185,12 +185,23 @@ class Metrics:
         if self.enabled:
             self._connect.observe(seconds)
 
-    def timed_router(self, answer: Deferred[T], clock: IReactorTime) -> Deferred[T]:
-        """`answer` (a Router's), observed in `mailrelay_router_seconds` when it
-        fires, whatever it fires with, unless it was cancelled (the client left)."""
+    def timed_router(self, ask: Callable[[], T | Deferred[T]], clock: IReactorTime) -> T | Deferred[T]:
+        """`ask()` (a Router's answer: returned at once, raised, or a Deferred), observed
+        in `mailrelay_router_seconds` when known, whatever it is, unless cancelled (the
+        client left). An answer known at once stays one: no Deferred is made for it."""
         if not self.enabled:
-            return answer
+            return ask()
         started = clock.seconds()
+        try:
+            answer = ask()
+        except CancelledError:
+            raise
+        except Exception:
+            self._router.observe(clock.seconds() - started)
+            raise
+        if not isinstance(answer, Deferred):
+            self._router.observe(clock.seconds() - started)
+            return answer
 
         def observed(result: Any) -> Any:
             if not (isinstance(result, Failure) and result.check(CancelledError)):

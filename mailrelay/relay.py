@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .ask import ask_router
+from .ask import ask_router_now
 from .config import ListenerConfig
 from .connector import LoginStep, StartTLSStep, Upstream, UpstreamConnector, UpstreamProtocol, UpstreamUnavailable
 from .connlimits import Slot
@@ -261,8 +261,9 @@ class RoutedConnection(SpliceableProtocol):
             if attempt.delay > 0:  # the per-user slowdown
                 metrics.limit_hit(name, "login_max_per_user")
                 await deferLater(factory.clock, attempt.delay)
-            asked = ask_router(factory.router, request, factory.clock, self.listener.router_timeout)
-            routes = await metrics.timed_router(asked, factory.clock)
+            routes = self.ask_router(request)
+            if isinstance(routes, Deferred):  # else known at once: no Deferred, no timer
+                routes = await routes
             if self.lost_reason is not None:  # a router that ignored its cancellation
                 raise CancelledError()
             machine.fire(Input.CONNECT)
@@ -299,6 +300,17 @@ class RoutedConnection(SpliceableProtocol):
         result = await self.relay(upstream)
         session.bytes_up, session.bytes_down = result.bytes_up, result.bytes_down
         session.finish(result.outcome, result.reason or (f"{result.ended_by} closed first" if result.ended_by else None))
+
+    def ask_router(self, request: RouteRequest) -> list[Route] | Deferred[list[Route]]:
+        """
+        The Router's answer to `request` (`ask.ask_router_now`), timed in the metrics:
+        the Routes when it is known at once, else a Deferred of them; `Reject` and
+        `RouterError` raised at once or failing the Deferred. `route_and_splice` is the
+        one place that decides what follows, whichever way the answer came.
+        """
+        factory = self.factory
+        router, clock, timeout = factory.router, factory.clock, self.listener.router_timeout
+        return factory.metrics.timed_router(lambda: ask_router_now(router, request, clock, timeout), clock)
 
     def _traffic(self) -> tuple[int, int]:
         """Bytes the relay carried so far (up, down), for the metrics."""

@@ -20,6 +20,11 @@ With `[log] sessions = "json"` the line is one JSON object with the same fields
 `duration`, `outcome`, `reason`; null for a missing user, upstream or reason), all of
 it ASCII: no field, whatever a client put in it, can end the line or forge a record.
 
+The line is one `twisted.logger` event whose text is formatted once, when the session
+ends, into its `session_line` field (its `log_format` is `{session_line}`: an observer
+formats one field, not eleven); the event carries every field above as well (`reason`
+None when there is none), for observers that read fields rather than text.
+
 Each session is counted in the service's `metrics` as it opens and ends; the bytes it
 carries are counted while they flow (`Sessions.report_traffic()`).
 """
@@ -44,8 +49,11 @@ SESSION_LINE = (
     "session {session_id} listener={listener} client={client} user={user} upstream={upstream}"
     " up={bytes_up} down={bytes_down} duration={duration:.3f}s outcome={outcome}{reason_text}"
 )
-SESSION_JSON = "{session_json}"
-"""The session line with `[log] sessions = "json"`: the event's `session_json` field."""
+"""The session line's text (the event's `session_line` field), one field of the event each."""
+LINE_FORMAT = "{session_line}"
+"""The session event's `log_format`: its text, formatted once when the session ends
+(`SESSION_LINE`, or with `[log] sessions = "json"` one JSON object), so that an observer
+formats one field, not eleven; the line's fields are in the event as well."""
 
 
 class Session:
@@ -100,9 +108,10 @@ class Session:
         self._report(self.bytes_up, self.bytes_down)
         self._registry.metrics.session_ended(self.listener, outcome)
         duration = self._registry.clock.seconds() - self._started
-        log = self.log.warn
+        logger = self.log  # a new Logger at each access
+        log = logger.warn
         if outcome == "closed":
-            log = self.log.debug if self.quiet else self.log.info
+            log = logger.debug if self.quiet else logger.info
         fields = dict(
             session_id=self.id,
             listener=self.listener,
@@ -116,9 +125,10 @@ class Session:
             reason=reason,
         )
         if self._registry.json_lines:
-            log(SESSION_JSON, session_json=session_json(fields, self.user, self.upstream), **fields)
-        else:
-            log(SESSION_LINE, reason_text=f" reason={reason!r}" if reason else "", **fields)
+            text = session_json(fields, self.user, self.upstream)
+        else:  # formatted here once by str.format, not field by field by each observer
+            text = SESSION_LINE.format_map({**fields, "reason_text": f" reason={reason!r}" if reason else ""})
+        log(LINE_FORMAT, session_line=text, **fields)
         self._registry.remove(self)
         self.ended.callback(None)
 

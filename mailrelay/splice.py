@@ -205,12 +205,12 @@ class SpliceableProtocol(Protocol):
         destroy the last reply before the peer reads it (a client that pipelined a
         command after the one refused). So: end our side of the stream (after the
         buffered bytes), then read and drop what the peer still sends until it closes
-        too, for at most `linger_timeout` seconds. Without a TCP half-close (TLS) this
-        is a plain close.
+        too, for at most `linger_timeout` seconds. Without a socket that can be half
+        closed (TLS, a transport in memory) this is a plain close.
         """
         if self._linger is not None or self._side is not None:
             return
-        if not can_half_close(self.transport):
+        if socket_connection(self.transport) is None:
             self.transport.loseConnection()
             return
         self._linger = clock.callLater(self.linger_timeout, self._linger_expired)

@@ -23,11 +23,10 @@ from twisted.internet.task import Clock, deferLater
 from mailrelay.config import ConfigError, FrontEndConfig, parse_config
 from mailrelay.relay import RoutedConnection
 from mailrelay.router import Reject, Route
-from mailrelay.splice import SpliceableProtocol
 from tests.support.clocked import owner
 from tests.support.frontends import PASSWORD, USER, FrontEndTestCase, Router, password_check, plain_ir
 from tests.support.imap import ScriptedIMAP, read_tagged
-from tests.support.net import WAIT, ThreadedServer, read_line, recv_all
+from tests.support.net import WAIT, ThreadedServer, is_lingering_close, read_line, recv_all
 from tests.support.pop3 import ScriptedPOP3, logged_in_reply, read_multiline
 from tests.support.smtp import ScriptedSMTP, raw_reply
 
@@ -107,8 +106,7 @@ class PreLoginTests(FrontEndTestCase):
         connection's session: all but the lingering close's, which bounds the connection
         itself until the client closes its end (`SpliceableProtocol.close_lingering`)."""
         calls = [*self.clock.getDelayedCalls(), *reactor.getDelayedCalls()]
-        lingering = SpliceableProtocol._linger_expired.__name__
-        return [c for c in calls if isinstance(owner(c), RoutedConnection) and c.func.__name__ != lingering]
+        return [c for c in calls if isinstance(owner(c), RoutedConnection) and not is_lingering_close(c)]
 
     async def ended(self) -> Any:
         """The session's line, once logged; no timer of the session may be left."""

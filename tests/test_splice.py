@@ -664,7 +664,12 @@ class ZeroCopyResourceTests(ProxyTestCase):
                 conn.sendall(first)
                 echoed = recv_exactly(conn, len(first))
                 release.wait(WAIT)
-                sender = threading.Thread(target=lambda: (conn.sendall(rest), conn.shutdown(socket.SHUT_WR)), daemon=True)
+
+                def send_rest() -> None:
+                    conn.sendall(rest)
+                    conn.shutdown(socket.SHUT_WR)
+
+                sender = threading.Thread(target=send_rest, daemon=True)
                 sender.start()
                 echoed += recv_all(conn)
                 sender.join(WAIT)

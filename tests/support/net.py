@@ -268,6 +268,11 @@ def tcp_port(listening: IListeningPort) -> int:
     return address.port
 
 
+def is_lingering_close(call: Any) -> bool:
+    """Whether the delayed `call` is the timer of a lingering close."""
+    return getattr(getattr(call, "func", None), "__name__", None) == SpliceableProtocol._linger_expired.__name__
+
+
 async def end_lingering_closes() -> None:
     """Wait until mailrelay's lingering closes (`SpliceableProtocol.close_lingering`) on
     the real reactor have seen their clients' end of stream, as they do a moment after
@@ -276,7 +281,7 @@ async def end_lingering_closes() -> None:
     after that."""
 
     def lingering() -> list[Any]:
-        return [call for call in reactor.getDelayedCalls() if call.func.__name__ == "_linger_expired"]
+        return [call for call in reactor.getDelayedCalls() if is_lingering_close(call)]
 
     for _ in range(int((SpliceableProtocol.linger_timeout + 1) / POLL)):
         if not lingering():
