@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--tac", help="the .tac file twistd runs")
     args = parser.parse_args(argv)
     if args.command == "worker":
-        from .worker import run
+        from .worker import install_reactor, run
 
+        install_reactor()
         return run(args.config, args.tac)
     return check(args.config)
 

@@ -73,6 +73,18 @@ def _die_with_supervisor() -> bool:
     return expected is None or os.getppid() == int(expected)
 
 
+def install_reactor() -> None:
+    """Run on `mailrelay.reactor`'s reactor where epoll exists and no reactor is installed
+    yet (else on whatever `twisted.internet.reactor` gives)."""
+    if "twisted.internet.reactor" in sys.modules:
+        return
+    try:
+        from .reactor import install
+    except ImportError:  # no epoll: not Linux
+        return
+    install()
+
+
 def run(config: str | None, tac: str | None, reactor: Any = None) -> int:
     """Run one worker until it is stopped; the exit status."""
     inherited = inherited_sockets()
@@ -108,7 +120,7 @@ def run(config: str | None, tac: str | None, reactor: Any = None) -> int:
 
     def start() -> None:
         service.startService()
-        log.info("worker serving")
+        log.info("worker serving (reactor: {reactor})", reactor=type(reactor).__name__)
         if hangups:
             os.kill(os.getpid(), signal.SIGHUP)
 

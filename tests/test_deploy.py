@@ -161,6 +161,21 @@ def test_twistd_splices_and_stops_on_sigterm(tmp_path: Path, spawn: Any, servers
     assert (int(line["up"]), int(line["down"])) == (len(data), len(GREETING) + len(data))
 
 
+def test_the_mailrelay_reactor_splices_and_stops(tmp_path: Path, spawn: Any, servers: Any) -> None:
+    """`twistd --reactor mailrelay`: epoll without a logging context per event."""
+    upstream = servers(greet_and_echo)
+    (tmp_path / "mailrelay.toml").write_text(splice_toml(upstream.port))
+    process = spawn(TWISTD, "--reactor", "mailrelay", "-n", "--pidfile=", "mailrelay", "--config", "mailrelay.toml")
+    process.wait_for(r"reactor class: mailrelay\.reactor\.LeanEPollReactor")
+    port = int(process.wait_for(LISTENING.format(name="relay")).group(1))
+    data = payload(1 << 20)
+    assert exchange(port, data) == GREETING + data
+    assert upstream.result() == sha(data)
+    process.wait_for(r"outcome=closed")
+    process.signal(signal.SIGTERM)
+    session_line(assert_clean_stop(process), "closed")
+
+
 def test_sighup_reloads_instead_of_killing(tmp_path: Path, spawn: Any, servers: Any) -> None:
     upstream = servers(echo)
     process, port = start_mailrelay(spawn, tmp_path, splice_toml(upstream.port))

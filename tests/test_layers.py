@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mailrelay"
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("leaf helpers", {"logtext", "configtable", "interfaces", "networks", "timers", "redisurl", "listening"}),
+    ("leaf helpers", {"logtext", "configtable", "interfaces", "networks", "timers", "redisurl", "listening", "reactor"}),
     ("value types and pure logic", {"router", "sasl", "clienthello", "proxyprotocol"}),
     ("I/O-free protocol cores", {"core"}),
     # The configuration holds their settings (ServerTLSConfig, LoginLimits,

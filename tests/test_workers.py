@@ -313,8 +313,8 @@ def start(spawn: Callable[..., Process], tmp_path: Path, toml: str, workers: int
 def started(process: Process, workers: int) -> Workers:
     port = int(process.wait_for(LISTENING.format(name="relay")).group(1))
     pids = {index: worker_pid(process, index) for index in range(1, workers + 1)}
-    for index, pid in pids.items():  # every worker serving, not only started
-        process.wait_for(rf"worker {index} \[pid {pid}\]: worker serving")
+    for index, pid in pids.items():  # every worker serving, not only started, on mailrelay's reactor
+        process.wait_for(rf"worker {index} \[pid {pid}\]: worker serving \(reactor: LeanEPollReactor\)")
     return Workers(process, port, pids)
 
 

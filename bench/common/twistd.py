@@ -34,7 +34,7 @@ def start_twistd(
     config.write_text(config_text)
     log = workdir / f"{name}.log"
     log.unlink(missing_ok=True)  # twistd appends: old listener lines would give old ports
-    twistd_args = ["-n", "--pidfile=", f"--logfile={log}", "mailrelay", "--config", str(config)]
+    twistd_args = ["-n", "--pidfile=", f"--logfile={log}", "--reactor=mailrelay", "mailrelay", "--config", str(config)]
     argv = [sys.executable, "-c", python_wrapper, *twistd_args] if python_wrapper else [twistd_command(), *twistd_args]
     with open(workdir / f"{name}.out", "wb") as out:
         # In `workdir`: a `python -c` wrapper and the workers' `python -m mailrelay worker`
