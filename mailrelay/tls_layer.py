@@ -15,9 +15,12 @@ less. nginx sets the same mode on all its contexts.
 `RecordTLSFactory` is a `TLSMemoryBIOFactory` whose protocol (`RecordTLSProtocol`)
 changes only how bytes move through OpenSSL, never which bytes or in what order:
 
-- a write is encrypted whole, record after record, and everything it produced leaves
-  in one write to the transport (Twisted's layer flushes the memory BIO and writes to
-  the transport after every 16 KiB record, and copies each record's plaintext first);
+- a write is encrypted whole, at once, record after record, and everything it produced
+  leaves in one write, straight to the socket when nothing waits before it
+  (`zerocopy.write_through`): Twisted's layer flushes the memory BIO and writes to the
+  transport after every 16 KiB record, copies each record's plaintext first, and (its
+  `BufferingTLSTransport`) holds small writes for the next reactor turn, where the
+  transport holds them for one more; a reply crossing the proxy waited two turns;
 - the records one pass over the received bytes decrypts reach the wrapped protocol in
   one `dataReceived` (Twisted's layer calls it once per record). Only bytes that pass
   has already decrypted are joined: nothing is held back waiting for more, so the
@@ -33,9 +36,11 @@ from __future__ import annotations
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocol, IProtocolFactory, IStreamClientEndpoint
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from .zerocopy import write_through
 
 RECORD = 2**14
 """The most plaintext one TLS record carries."""
@@ -55,9 +60,10 @@ def release_buffers(context: SSL.Context) -> SSL.Context:
     return context
 
 
-class RecordTLSProtocol(BufferingTLSTransport):
-    """Twisted's TLS layer (with its aggregation of small writes), encrypting each write
-    whole and delivering each pass's decrypted records at once (module docstring)."""
+class RecordTLSProtocol(TLSMemoryBIOProtocol):
+    """Twisted's TLS layer, encrypting each write whole and at once, writing it straight
+    to an idle socket, and delivering each pass's decrypted records at once (module
+    docstring)."""
 
     def _write(self, bytes: bytes) -> None:  # noqa: A002 (the name Twisted's signature uses)
         if self._lostTLSConnection or not bytes:
@@ -92,7 +98,7 @@ class RecordTLSProtocol(BufferingTLSTransport):
         if chunks:
             transport = self.transport
             assert transport is not None
-            transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            write_through(transport, chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def _flushReceiveBIO(self) -> None:
         received: list[bytes] = []

@@ -29,7 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mailrelay"
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("leaf helpers", {"logtext", "configtable", "interfaces", "networks", "timers", "redisurl", "listening", "reactor"}),
+    (
+        "leaf helpers",
+        {"logtext", "configtable", "interfaces", "networks", "timers", "redisurl", "listening", "reactor", "zerocopy"},
+    ),
     ("value types and pure logic", {"router", "sasl", "clienthello", "proxyprotocol"}),
     ("I/O-free protocol cores", {"core"}),
     # The configuration holds their settings (ServerTLSConfig, LoginLimits,
@@ -41,7 +44,6 @@ LAYERS: list[tuple[str, set[str]]] = [
         {
             "ask",
             "splice",
-            "zerocopy",
             "session",
             "connector",
             "proxy_endpoint",
