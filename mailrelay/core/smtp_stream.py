@@ -227,6 +227,22 @@ def reply_line(raw: bytes) -> ReplyLine:
     return ReplyLine(int(match[1]), match[2] != b"-", match[3])
 
 
+def single_reply(raw: bytes) -> tuple[int, bytes] | None:
+    """A one-line reply as the client hears it: (code, the line as `reply_line` would
+    rebuild it: code, space, text, CRLF), or None when `raw` begins a multi-line one.
+    Raises MalformedReply as `reply_line` does."""
+    match = _REPLY_LINE.fullmatch(raw)
+    if match is None:
+        raise MalformedReply(f"upstream sent a malformed reply line: {raw[:80]!r}")
+    separator = match[2]
+    if separator == b"-":
+        return None
+    code = int(match[1])
+    if separator == b" " and raw.endswith(b"\r\n"):
+        return code, raw  # the digits are the code's own ("%d"), the text ends before CRLF
+    return code, b"%d %s\r\n" % (code, match[3])
+
+
 def ehlo_reply(lines: list[ReplyLine]) -> tuple[bytes, bool]:
     """An upstream's EHLO reply as the client hears it (without `HIDDEN_EXTENSIONS`),
     and whether it offers CHUNKING."""

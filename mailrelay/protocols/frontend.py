@@ -34,6 +34,7 @@ from ..logtext import loggable
 from ..relay import RoutedConnection, RoutedConnectionFactory
 from ..router import Reject, RouteRequest
 from ..timers import cancel
+from ..zerocopy import write_through
 from .upstream import login_steps
 
 _FEEDS_CORE = (
@@ -141,7 +142,9 @@ class FrontEnd(RoutedConnection):
 
     def _do(self, event: Event) -> None:
         if isinstance(event, Send):
-            self.transport.write(event.data)
+            # Straight to the socket when nothing waits before it: no writer to register
+            # and no reactor turn per reply.
+            write_through(self.transport, event.data)
         elif isinstance(event, StartTLS):
             assert self.factory.tls is not None
             self.transport.startTLS(self.factory.tls)

@@ -37,7 +37,7 @@ from collections import deque
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -51,6 +51,7 @@ from ..core.smtp_stream import Answer, BareNewline, Chunk, ContentChecker, DataR
 from ..router import Reject, RouterError
 from ..splice import LineTooLong, Pacer, PeerClosed, SpliceResult
 from ..timers import cancel
+from ..zerocopy import write_through
 from .frontend import FrontEnd
 
 MAX_PIPELINE = 100
@@ -122,6 +123,8 @@ class SMTPRelay:
         connections are gone."""
         self._done: Deferred[SpliceResult] = Deferred()
         self._abort_call: IDelayedCall | None = None
+        self._open = 2
+        """Connections not gone yet, once the session has ended."""
         clock = front.factory.clock
         self._clock = clock
         self._idle_timeout = front.listener.idle_timeout
@@ -168,12 +171,18 @@ class SMTPRelay:
         for deferred in waiting:
             deferred.errback(_Finished())
         self._result = SpliceResult(self.bytes_up, self.bytes_down, outcome, ended_by, reason)
-        closed = gatherResults([self.front.when_lost(), self.server.when_lost()])
-        if not closed.called:
+        self._open = 2  # counted, not a DeferredList: this runs once per session
+        for connection in (self.front, self.server):
+            connection.when_lost().addCallback(self._lost)
+        if self._open:
             self._abort_call = self._clock.callLater(self.close_grace, self._abort_both)
-        closed.addCallback(self._closed)
 
-    def _closed(self, _: object) -> None:
+    def _lost(self, _: object) -> None:
+        self._open -= 1
+        if not self._open:
+            self._closed()
+
+    def _closed(self) -> None:
         cancel(self._abort_call)
         self._abort_call = None
         assert self._result is not None
@@ -214,23 +223,39 @@ class SMTPRelay:
             self._tell(b"421 4.3.0 " + self.core.hostname.encode() + b" Error: the mail server misbehaved\r\n")
             self._finish("protocol-error", None, str(e))
 
+    def _reply_line_now(self) -> bytes | None:
+        """The upstream's next line if it is all there (the common case: no coroutine
+        and no Deferred for it), else None."""
+        server = self.server
+        end = server.pending.find(b"\n", 0, stream.MAX_REPLY_LINE)
+        if end < 0:
+            return None
+        line = bytes(server.pending[: end + 1])
+        del server.pending[: end + 1]
+        server.pendingConsumed()
+        return line
+
+    async def _reply_line(self) -> bytes:
+        line = self._reply_line_now()
+        return line if line is not None else await self.server.read_line(stream.MAX_REPLY_LINE)
+
     async def _reply(self) -> None:
-        lines: list[stream.ReplyLine] = []
-        while not lines or not lines[-1].last:
-            if len(lines) >= stream.MAX_REPLY_LINES:
-                raise stream.MalformedReply(f"upstream sent a reply of more than {stream.MAX_REPLY_LINES} lines")
-            line = stream.reply_line(await self.server.read_line(stream.MAX_REPLY_LINE))
-            if lines and line.code != lines[0].code:
-                raise stream.MalformedReply("upstream changed the code within a multi-line reply")
-            lines.append(line)
-            self._activity()
-        owed = self._owed.popleft() if self._owed and self._owed[0].local is None else None
-        code = lines[0].code
-        if owed is not None and owed.verb == b"EHLO" and code == 250:
-            data, self.chunking = stream.ehlo_reply(lines)
+        raw = self._reply_line_now() or await self.server.read_line(stream.MAX_REPLY_LINE)
+        self._activity()
+        head = self._owed[0] if self._owed and self._owed[0].local is None else None
+        # The common case, a one-line reply, goes out as it came (in the one form SMTP allows).
+        single = stream.single_reply(raw)
+        if single is not None and not (head is not None and head.verb == b"EHLO"):
+            code, data = single
         else:
-            separators = [b"-"] * (len(lines) - 1) + [b" "]
-            data = b"".join(b"%d%s%s\r\n" % (code, sep, line.text) for sep, line in zip(separators, lines, strict=True))
+            lines = await self._reply_lines(raw)
+            code = lines[0].code
+            if head is not None and head.verb == b"EHLO" and code == 250:
+                data, self.chunking = stream.ehlo_reply(lines)
+            else:
+                separators = [b"-"] * (len(lines) - 1) + [b" "]
+                data = b"".join(b"%d%s%s\r\n" % (code, sep, line.text) for sep, line in zip(separators, lines, strict=True))
+        owed = self._owed.popleft() if self._owed and self._owed[0].local is None else None
         if owed is not None:
             self._track(owed, code)
         self._tell(data)
@@ -238,6 +263,19 @@ class SMTPRelay:
         if owed is not None and owed.heard is not None:
             owed.heard.callback(code)
         self._flush_local()
+
+    async def _reply_lines(self, raw: bytes) -> list[stream.ReplyLine]:
+        """The lines of the reply that `raw` begins."""
+        lines = [stream.reply_line(raw)]
+        while not lines[-1].last:
+            if len(lines) >= stream.MAX_REPLY_LINES:
+                raise stream.MalformedReply(f"upstream sent a reply of more than {stream.MAX_REPLY_LINES} lines")
+            line = stream.reply_line(await self._reply_line())
+            if line.code != lines[0].code:
+                raise stream.MalformedReply("upstream changed the code within a multi-line reply")
+            lines.append(line)
+            self._activity()
+        return lines
 
     def _track(self, owed: _Owed, code: int) -> None:
         """Follow the transaction as the upstream's reply says it went."""
@@ -261,8 +299,8 @@ class SMTPRelay:
     # -- client to upstream
 
     def _tell(self, data: bytes) -> None:
-        """Write to the client now."""
-        self.front.transport.write(data)
+        """Write to the client now (to its socket, when nothing waits before it)."""
+        write_through(self.front.transport, data)
 
     def _answer(self, reply: bytes) -> None:
         """Answer the client locally, in its turn."""
@@ -278,7 +316,7 @@ class SMTPRelay:
         return owed.heard
 
     def _write(self, data: bytes) -> None:
-        self.server.write(data)
+        write_through(self.server.transport, data)
         self.bytes_up += len(data)
 
     async def _drain(self) -> None:
