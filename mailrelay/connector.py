@@ -66,6 +66,7 @@ from .tls import TLSSetupError
 from .tls_client import ClientTLS
 from .tls_facts import describe_tls_error
 from .tls_layer import wrap_client_tls
+from .zerocopy import write_through
 
 LoginStep = Callable[["UpstreamProtocol", Route], Awaitable[None]]
 """A protocol's upstream login: raise `Reject` when the upstream refuses the
@@ -138,7 +139,7 @@ class UpstreamProtocol(SpliceableProtocol):
             handshake.errback(_handshake_failure(reason))
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        write_through(self.transport, data)  # to the socket when nothing waits: no reactor turn
 
 
 def _handshake_failure(reason: Failure) -> UpstreamTLSError:

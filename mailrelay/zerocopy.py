@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor, ISSLTransport, IWriteDescriptor
+from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor, IWriteDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -71,11 +71,16 @@ READ_SIZE = 256 * 1024
 def socket_connection(transport: Any) -> tcp.Connection | None:
     """The plain TCP (or UNIX stream) connection under `transport`, or None when there is
     none or TLS runs on it. Sees through a PROXY-protocol listener's transport, which
-    only answers `getPeer()`/`getHost()` differently."""
-    real = _socket_transport(transport)
-    if not isinstance(real, tcp.Connection) or getattr(real, "TLS", False) or ISSLTransport.providedBy(real):
+    only answers `getPeer()`/`getHost()` differently. (On every write: kept cheap.)"""
+    real = transport if isinstance(transport, tcp.Connection) else _socket_transport(transport)
+    # Twisted's startTLS sets `TLS` on the connection it turns into a TLS one.
+    if real is None or real.TLS:
         return None
     return real
+
+
+_WRAPS_A_SOCKET: dict[type, bool] = {}
+"""Whether a transport class says which transport is its socket's (`socket_transport`)."""
 
 
 def _socket_transport(transport: Any) -> Any:
@@ -84,9 +89,12 @@ def _socket_transport(transport: Any) -> Any:
     does) must not answer for the plaintext transport beneath it."""
     if isinstance(transport, tcp.Connection):
         return transport
-    if any("socket_transport" in vars(cls) for cls in type(transport).__mro__):
-        return transport.socket_transport
-    return None
+    kind = type(transport)
+    wraps = _WRAPS_A_SOCKET.get(kind)
+    if wraps is None:
+        wraps = _WRAPS_A_SOCKET[kind] = any("socket_transport" in vars(cls) for cls in kind.__mro__)
+    real = transport.socket_transport if wraps else None
+    return real if isinstance(real, tcp.Connection) else None
 
 
 def socket_beneath(transport: Any) -> tcp.Connection | None:
