@@ -40,7 +40,7 @@ from common.clients import command, read_line
 from common.logs import mailrelay_log_summary
 from common.measure import finish
 from common.processes import Children
-from common.proxies import Unavailable, launch_proxy, nginx_module, nginx_user_line, start_other
+from common.proxies import NGINX_STREAM_SSL, Unavailable, launch_proxy, nginx_module, nginx_user_line, start_other
 from common.report import print_grid, print_machine, print_targets
 from common.targets import SERVER_NAME, Certificates, Target, free_port, wait_until_serving
 from common.twistd import mailrelay_config, mailrelay_listener, start_twistd
@@ -345,11 +345,6 @@ stream {{{stream_ssl}
 }}
 """
 
-NGINX_SSL = """
-    ssl_certificate {chain};
-    ssl_certificate_key {key};
-    ssl_protocols TLSv1.2 TLSv1.3;  # nginx 1.22's default stops at TLSv1.2"""
-
 
 def nginx_target(
     children: Children, workdir: Path, binary: str, upstream: Upstream, certs: Certificates | None, cap: int
@@ -370,7 +365,7 @@ def nginx_target(
             user=nginx_user_line(),
             load_module=load_module,
             connections=2 * cap + 32,
-            stream_ssl=NGINX_SSL.format(chain=certs.chain, key=certs.key) if certs else "",
+            stream_ssl=NGINX_STREAM_SSL.format(chain=certs.chain, key=certs.key) if certs else "",
             port=port,
             ssl=" ssl" if certs else "",
             upstream=upstream.line,

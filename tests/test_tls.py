@@ -36,7 +36,7 @@ from mailrelay.tls import CertificateFiles, ServerTLS, ServerTLSConfig
 from mailrelay.tls_facts import ALPNRefused, describe_tls_error
 from tests.support.clocked import all_read
 from tests.support.net import WAIT, ProxyTestCase, connect, echo, payload, recv_all, recv_exactly, sha, tcp_port
-from tests.support.pki import PKI, Issued, client_hello, common_name, dns_names
+from tests.support.pki import PKI, Issued, client_hello, common_name, dns_names, tls_server
 
 MiB = 1 << 20
 LISTEN = "tcp:0:interface=127.0.0.1"
@@ -204,18 +204,6 @@ def duplex(conn: socket.socket, send: bytes, expect: int) -> bytes:
     finally:
         conn.settimeout(WAIT)
     return bytes(received)
-
-
-def tls_server(issued: Issued, then: Callable[[ssl.SSLSocket], Any]) -> Callable[[socket.socket], Any]:
-    """ThreadedServer handler: terminate TLS with `issued`, then run `then` on the TLS socket."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(issued.cert, issued.key)
-
-    def handle(conn: socket.socket) -> Any:
-        with context.wrap_socket(conn, server_side=True) as tls:
-            return then(tls)
-
-    return handle
 
 
 def named_echo(name: str, tls: ssl.SSLSocket) -> tuple[str, int]:

@@ -32,7 +32,7 @@ from mailrelay.tls_client import ClientTLS
 from mailrelay.tls_layer import RecordTLSProtocol
 from tests.support.frontends import PASSWORD, USER, Router
 from tests.support.net import WAIT, ProxyTestCase, echo, payload, recv_all, recv_exactly, sha
-from tests.support.pki import PKI, Issued
+from tests.support.pki import PKI, server_context, tls_server
 from tests.support.smtp import MESSAGE, ScriptedSMTP, SMTPTestCase
 from tests.support.tls_records import RecordClient, pieces_of
 
@@ -90,18 +90,6 @@ class ReleasesBuffers:
         return client_side, upstream_side
 
 
-def tls_echo(issued: Issued) -> Callable[[socket.socket], int]:
-    """ThreadedServer handler: an echo behind TLS with `issued`'s certificate."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(issued.cert, issued.key)
-
-    def handle(conn: socket.socket) -> int:
-        with context.wrap_socket(conn, server_side=True) as tls:
-            return echo(tls)
-
-    return handle
-
-
 class ImplicitTLSTests(ProxyTestCase, ReleasesBuffers):
     """A `tls` listener spliced to an upstream with tls = "tls"."""
 
@@ -113,7 +101,7 @@ class ImplicitTLSTests(ProxyTestCase, ReleasesBuffers):
         """Start mailrelay (default and SNI certificates, reloaded once), open a session
         for sni.test through it and leave it idle; the service and both ports."""
         default, sni = self.pki.issue("default", "mail.test"), self.pki.issue("sni", "sni.test")
-        upstream = self.server(tls_echo(self.pki.issue("upstream", "upstream.test")))
+        upstream = self.server(tls_server(self.pki.issue("upstream", "upstream.test"), echo))
         config = {
             "drain_timeout": 5,
             "tls": {"cert": default.cert, "key": default.key, "sni": [{"cert": sni.cert, "key": sni.key}]},
@@ -161,8 +149,7 @@ class StartTLSTests(SMTPTestCase, ReleasesBuffers):
 
     async def test_both_sides_release_buffers_after_starttls(self) -> None:
         issued = self.pki.issue("upstream", "upstream.test")
-        upstream_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        upstream_tls.load_cert_chain(issued.cert, issued.key)
+        upstream_tls = server_context(issued)
         upstream = self.upstream(tls=upstream_tls)
         router = Router(port=upstream.port, tls="starttls", server_name="upstream.test", tls_ca=self.pki.ca_file)
         port = await self.proxy(router, mode="starttls")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import ssl
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -51,6 +53,24 @@ class PKI:
         leaf.private_key_pem.write_to_path(issued.key)
         leaf.private_key_and_cert_chain_pem.write_to_path(issued.pem)
         return issued
+
+
+def server_context(issued: Issued) -> ssl.SSLContext:
+    """A TLS server context (Python's defaults) with `issued`'s certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(issued.cert, issued.key)
+    return context
+
+
+def tls_server(issued: Issued, then: Callable[[ssl.SSLSocket], Any]) -> Callable[[socket.socket], Any]:
+    """ThreadedServer handler: terminate TLS with `issued`, then run `then` on the TLS socket."""
+    context = server_context(issued)
+
+    def handle(conn: socket.socket) -> Any:
+        with context.wrap_socket(conn, server_side=True) as tls:
+            return then(tls)
+
+    return handle
 
 
 def client_context(ca: Any) -> ssl.SSLContext:
