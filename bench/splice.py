@@ -32,7 +32,7 @@ from typing import Any
 from common.cli import add_bulk_arguments, add_latency_arguments, add_sessions_arguments, run_bench
 from common.cli import parse_args as common_parse_args
 from common.logs import mailrelay_log_summary, read_session_log
-from common.measure import Measurements
+from common.measure import MIN_STREAM_MIB, Measurements
 from common.processes import Children, cpu_of_group
 from common.proxies import start_others
 from common.report import print_machine
@@ -248,6 +248,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--pieces", type=int, default=2, help="writes per command line in the sessions/s tests and the split latency test"
     )
+    parser.add_argument(
+        "--streams",
+        type=int,
+        default=50,
+        help="connections at once in the many-streams bulk test, each moving --bulk-mib / streams MiB (at least 4), "
+        "threads in --client-procs processes; 0: not",
+    )
     add_latency_arguments(parser)
     parser.add_argument("--upstream-procs", type=int, default=2, help="processes of the line upstream (SO_REUSEPORT)")
     parser.add_argument(
@@ -299,6 +306,12 @@ def run(args: argparse.Namespace, children: Children, workdir: Path, failures: l
         f"bulk:     1 connection from this process, {CHUNK >> 20} MiB send/recv buffers, {args.bulk_mib} MiB per transfer, "
         f"median of {args.repeat} per direction"
     )
+    if args.streams > 0:
+        stream_mib = max(MIN_STREAM_MIB, args.bulk_mib / args.streams)
+        print(
+            f"          then {args.streams} connections at once, {stream_mib:g} MiB each, threads in "
+            f"{max(1, min(args.client_procs, args.streams))} processes: all bytes / first connect to last acknowledgement"
+        )
     print(
         f"sessions: connect, greeting, EHLO/MAIL/RCPT, QUIT; each command written in {args.pieces} piece(s); "
         f"1 client thread, then {args.clients} clients = threads in {procs} processes; "
@@ -318,6 +331,8 @@ def run(args: argparse.Namespace, children: Children, workdir: Path, failures: l
 
     if "bulk" in args.only:
         m.bulk(args)
+        if args.streams > 0:
+            m.bulk_streams(args, children)
     if "sessions" in args.only:
         m.sessions(args, children)
     pieces_measured = [1] + ([args.pieces] if args.pieces > 1 else [])

@@ -103,17 +103,8 @@ def bulk_up(port: int, size: int, dial: Dial = connect) -> float:
     buf = memoryview(bytearray(CHUNK))
     with dial(port) as sock:
         start = time.perf_counter()
-        sock.sendall(b"SINK %d\n" % size)
-        left = size
-        while left:
-            n = min(left, CHUNK)
-            sock.sendall(buf[:n])
-            left -= n
-        reply = read_line(sock)
-        elapsed = time.perf_counter() - start
-    if int(reply) != size:
-        raise ConnectionError(f"sink got {int(reply)} bytes of {size}")
-    return elapsed
+        sink(sock, size, buf)
+        return time.perf_counter() - start
 
 
 def bulk_down(port: int, size: int, dial: Dial = connect) -> float:
@@ -121,15 +112,49 @@ def bulk_down(port: int, size: int, dial: Dial = connect) -> float:
     buf = memoryview(bytearray(CHUNK))
     with dial(port) as sock:
         start = time.perf_counter()
-        sock.sendall(b"SOURCE %d\n" % size)
-        got = 0
-        while got < size:
-            n = sock.recv_into(buf, min(CHUNK, size - got))
-            if not n:
-                raise ConnectionError(f"source sent {got} bytes of {size}")
-            got += n
-        elapsed = time.perf_counter() - start
-    return elapsed
+        source(sock, size, buf)
+        return time.perf_counter() - start
+
+
+def sink(sock: socket.socket, size: int, buf: memoryview) -> None:
+    """`SINK size` on a connected bulk socket: the request, `size` bytes (from `buf`, CHUNK
+    bytes), until the sink's acknowledgement, which must count `size` bytes (ConnectionError
+    if not)."""
+    sock.sendall(b"SINK %d\n" % size)
+    left = size
+    while left:
+        n = min(left, CHUNK)
+        sock.sendall(buf[:n])
+        left -= n
+    reply = read_line(sock)
+    if int(reply) != size:
+        raise ConnectionError(f"sink got {int(reply)} bytes of {size}")
+
+
+def source(sock: socket.socket, size: int, buf: memoryview) -> None:
+    """`SOURCE size` on a connected bulk socket: the request, then until `size` bytes have
+    arrived (into `buf`, CHUNK bytes; ConnectionError if the connection ends sooner)."""
+    sock.sendall(b"SOURCE %d\n" % size)
+    got = 0
+    while got < size:
+        n = sock.recv_into(buf, min(CHUNK, size - got))
+        if not n:
+            raise ConnectionError(f"source sent {got} bytes of {size}")
+        got += n
+
+
+def bulk_span(direction: str, port: int, size: int, buf: memoryview, dial: Dial = connect) -> tuple[float, float]:
+    """
+    One transfer of `size` bytes (`direction` "up": `sink`, "down": `source`; `buf`: CHUNK
+    bytes) on a new connection: `time.monotonic()` before the connect and after the
+    acknowledgement (the last byte). CLOCK_MONOTONIC is one clock for every process of the
+    machine, so spans measured in different client processes can be compared.
+    """
+    transfer = sink if direction == "up" else source
+    start = time.monotonic()
+    with dial(port) as sock:
+        transfer(sock, size, buf)
+        return start, time.monotonic()
 
 
 def negotiated(sock: ssl.SSLSocket) -> str:

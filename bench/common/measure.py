@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from common.clients import bulk_down, bulk_up, command, pieces_of, read_line, session_script
+from common.clients import bulk_down, bulk_span, bulk_up, command, pieces_of, read_line, session_script
 from common.processes import Children, cpu_of_group, die_with_parent, machine_busy, own_cpu
 from common.report import print_cpu_table, print_grid, print_table
 from common.targets import Target
-from common.wire import IO_TIMEOUT, MB, NOOP, QUIT
+from common.wire import CHUNK, IO_TIMEOUT, MB, NOOP, QUIT
 
 
 class Window:
@@ -153,6 +153,27 @@ class Measurements:
                 only=lambda t: t.bulk_port > 0,
             )
             self.store(direction, results, functools.partial(_median_of, direction))
+
+    def bulk_streams(self, args: argparse.Namespace, children: Children) -> None:
+        """
+        MB/s each way with `args.streams` connections at once (`measure_bulk_streams`), each
+        moving `args.bulk_mib` / streams MiB (at least `MIN_STREAM_MIB`), their clients
+        threads in `args.client_procs` processes: median of `args.repeat`.
+        """
+        size = max(MIN_STREAM_MIB << 20, (args.bulk_mib << 20) // args.streams)
+        procs = max(1, min(args.client_procs, args.streams))
+        for direction in ("up", "down"):
+            key = f"{direction}_streams"
+            way = "client->upstream" if direction == "up" else "upstream->client"
+            self.rows.append((key, f"bulk {way}, {args.streams} streams, MB/s"))
+            results = self.rounds(
+                key,
+                f"bulk {direction}, {args.streams} streams",
+                args.repeat,
+                lambda w, t: measure_bulk_streams(w, children, t, direction, size, args.streams, procs),
+                only=lambda t: t.bulk_port > 0,
+            )
+            self.store(key, results, functools.partial(_median_of, key))
 
     def sessions(self, args: argparse.Namespace, children: Children, what: str = "sessions", times: bool = False) -> None:
         """
@@ -331,6 +352,95 @@ def measure_bulk(win: Window, target: Target, direction: str, size: int) -> floa
     seconds = transfer(target.bulk_port, size, target.dial)
     win.end()
     return size / seconds / MB
+
+
+MIN_STREAM_MIB = 4
+"""The least each stream of the many-streams bulk test moves, so that it is not all connection set-up."""
+
+
+def _bulk_stream_thread(target: Target, direction: str, size: int, start_at: float, out: list[Any]) -> None:
+    """One stream of the many-streams bulk test, from `start_at` (time.monotonic()): its span, or its error."""
+    buf = memoryview(bytearray(CHUNK))  # before the start: 50 of them take a while to clear
+    delay = start_at - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    try:
+        out.append(bulk_span(direction, target.bulk_port, size, buf, target.dial))
+    except OSError as e:  # ConnectionError included: a short count
+        out.append(repr(e))
+
+
+def _bulk_streams_process(target: Target, direction: str, size: int, streams: int, start_at: float, conn: Any) -> None:
+    """One client process of the many-streams bulk test: `streams` threads, one transfer each."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent's handlers are not for us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    out: list[Any] = []
+    threads = [
+        threading.Thread(target=_bulk_stream_thread, args=(target, direction, size, start_at, out), daemon=True)
+        for _ in range(streams)
+    ]
+    for t in threads:
+        t.start()
+    delay = start_at - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    cpu0 = own_cpu()
+    for t in threads:
+        t.join()
+    conn.send((out, own_cpu() - cpu0))
+    conn.close()
+
+
+def measure_bulk_streams(
+    win: Window, children: Children, target: Target, direction: str, size: int, streams: int, procs: int
+) -> float:
+    """
+    MB/s of `streams` transfers of `size` bytes each at once (after one warm-up transfer),
+    threads in `procs` forked processes: all their bytes over the time from the first
+    connect to the last acknowledgement (last byte received). Any stream that fails, or
+    moves a wrong count of bytes, fails the measurement.
+    """
+    (bulk_up if direction == "up" else bulk_down)(target.bulk_port, min(size, 16 << 20), target.dial)
+    ctx = multiprocessing.get_context("fork")
+    per_proc = [streams // procs + (1 if i < streams % procs else 0) for i in range(procs)]
+    start_at = time.monotonic() + 0.3  # every thread is up and waiting by then
+    pipes = []
+    workers = []
+    for threads in per_proc:
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        worker = ctx.Process(
+            target=_bulk_streams_process, args=(target, direction, size, threads, start_at, child_end), daemon=True
+        )
+        worker.start()
+        children.workers.append(worker)
+        child_end.close()
+        pipes.append(parent_end)
+        workers.append(worker)
+    delay = start_at - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    win.begin()
+    results = []
+    for pipe in pipes:
+        if not pipe.poll(IO_TIMEOUT + streams * size / (10 * MB)):  # a hang guard: 10 MB/s would be very slow
+            raise RuntimeError("a client process did not report")
+        results.append(pipe.recv())
+    win.client_cpu = sum(cpu for _, cpu in results)
+    win.end()
+    for worker in workers:
+        worker.join(5)
+        children.workers.remove(worker)
+    spans = [item for out, _ in results for item in out]
+    errors = [item for item in spans if isinstance(item, str)]
+    if errors:
+        raise ConnectionError(f"{len(errors)} of {streams} streams failed, first: {errors[0]}")
+    if len(spans) != streams:
+        raise RuntimeError(f"{len(spans)} of {streams} streams reported")
+    first = min(start for start, _ in spans)
+    last = max(end for _, end in spans)
+    return streams * size / (last - first) / MB
 
 
 def measure_sessions_serial(win: Window, target: Target, pieces: int, duration: float) -> SessionsResult:

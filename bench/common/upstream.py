@@ -35,8 +35,8 @@ from common.smtp_server import SMTPServerProtocol
 from common.wire import BYE, CHUNK, GREETING, HOST, IO_TIMEOUT, OK
 
 
-def _bulk_connection(conn: socket.socket, zeros: memoryview, tls: ssl.SSLContext | None) -> None:
-    """`SINK n\\n` + n bytes -> `n\\n`;  `SOURCE n\\n` -> n bytes."""
+def _bulk_connection(conn: socket.socket, zeros: memoryview, sink: memoryview, tls: ssl.SSLContext | None) -> None:
+    """`SINK n\\n` + n bytes -> `n\\n` (received into `sink`);  `SOURCE n\\n` -> n bytes (of `zeros`)."""
     with conn:
         conn.settimeout(IO_TIMEOUT)
         if tls is not None:
@@ -55,10 +55,8 @@ def _bulk_connection(conn: socket.socket, zeros: memoryview, tls: ssl.SSLContext
         size = int(size_text)
         if verb == b"SINK":
             got = len(rest)
-            sink = bytearray(CHUNK)
-            view = memoryview(sink)
             while got < size:
-                n = conn.recv_into(view, min(CHUNK, size - got))
+                n = conn.recv_into(sink, min(CHUNK, size - got))
                 if not n:
                     return
                 got += n
@@ -78,11 +76,16 @@ def _bulk_connection(conn: socket.socket, zeros: memoryview, tls: ssl.SSLContext
 
 
 def _bulk_server(sock: socket.socket, tls: ssl.SSLContext | None) -> None:
+    """A thread per connection (the many-streams test has 50 at once: `sock`'s backlog
+    must hold them). One buffer each way for all of them: what a sink receives is thrown
+    away, so its threads may overwrite each other's bytes, and a new connection costs no
+    CHUNK-sized allocation inside a timed transfer."""
     zeros = memoryview(bytes(CHUNK))
+    sink = memoryview(bytearray(CHUNK))
     while True:
         conn, _ = sock.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        threading.Thread(target=_bulk_connection, args=(conn, zeros, tls), daemon=True).start()
+        threading.Thread(target=_bulk_connection, args=(conn, zeros, sink, tls), daemon=True).start()
 
 
 class LineProtocol(asyncio.Protocol):
