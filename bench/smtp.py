@@ -103,7 +103,7 @@ MX_LEGEND = {
 MX_SESSION = (
     "  direct:       220, HELO 250, MAIL 250, RCPT 250, DATA 354, message + '.' 250, QUIT 221: all answered by the upstream",
     "  mailrelay-mx: its own 220, HELO and MAIL answered by mailrelay; at RCPT the static router answers, mailrelay "
-    "connects to the upstream, reads its 220, sends EHLO (the client's name), MAIL, RCPT as typed; the upstream's RCPT "
+    "connects to the upstream, reads its 220, sends EHLO (the client's name), MAIL, RCPT as typed (in one write when it offers PIPELINING); the upstream's RCPT "
     "reply is the client's; then DATA, the message and QUIT are relayed line by line (smtp_relay), not spliced",
     "  nginx-mx:     its own 220, HELO and MAIL answered by nginx; at RCPT nginx asks auth_http (an HTTP/1.0 request on a "
     "new connection, Auth-Method: none), connects to the upstream, reads its 220, sends HELO (its server_name), MAIL, "
