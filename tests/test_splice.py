@@ -610,11 +610,12 @@ class HandBackTests(OnBothPumps):
         """Something else (a front-end's timer, a drain) aborts the client's transport
         while the session is spliced: the pump lets go, the upstream is closed, the
         session ends, nothing fails."""
-        upstream = self.server(lambda conn: recv_all(conn))
+        upstream = self.server(echo)
         _, port = await self.start_proxy(splice_config(("127.0.0.1", upstream.port)))
         conn = await self.in_thread(connect, port)
         self.addCleanup(conn.close)
         await self.in_thread(conn.sendall, b"hello")
+        self.assertEqual(await self.in_thread(recv_exactly, conn, 5), b"hello")  # through, both ways
 
         def client_connection() -> tcp.Connection | None:
             for selectable in set(reactor.getReaders()) | set(reactor.getWriters()):
@@ -628,9 +629,9 @@ class HandBackTests(OnBothPumps):
         assert connection is not None
         connection.abortConnection()
 
-        self.assertEqual(await self.in_thread(upstream.result), b"hello")  # its end of stream came
+        self.assertEqual(await self.in_thread(upstream.result), 5)  # its end of stream came
         line = await self.session_line()
-        self.assertEqual((line["outcome"], line["bytes_up"]), ("closed", 5))
+        self.assertEqual((line["outcome"], line["bytes_up"], line["bytes_down"]), ("closed", 5, 5))
         self.assertEqual(zero_copy_pumps(), set())
         self.assertEqual(self.flushLoggedErrors(), [])
 
