@@ -243,3 +243,22 @@ class DeliveryTests(SMTPTestCase):
         self.assertEqual(await self.in_thread(client), b"")
         received = await self.in_thread(upstream.result)
         self.assertEqual((len(received), sha(received)), (len(data), sha(data)))
+
+
+def test_the_twisted_internals_the_record_layer_overrides_are_still_there() -> None:
+    """`RecordTLSProtocol` replaces three private methods of Twisted's TLS layer and uses
+    its private state: a Twisted that renamed them would leave the overrides unused (or
+    broken) without a word. This names each one, so an upgrade fails here first."""
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    from mailrelay.tls_layer import RecordTLSProtocol
+
+    overridden = ("_write", "_flushSendBIO", "_flushReceiveBIO")
+    used = ("_bufferedWrite", "_shutdownTLS", "_tlsShutdownFinished")
+    for name in overridden + used:
+        assert callable(getattr(TLSMemoryBIOProtocol, name, None)), f"Twisted's TLS layer has no {name} any more"
+    for name in overridden:
+        assert name in vars(RecordTLSProtocol)
+    layer = TLSMemoryBIOProtocol.__new__(TLSMemoryBIOProtocol)
+    for state in ("_lostTLSConnection", "_aborted"):
+        assert hasattr(layer, state), f"Twisted's TLS layer keeps no {state} any more"
