@@ -370,29 +370,6 @@ def _bulk_stream_thread(target: Target, direction: str, size: int, start_at: flo
         out.append(repr(e))
 
 
-def _bulk_streams_process(target: Target, direction: str, size: int, streams: int, start_at: float, conn: Any) -> None:
-    """One client process of the many-streams bulk test: `streams` threads, one transfer each."""
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent's handlers are not for us
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    out: list[Any] = []
-    threads = [
-        threading.Thread(target=_bulk_stream_thread, args=(target, direction, size, start_at, out), daemon=True)
-        for _ in range(streams)
-    ]
-    for t in threads:
-        t.start()
-    delay = start_at - time.monotonic()
-    if delay > 0:
-        time.sleep(delay)
-    cpu0 = own_cpu()
-    for t in threads:
-        t.join()
-    conn.send((out, own_cpu() - cpu0))
-    conn.close()
-
-
 def measure_bulk_streams(
     win: Window, children: Children, target: Target, direction: str, size: int, streams: int, procs: int
 ) -> float:
@@ -411,7 +388,9 @@ def measure_bulk_streams(
     for threads in per_proc:
         parent_end, child_end = ctx.Pipe(duplex=False)
         worker = ctx.Process(
-            target=_bulk_streams_process, args=(target, direction, size, threads, start_at, child_end), daemon=True
+            target=_client_process,
+            args=(_bulk_stream_thread, (target, direction, size, start_at), threads, start_at, time.monotonic, child_end),
+            daemon=True,
         )
         worker.start()
         children.workers.append(worker)
@@ -486,20 +465,23 @@ def _session_thread(target: Target, pieces: int, start_at: float, end_at: float,
     out.append((count, errors, last, first_error, samples))
 
 
-def _session_process(target: Target, pieces: int, threads: int, start_at: float, end_at: float, conn: Any) -> None:
-    """One client process of the concurrent test: `threads` clients, each one session at a time."""
+def _client_process(
+    run: Callable[..., None], args: tuple[Any, ...], threads: int, start_at: float, clock: Callable[[], float], conn: Any
+) -> None:
+    """
+    One forked client process of a concurrent test: `threads` threads, each running
+    `run(*args, out)` (which appends its result to `out`), from `start_at` on `clock`;
+    sends back what they appended and the process's CPU time while they ran.
+    """
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent's handlers are not for us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     out: list[Any] = []
-    workers = [
-        threading.Thread(target=_session_thread, args=(target, pieces, start_at, end_at, out), daemon=True)
-        for _ in range(threads)
-    ]
+    workers = [threading.Thread(target=run, args=(*args, out), daemon=True) for _ in range(threads)]
     for w in workers:
         w.start()
-    delay = start_at - time.time()
+    delay = start_at - clock()
     if delay > 0:
         time.sleep(delay)
     cpu0 = own_cpu()
@@ -525,7 +507,11 @@ def measure_sessions_concurrent(
     workers = []
     for threads in per_proc:
         parent_end, child_end = ctx.Pipe(duplex=False)
-        worker = ctx.Process(target=_session_process, args=(target, pieces, threads, start_at, end_at, child_end), daemon=True)
+        worker = ctx.Process(
+            target=_client_process,
+            args=(_session_thread, (target, pieces, start_at, end_at), threads, start_at, time.time, child_end),
+            daemon=True,
+        )
         worker.start()
         children.workers.append(worker)
         child_end.close()
