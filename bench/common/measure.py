@@ -380,38 +380,18 @@ def measure_bulk_streams(
     moves a wrong count of bytes, fails the measurement.
     """
     (bulk_up if direction == "up" else bulk_down)(target.bulk_port, min(size, 16 << 20), target.dial)
-    ctx = multiprocessing.get_context("fork")
-    per_proc = [streams // procs + (1 if i < streams % procs else 0) for i in range(procs)]
     start_at = time.monotonic() + 0.3  # every thread is up and waiting by then
-    pipes = []
-    workers = []
-    for threads in per_proc:
-        parent_end, child_end = ctx.Pipe(duplex=False)
-        worker = ctx.Process(
-            target=_client_process,
-            args=(_bulk_stream_thread, (target, direction, size, start_at), threads, start_at, time.monotonic, child_end),
-            daemon=True,
-        )
-        worker.start()
-        children.workers.append(worker)
-        child_end.close()
-        pipes.append(parent_end)
-        workers.append(worker)
-    delay = start_at - time.monotonic()
-    if delay > 0:
-        time.sleep(delay)
-    win.begin()
-    results = []
-    for pipe in pipes:
-        if not pipe.poll(IO_TIMEOUT + streams * size / (10 * MB)):  # a hang guard: 10 MB/s would be very slow
-            raise RuntimeError("a client process did not report")
-        results.append(pipe.recv())
-    win.client_cpu = sum(cpu for _, cpu in results)
-    win.end()
-    for worker in workers:
-        worker.join(5)
-        children.workers.remove(worker)
-    spans = [item for out, _ in results for item in out]
+    spans = _in_client_processes(
+        win,
+        children,
+        _bulk_stream_thread,
+        (target, direction, size, start_at),
+        streams,
+        procs,
+        start_at,
+        time.monotonic,
+        IO_TIMEOUT + streams * size / (10 * MB),  # a hang guard: 10 MB/s would be very slow
+    )
     errors = [item for item in spans if isinstance(item, str)]
     if errors:
         raise ConnectionError(f"{len(errors)} of {streams} streams failed, first: {errors[0]}")
@@ -465,6 +445,52 @@ def _session_thread(target: Target, pieces: int, start_at: float, end_at: float,
     out.append((count, errors, last, first_error, samples))
 
 
+def _in_client_processes(
+    win: Window,
+    children: Children,
+    run: Callable[..., None],
+    args: tuple[Any, ...],
+    threads: int,
+    procs: int,
+    start_at: float,
+    clock: Callable[[], float],
+    timeout: float,
+) -> list[Any]:
+    """
+    Run `threads` threads of `run(*args, out)` spread over `procs` forked client
+    processes, all starting at `start_at` (on `clock`); the measured window holds their
+    run and their CPU. What every thread appended to `out`, all together.
+    """
+    ctx = multiprocessing.get_context("fork")
+    procs = max(1, min(procs, threads))
+    per_proc = [threads // procs + (1 if i < threads % procs else 0) for i in range(procs)]
+    pipes = []
+    workers = []
+    for count in per_proc:
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        worker = ctx.Process(target=_client_process, args=(run, args, count, start_at, clock, child_end), daemon=True)
+        worker.start()
+        children.workers.append(worker)
+        child_end.close()
+        pipes.append(parent_end)
+        workers.append(worker)
+    delay = start_at - clock()
+    if delay > 0:
+        time.sleep(delay)
+    win.begin()
+    results = []
+    for pipe in pipes:
+        if not pipe.poll(timeout):
+            raise RuntimeError("a client process did not report")
+        results.append(pipe.recv())
+    win.client_cpu = sum(cpu for _, cpu in results)
+    win.end()
+    for worker in workers:
+        worker.join(5)
+        children.workers.remove(worker)
+    return [item for out, _ in results for item in out]
+
+
 def _client_process(
     run: Callable[..., None], args: tuple[Any, ...], threads: int, start_at: float, clock: Callable[[], float], conn: Any
 ) -> None:
@@ -498,40 +524,19 @@ def measure_sessions_concurrent(
     commands, quit_parts = session_script(pieces)
     for _ in range(20):
         target.session(commands, quit_parts)
-    ctx = multiprocessing.get_context("fork")
-    procs = max(1, min(procs, clients))
-    per_proc = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     start_at = time.time() + 0.3
     end_at = start_at + duration
-    pipes = []
-    workers = []
-    for threads in per_proc:
-        parent_end, child_end = ctx.Pipe(duplex=False)
-        worker = ctx.Process(
-            target=_client_process,
-            args=(_session_thread, (target, pieces, start_at, end_at), threads, start_at, time.time, child_end),
-            daemon=True,
-        )
-        worker.start()
-        children.workers.append(worker)
-        child_end.close()
-        pipes.append(parent_end)
-        workers.append(worker)
-    delay = start_at - time.time()
-    if delay > 0:
-        time.sleep(delay)
-    win.begin()
-    results = []
-    for pipe in pipes:
-        if not pipe.poll(duration + IO_TIMEOUT + 10):
-            raise RuntimeError("a client process did not report")
-        results.append(pipe.recv())
-    win.client_cpu = sum(cpu for _, cpu in results)
-    win.end()
-    for worker in workers:
-        worker.join(5)
-        children.workers.remove(worker)
-    threads_out = [item for out, _ in results for item in out]
+    threads_out = _in_client_processes(
+        win,
+        children,
+        _session_thread,
+        (target, pieces, start_at, end_at),
+        clients,
+        procs,
+        start_at,
+        time.time,
+        duration + IO_TIMEOUT + 10,
+    )
     count = sum(item[0] for item in threads_out)
     errors = sum(item[1] for item in threads_out)
     first_error = next((item[3] for item in threads_out if item[3]), None)
