@@ -329,6 +329,14 @@ def cleanup() -> Iterator[list[Workers]]:
         kill_quietly(run.all_pids(), signal.SIGKILL)
 
 
+@pytest.fixture
+def two_workers(tmp_path: Path, spawn: Any, upstream: ThreadedServer, cleanup: list[Workers]) -> Workers:
+    """mailrelay with `workers = 2` in front of `upstream`, killed at teardown (`cleanup`)."""
+    run = start(spawn, tmp_path, workers_toml(upstream.port))
+    cleanup.append(run)
+    return run
+
+
 def stopped_served(run: Workers, stopped: int, served: int, sessions: int, total_before: int) -> int:
     """With worker `stopped` frozen (SIGSTOP), `sessions` connections all go to `served`."""
     with frozen(run.pids[stopped]):
@@ -340,14 +348,13 @@ def stopped_served(run: Workers, stopped: int, served: int, sessions: int, total
 
 
 @pytest.mark.slow
-def test_both_workers_serve_one_listener(tmp_path: Path, spawn: Any, upstream: ThreadedServer, cleanup: list[Workers]) -> None:
+def test_both_workers_serve_one_listener(two_workers: Workers) -> None:
     """
     Each worker serves the shared socket on its own: with the other frozen, every
     connection goes to it (how the kernel spreads accept() among processes that are
     both awake is its business, and no test should lean on it).
     """
-    run = start(spawn, tmp_path, workers_toml(upstream.port))
-    cleanup.append(run)
+    run = two_workers
     for n in range(10):  # both awake: every connection served, by whichever accepts it
         assert exchange(run.port, payload(100, seed=n + 1)) == payload(100, seed=n + 1)
     counts = sessions_by_worker(run.process, 10)
@@ -362,11 +369,8 @@ def test_both_workers_serve_one_listener(tmp_path: Path, spawn: Any, upstream: T
 
 
 @pytest.mark.slow
-def test_a_killed_worker_is_replaced_and_the_other_keeps_serving(
-    tmp_path: Path, spawn: Any, upstream: ThreadedServer, cleanup: list[Workers]
-) -> None:
-    run = start(spawn, tmp_path, workers_toml(upstream.port))
-    cleanup.append(run)
+def test_a_killed_worker_is_replaced_and_the_other_keeps_serving(two_workers: Workers) -> None:
+    run = two_workers
     old = run.pids[1]
     os.kill(old, signal.SIGKILL)
     run.process.wait_for(rf"worker 1 \[pid {old}\] was killed by SIGKILL")
@@ -385,11 +389,8 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_serving(
 
 
 @pytest.mark.slow
-def test_sighup_and_sigterm_reach_every_worker_and_open_sessions_drain(
-    tmp_path: Path, spawn: Any, upstream: ThreadedServer, cleanup: list[Workers]
-) -> None:
-    run = start(spawn, tmp_path, workers_toml(upstream.port))
-    cleanup.append(run)
+def test_sighup_and_sigterm_reach_every_worker_and_open_sessions_drain(two_workers: Workers) -> None:
+    run = two_workers
     run.process.signal(signal.SIGHUP)
     for index, pid in run.pids.items():
         run.process.wait_for(rf"worker {index} \[pid {pid}\]: reload requested: 1 component\(s\) to reload")
@@ -423,22 +424,16 @@ def test_sighup_and_sigterm_reach_every_worker_and_open_sessions_drain(
 
 
 @pytest.mark.slow
-def test_workers_die_with_a_killed_supervisor(
-    tmp_path: Path, spawn: Any, upstream: ThreadedServer, cleanup: list[Workers]
-) -> None:
-    run = start(spawn, tmp_path, workers_toml(upstream.port))
-    cleanup.append(run)
+def test_workers_die_with_a_killed_supervisor(two_workers: Workers) -> None:
+    run = two_workers
     run.process.signal(signal.SIGKILL)
     run.process.wait()
     wait_gone(run.pids.values())
 
 
 @pytest.mark.slow
-def test_a_worker_that_cannot_start_backs_off_and_the_other_keeps_serving(
-    tmp_path: Path, spawn: Any, upstream: ThreadedServer, cleanup: list[Workers]
-) -> None:
-    run = start(spawn, tmp_path, workers_toml(upstream.port))
-    cleanup.append(run)
+def test_a_worker_that_cannot_start_backs_off_and_the_other_keeps_serving(two_workers: Workers, tmp_path: Path) -> None:
+    run = two_workers
     (tmp_path / "mailrelay.toml").write_text("workers = 2\n[[listener]]\nbroken = true\n")
     run.process.signal(signal.SIGHUP)  # the running workers reload; the supervisor checks the file
     run.process.wait_for(r"mailrelay\.toml is invalid now; a worker started again would not start: .*broken")
