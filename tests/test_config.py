@@ -106,6 +106,15 @@ def errors_of(path: Path) -> list[str]:
     return caught.value.errors
 
 
+def parse_errors(text: str) -> list[str]:
+    """The errors `parse_config` raises for the TOML `text`, named by the source "inline.toml"."""
+    import tomllib
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(tomllib.loads(text), "inline.toml")
+    return caught.value.errors
+
+
 def build_errors(config: Config) -> list[str]:
     """The error lines of building the service of a config that parsed."""
     with pytest.raises(ConfigError) as caught:
@@ -364,11 +373,7 @@ def test_load_config_error(tmp_path: Path, text: str, expected: list[str]) -> No
 @pytest.mark.parametrize("text, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_parse_config_error(text: str, expected: list[str]) -> None:
     """The same errors from already-parsed data, named by the given source."""
-    import tomllib
-
-    with pytest.raises(ConfigError) as caught:
-        parse_config(tomllib.loads(textwrap.dedent(text)), "inline.toml")
-    assert caught.value.errors == [f"inline.toml: {line}" for line in expected]
+    assert parse_errors(textwrap.dedent(text)) == [f"inline.toml: {line}" for line in expected]
 
 
 @pytest.mark.slow
@@ -860,11 +865,7 @@ PROXY_CASES = [
 
 @pytest.mark.parametrize("extra, expected", PROXY_CASES)
 def test_proxy_protocol_key_errors(extra: str, expected: list[str]) -> None:
-    import tomllib
-
-    with pytest.raises(ConfigError) as caught:
-        parse_config(tomllib.loads(ROUTER + LISTENER + extra), "inline.toml")
-    assert caught.value.errors == [f"inline.toml: {line}" for line in expected]
+    assert parse_errors(ROUTER + LISTENER + extra) == [f"inline.toml: {line}" for line in expected]
 
 
 def test_proxy_protocol_keys() -> None:
@@ -917,8 +918,4 @@ TOP_LEVEL_CASES = [
 
 @pytest.mark.parametrize("top, expected", TOP_LEVEL_CASES)
 def test_workers_metrics_and_log_key_errors(top: str, expected: list[str]) -> None:
-    import tomllib
-
-    with pytest.raises(ConfigError) as caught:
-        parse_config(tomllib.loads(top + ROUTER + LISTENER), "inline.toml")
-    assert caught.value.errors == [f"inline.toml: {line}" for line in expected]
+    assert parse_errors(top + ROUTER + LISTENER) == [f"inline.toml: {line}" for line in expected]
