@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import smtplib
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -26,7 +27,8 @@ from tests.support.frontends import PASSWORD, USER, Router
 from tests.support.net import WAIT, payload
 from tests.support.postfix import Postfix, split_delivered
 from tests.support.processes import LISTENING, TWISTD, assert_clean_stop
-from tests.support.smtp import BOB, CLIENT_ADDRESS, MESSAGE, PostfixTestCase, lf, password_check
+from tests.support.servers import free_ports
+from tests.support.smtp import BOB, CLIENT_ADDRESS, MESSAGE, PostfixTestCase, lf, password_check, raw_reply
 
 pytestmark = pytest.mark.slow
 
@@ -197,3 +199,72 @@ def test_twistd_submission_with_a_route_map_in_front_of_postfix(tmp_path: Any, s
         output
     )
     assert PASSWORD not in output and "not the password" not in output
+
+
+@pytest.mark.slow
+class PipelinedEnvelopeTests(PostfixTestCase):
+    """An MX session's envelope replayed to a real Postfix that offers PIPELINING: MAIL
+    and RCPT go in one write. On a port where Postfix refuses a sender at MAIL (not at
+    RCPT: `smtpd_delay_reject = no`), the refusal is what the client hears for its RCPT,
+    Postfix's answer to the pipelined RCPT never reaches it, and nothing is delivered."""
+
+    refusing_port: int
+    """Postfix's smtpd that refuses non-FQDN senders at MAIL."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        [cls.refusing_port] = free_ports(1)
+        cert, key = cls.upstream_pki("mailrelay-postfix-", "mx.upstream.test")
+        os.mkdir(f"{cls.directory}/postfix")
+        refusing = (
+            f"127.0.0.1:{cls.refusing_port} inet n - n - - smtpd\n"
+            "  -o smtpd_delay_reject=no\n"
+            "  -o smtpd_sender_restrictions=reject_non_fqdn_sender\n"
+        )
+        cls.postfix = Postfix(f"{cls.directory}/postfix", tls=(cert, key), users=(USER, BOB), extra_master_cf=refusing)
+        cls.postfix.start()
+
+    async def test_a_sender_refused_at_mail_answers_the_rcpt_and_nothing_is_delivered(self) -> None:
+        router = Router(port=self.refusing_port, login="xclient")
+        port = await self.proxy(router, starttls="optional", auth=["none"])
+
+        def client() -> list[bytes]:
+            with socket.create_connection(("127.0.0.1", port), timeout=WAIT, source_address=(CLIENT_ADDRESS, 0)) as conn:
+                replies = [raw_reply(conn)]
+                conn.sendall(b"EHLO mx.sender.example\r\n")
+                replies.append(raw_reply(conn))
+                # Pipelined, as a client that was offered PIPELINING may: both before any reply.
+                conn.sendall(b"MAIL FROM:<joe@localhost>\r\nRCPT TO:<" + BOB.encode() + b">\r\n")
+                replies += [raw_reply(conn), raw_reply(conn)]
+                conn.sendall(b"DATA\r\n")
+                replies.append(raw_reply(conn))
+                conn.sendall(b"QUIT\r\n")
+                replies.append(raw_reply(conn))
+                return replies
+
+        greeting, ehlo, mail, rcpt, data, quit_reply = await self.in_thread(client)
+        self.assertTrue(ehlo.startswith(b"250-") and b"PIPELINING" in ehlo, ehlo)
+        self.assertTrue(mail.startswith(b"250 "), mail)  # mailrelay's own: the route is decided at RCPT
+        self.assertTrue(rcpt.startswith(b"504 ") and b"Sender address rejected" in rcpt, rcpt)
+        self.assertNotIn(b"need MAIL", rcpt)  # Postfix's answer to the pipelined RCPT stays unread
+        self.assertTrue(data.startswith(b"5") or data.startswith(b"4"), data)  # no recipient: no DATA
+        self.assertTrue(quit_reply.startswith(b"221"), quit_reply)
+        self.assertIn("reject: MAIL from", self.postfix.log_text())
+        self.assertIn("Sender address rejected", self.postfix.log_text())
+        self.assertEqual(len(self.postfix.messages(BOB)), self.delivered_before)
+        [request] = router.requests
+        self.assertEqual((request.sender, request.recipient), ("joe@localhost", BOB))
+
+    async def test_an_accepted_sender_on_the_same_port_is_delivered(self) -> None:
+        router = Router(port=self.refusing_port, login="xclient")
+        port = await self.proxy(router, starttls="optional", auth=["none"])
+
+        def client() -> Any:
+            with smtplib.SMTP(
+                "127.0.0.1", port, local_hostname="mx.sender.example", timeout=WAIT, source_address=(CLIENT_ADDRESS, 0)
+            ) as smtp:
+                return smtp.sendmail("s@sender.example", [BOB], MESSAGE)
+
+        self.assertEqual(await self.in_thread(client), {})
+        [(_, message)] = await self.next_delivery()
+        self.assertEqual(message, lf(MESSAGE))
