@@ -1,12 +1,21 @@
 """
-`python -m mailrelay check FILE`: validate a configuration and show what it builds,
-the way `nginx -t` does. Exit status 0 when valid, 1 otherwise (errors on stderr).
+The `mailrelay` command (also `python -m mailrelay`): the tools around the service.
+
+    mailrelay check FILE        validate a configuration and show what it builds, the way
+                                `nginx -t` does: exit status 0 when valid, 1 otherwise
+    mailrelay demo              a self-contained demo: mail servers and mailrelay on localhost
+    mailrelay from-nginx FILE   translate an nginx mail {} / stream {} configuration
+    mailrelay version           the installed version
+
+The service itself runs under twistd (`twistd -n mailrelay --config FILE`), which owns
+daemonizing, pid files, logging and the reactor choice.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib import metadata
 
 from .config import ConfigError, load_config
 from .routerspec import RouterSpec
@@ -98,12 +107,36 @@ def _who_checks_passwords(router: RouterSpec) -> str:
     return "the router verifies none: checked by the upstream (login=passthrough)"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mailrelay", description="mailrelay tools")
-    commands = parser.add_subparsers(dest="command", required=True)
+def version() -> str:
+    """The installed distribution's version (the source tree's when not installed)."""
+    try:
+        return metadata.version("mailrelay")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog or _prog(),
+        description="mailrelay tools; the service runs with `twistd -n mailrelay --config FILE`",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     check_parser = commands.add_parser("check", help="validate a configuration file and show what it builds")
     check_parser.add_argument("config", help="TOML configuration file")
-    worker_parser = commands.add_parser("worker", help="one worker process (started by mailrelay itself with workers > 1)")
+    # The demo and the nginx translation add their own arguments. Their modules import
+    # nothing that installs a reactor: `worker` below installs its own first.
+    from .demo import command as demo_command
+    from .fromnginx import command as from_nginx_command
+
+    demo_command.add_arguments(
+        commands.add_parser("demo", help="run a self-contained demo: mail servers and mailrelay on localhost")
+    )
+    from_nginx_command.add_arguments(
+        commands.add_parser("from-nginx", help="translate an nginx mail {} / stream {} configuration into mailrelay TOML")
+    )
+    commands.add_parser("version", help="print the installed version")
+    # Started by mailrelay itself with workers > 1; not for people.
+    worker_parser = commands.add_parser("worker")
     source = worker_parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="TOML configuration file")
     source.add_argument("--tac", help="the .tac file twistd runs")
@@ -113,7 +146,20 @@ def main(argv: list[str] | None = None) -> int:
 
         install_reactor()
         return run(args.config, args.tac)
+    if args.command == "demo":
+        return demo_command.run(args)
+    if args.command == "from-nginx":
+        return from_nginx_command.run(args)
+    if args.command == "version":
+        print(f"mailrelay {version()}")
+        return 0
     return check(args.config)
+
+
+def _prog() -> str:
+    """`mailrelay` when run as the console script, `python -m mailrelay` otherwise."""
+    name = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else ""
+    return "python -m mailrelay" if name in ("__main__.py", "-m", "") else "mailrelay"
 
 
 if __name__ == "__main__":

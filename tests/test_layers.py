@@ -56,7 +56,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ),
     ("router backends", {"routers"}),
     ("sessions", {"relay", "protocols", "listener", "proxied"}),
-    ("top", {"service", "tap", "__main__", "testing", "__init__", "worker"}),
+    ("top", {"service", "tap", "__main__", "testing", "__init__", "worker", "demo", "fromnginx"}),
 ]
 """Lowest first. A module is named by its path below mailrelay/ (`routers.map`; a
 package by its folder, `routers`; mailrelay/__init__.py is `__init__`). A name matches

@@ -1,0 +1,1 @@
+"""Translating an nginx configuration's mail {} and stream {} blocks into mailrelay TOML."""
