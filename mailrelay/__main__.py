@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib import metadata
 
 from .config import ConfigError, load_config
 from .routerspec import RouterSpec
 from .service import MailrelayService
+from .version import version
 
 
 def check(path: str) -> int:
@@ -105,14 +105,6 @@ def _who_checks_passwords(router: RouterSpec) -> str:
     if router.type == "python":
         return "not verified by the router: its routes must log in with login=passthrough (enforced per session)"
     return "the router verifies none: checked by the upstream (login=passthrough)"
-
-
-def version() -> str:
-    """The installed distribution's version (the source tree's when not installed)."""
-    try:
-        return metadata.version("mailrelay")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -353,6 +353,18 @@ def test_no_mail_or_stream_block_is_exit_1(tmp_path: Path, capsys: pytest.Captur
     assert run(capsys, str(config))[0] == 1
 
 
+def test_a_missing_file_is_named_without_a_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nginx.conf"
+    code, out, errors = run(capsys, str(missing))
+    assert (code, out) == (1, "")
+    assert errors == [f"mailrelay from-nginx: {missing}: cannot read: no such file or directory"]
+
+
+def test_the_output_ends_with_a_newline(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, str(DATA / "stream_core.conf"))
+    assert code == 0 and out.endswith("\n") and not out.endswith("\n\n")
+
+
 def test_nothing_translatable_is_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "nginx.conf"
     config.write_text("stream {\n  server { listen 53 udp; proxy_pass 127.0.0.1:53; }\n}\n")

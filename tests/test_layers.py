@@ -31,14 +31,14 @@ PACKAGE = ROOT / "mailrelay"
 LAYERS: list[tuple[str, set[str]]] = [
     (
         "leaf helpers",
-        {"logtext", "configtable", "interfaces", "networks", "timers", "redisurl", "listening", "reactor", "zerocopy"},
+        {"logtext", "configtable", "interfaces", "networks", "timers", "redisurl", "listening", "reactor", "zerocopy", "version"},
     ),
     ("value types and pure logic", {"router", "sasl", "clienthello", "proxyprotocol"}),
     ("I/O-free protocol cores", {"core"}),
     # The configuration holds their settings (ServerTLSConfig, LoginLimits,
     # ConnectionLimits), so they sit below it.
     ("components the configuration holds the settings of", {"tls", "tls_*", "guard", "connlimits"}),
-    ("configuration", {"config", "routerspec"}),
+    ("configuration", {"config", "routerspec", "schema"}),
     (
         "Twisted plumbing",
         {
@@ -56,7 +56,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ),
     ("router backends", {"routers"}),
     ("sessions", {"relay", "protocols", "listener", "proxied"}),
-    ("top", {"service", "tap", "__main__", "testing", "__init__", "worker", "demo", "fromnginx"}),
+    ("top", {"service", "tap", "__main__", "testing", "__init__", "worker", "demo", "fromnginx", "reference"}),
 ]
 """Lowest first. A module is named by its path below mailrelay/ (`routers.map`; a
 package by its folder, `routers`; mailrelay/__init__.py is `__init__`). A name matches

@@ -21,20 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _version() -> str:
-    # Not mailrelay.__main__.version(): that module imports this one.
-    from importlib import metadata
-
-    try:
-        return metadata.version("mailrelay")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def run(args: argparse.Namespace) -> int:
     """Translate; warnings (and with -v every note) on stderr as `file:line: directive:
     what happens to it`. 0 when a configuration was written, 1 otherwise."""
     from .parser import NginxSyntaxError, parse_file
+    from ..version import version
     from .translate import render, translate
 
     try:
@@ -60,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    text = render(translation, os.path.basename(args.config), _version())
+    text = render(translation, os.path.basename(args.config), version())
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)

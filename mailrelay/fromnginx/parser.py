@@ -30,7 +30,8 @@ class NginxSyntaxError(Exception):
     """A configuration nginx would refuse to read: `str()` is `file:line: reason`."""
 
     def __init__(self, file: str, line: int, reason: str) -> None:
-        super().__init__(f"{file}:{line}: {reason}")
+        # Line 0: the file as a whole (it cannot be read).
+        super().__init__(f"{file}:{line}: {reason}" if line else f"{file}: {reason}")
         self.file = file
         self.line = line
         self.reason = reason
@@ -224,7 +225,7 @@ def parse_file(path: str, prefix: str | None = None) -> tuple[Directive, ...]:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
             text = f.read()
     except OSError as e:
-        raise NginxSyntaxError(path, 0, e.strerror or str(e)) from None
+        raise NginxSyntaxError(path, 0, f"cannot read: {(e.strerror or str(e)).lower()}") from None
     if prefix is None:
         prefix = os.path.dirname(os.path.abspath(path))
     return parse_text(text, path, prefix)

@@ -92,7 +92,7 @@ def render(t: Translation, source: str, version: str) -> str:
         parts.append(toml.table("[[listener]]", keys, listener.comment))
         if router is not None:
             parts.append(toml.table("[listener.router]", _router_keys(router)))
-    return "\n".join(parts)
+    return "\n".join(parts).rstrip("\n") + "\n"
 
 
 def _router_keys(router: dict[str, Any]) -> dict[str, Any]:
