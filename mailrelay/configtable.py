@@ -8,14 +8,54 @@ Whatever a caller did not read is an unknown key when `finish()` is called.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import tomllib
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
 _MISSING: Any = object()
+REQUIRED: Any = _MISSING
+"""A `KeyRead.default` for a key read without a default (required, or read only when present)."""
+
+
+class KeyRead(NamedTuple):
+    """One key a `Table` was asked for, as a recorder (`recording()`) is told of it."""
+
+    source: str
+    concrete: str
+    """Its key path with array indices: `listener[2].router.routes[0].host`."""
+    kind: str
+    """The Table method that read it: string, integer, seconds, number, boolean, strings, file, table, tables."""
+    default: Any
+    choices: tuple[str, ...] | None = None
+    minimum: int | None = None
+    maximum: int | None = None
+
+    @property
+    def path(self) -> str:
+        """The key path without indices: `listener.router.routes.host`."""
+        return re.sub(r"\[\d+\]", "", self.concrete)
+
+
+_recorder: ContextVar[Callable[[KeyRead], None] | None] = ContextVar("mailrelay_config_recorder", default=None)
+
+
+@contextmanager
+def recording(recorder: Callable[[KeyRead], None]) -> Iterator[None]:
+    """Tell `recorder` of every key any Table reads in this context (the configuration
+    reference's test compares them with `mailrelay.schema`); without one, reads cost a
+    context variable lookup."""
+    token = _recorder.set(recorder)
+    try:
+        yield
+    finally:
+        _recorder.reset(token)
 
 
 class ConfigError(Exception):
@@ -99,6 +139,11 @@ class Table:
     def has(self, key: str) -> bool:
         return key in self.data
 
+    def _note(self, key: str, kind: str, default: Any, choices: Any = None, minimum: Any = None, maximum: Any = None) -> None:
+        recorder = _recorder.get()
+        if recorder is not None:
+            recorder(KeyRead(self.errors.source, self.key_path(key), kind, default, choices, minimum, maximum))
+
     def _get(self, key: str, default: Any, accept: tuple[type, ...], kind: str, secret: bool = False) -> Any:
         self._read.add(key)
         if key not in self.data:
@@ -120,6 +165,7 @@ class Table:
 
     def string(self, key: str, default: Any = _MISSING, choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
         """A string; `secret` keeps the value out of error messages (passwords)."""
+        self._note(key, "string", default, choices)
         value = self._get(key, default, (str,), "a string", secret)
         if choices is not None and isinstance(value, str) and value not in choices:
             names = ", ".join(f'"{c}"' for c in choices)
@@ -128,6 +174,7 @@ class Table:
         return value
 
     def integer(self, key: str, default: Any = _MISSING, minimum: int | None = None, maximum: int | None = None) -> Any:
+        self._note(key, "integer", default, None, minimum, maximum)
         value = self._get(key, default, (int,), "an integer")
         if isinstance(value, int) and value is not default:
             if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
@@ -136,6 +183,7 @@ class Table:
         return value
 
     def seconds(self, key: str, default: Any = _MISSING) -> Any:
+        self._note(key, "seconds", default)
         value = self._get(key, default, (int, float), "a number of seconds")
         if isinstance(value, (int, float)) and value is not default and not value > 0:
             self.error(key, f"must be a positive number of seconds, not {value}")
@@ -144,6 +192,7 @@ class Table:
 
     def strings(self, key: str, default: Any = _MISSING) -> Any:
         """An array of strings (a single string is taken as an array of one)."""
+        self._note(key, "strings", default)
         value = self._get(key, default, (list, str), "a string or an array of strings")
         if isinstance(value, str):
             return (value,)
@@ -158,7 +207,8 @@ class Table:
     def file(self, key: str, default: Any = _MISSING) -> Any:
         """A file name, made absolute against the configuration file's folder; whether
         the file is usable is for its reader to say."""
-        value = self.string(key, default)
+        self._note(key, "file", default)
+        value = self._get(key, default, (str,), "a string")
         if isinstance(value, str) and value is not default:
             if not value:
                 self.error(key, "must name a file, not be empty")
@@ -170,6 +220,7 @@ class Table:
 
     def number(self, key: str, default: Any = _MISSING) -> Any:
         """A number of seconds that may be 0 (a delay that can be turned off)."""
+        self._note(key, "number", default)
         value = self._get(key, default, (int, float), "a number of seconds")
         if isinstance(value, (int, float)) and value is not default and value < 0:
             self.error(key, f"must be 0 or more seconds, not {value}")
@@ -177,10 +228,12 @@ class Table:
         return float(value) if isinstance(value, (int, float)) else value
 
     def boolean(self, key: str, default: Any = _MISSING) -> Any:
+        self._note(key, "boolean", default)
         return self._get(key, default, (bool,), "true or false")
 
     def table(self, key: str, default: Any = _MISSING, secret: bool = False) -> Table | None:
         """A sub-table; `secret` keeps a wrongly typed value out of error messages."""
+        self._note(key, "table", default)
         value = self._get(key, default, (dict,), "a table", secret)
         if not isinstance(value, dict):
             return None
@@ -188,6 +241,7 @@ class Table:
 
     def tables(self, key: str) -> Iterator[Table]:
         """The tables of an array of tables (`[[key]]`), each with its index in its path."""
+        self._note(key, "tables", REQUIRED)
         value = self._get(key, [], (list,), "an array of tables")
         for index, item in enumerate(value or ()):
             path = f"{self.key_path(key)}[{index}]"
@@ -215,11 +269,15 @@ class Table:
         self._read.add(key)
 
     def finish(self) -> None:
-        """Report every key present but never read (once)."""
+        """Report every key present but never read (once), with the known key it is
+        closest to when there is one (a typo: `idle_timout`)."""
+        known = sorted(k for k in self._read if k not in self.data)
         for key in self.data:
             if key not in self._read:
                 if self.path and key in self.errors.top_level_keys:
                     self.error(key, "unknown key (a top-level key must come before the first [table] in TOML)")
+                elif close := difflib.get_close_matches(key, known, n=1, cutoff=0.8):
+                    self.error(key, f'unknown key (did you mean "{close[0]}"?)')
                 else:
                     self.error(key, "unknown key")
                 self._read.add(key)
