@@ -15,7 +15,7 @@ import os
 
 from twisted.application.service import Application
 
-from mailrelay import Reject, Route, Router, RouteRequest, makeService
+from mailrelay import ExitOnListenFailure, Reject, Route, Router, RouteRequest, makeService
 
 
 def route_from(env_value: str) -> Route:
@@ -50,4 +50,6 @@ config = {
     ]
 }
 application = Application("mailrelay")
-makeService(config, router=router).setServiceParent(application)
+# ExitOnListenFailure: a port that cannot be bound stops twistd with one line saying why
+# (port in use, permission), not a traceback.
+ExitOnListenFailure(makeService(config, router=router)).setServiceParent(application)

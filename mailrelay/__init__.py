@@ -2,12 +2,14 @@
 
 from .config import ConfigError
 from .interfaces import IReloadable
+from .listening import ExitOnListenFailure
 from .router import ClientCertificate, IRouter, Reject, Route, Router, RouteRequest, RouterError
 from .service import makeService
 
 __all__ = [
     "ClientCertificate",
     "ConfigError",
+    "ExitOnListenFailure",
     "IReloadable",
     "IRouter",
     "Reject",

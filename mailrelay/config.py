@@ -590,6 +590,10 @@ def _certificate(table: Table, where: str, sni: bool = False) -> CertificateFile
 _SNI_NAME = re.compile(r"(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
 
 
+ENDPOINT_EXAMPLES = '"tcp:587", "tcp:587:interface=127.0.0.1", "tcp6:587:interface=\\:\\:1" or "unix:/run/mailrelay.sock"'
+"""Shown after a bad endpoint's reason: what a good one looks like."""
+
+
 def _check_endpoint(table: Table, description: str) -> str | None:
     """Parse a server endpoint string without listening; report why it is wrong."""
     from twisted.internet import reactor
@@ -606,6 +610,10 @@ def _check_endpoint(table: Table, description: str) -> str | None:
             # Twisted's own words are "list index out of range".
             fds = os.environ.get("LISTEN_FDS", "none")
             reason = f"no such socket from systemd (LISTEN_FDS={fds}): start it through its .socket unit"
+        else:
+            if isinstance(e, ValueError) and reason.startswith("invalid literal for int()"):
+                reason = "the port must be a number, not " + reason.rpartition(": ")[2]
+            reason += f" (an endpoint looks like {ENDPOINT_EXAMPLES})"
         table.error("listen", f'bad endpoint "{description}": {reason}')
         return None
     return description

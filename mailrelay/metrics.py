@@ -249,6 +249,7 @@ class MetricsService(ListeningService):
 
         super().__init__(serverFromString(reactor, listen), metrics_site(scrape))
         self.listen = listen
+        self.what = f"the metrics endpoint ([metrics] listen = {listen!r})"
 
     def listened(self, host: IAddress) -> None:
         self.log.info("metrics on http://{address}/metrics", address=describe_host(host))

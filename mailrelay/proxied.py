@@ -131,7 +131,10 @@ class ProxiedFactory(Factory):
         )
 
 
-UNTRUSTED = "not in trusted_proxies, so it may not send a PROXY header"
+UNTRUSTED = (
+    "not in trusted_proxies: this listener takes connections from its balancers only"
+    " (list the balancer's address in trusted_proxies, or point clients at a listener without proxy_protocol)"
+)
 
 
 class Untrusted(Protocol):

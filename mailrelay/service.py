@@ -55,6 +55,7 @@ class ListenerService(ListeningService):
         super().__init__(endpoint, factory)
         self.name = listener.name
         self.listener = listener
+        self.what = f'listener "{listener.name}" ({listener.listen})'
 
     def listened(self, host: IAddress) -> None:
         self.log.info(

@@ -23,6 +23,7 @@ Router and the log is `mailrelay.tls_facts`.
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import socket
 from collections.abc import Sequence
@@ -132,7 +133,15 @@ def read_pem_file(path: str, what: str, where: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise TLSSetupError(f"{where}: cannot read {what} {path}: {e.strerror or e}") from None
+        hint = " (it is read by the user mailrelay starts as, and again on reload: let that user read it)"
+        raise TLSSetupError(
+            f"{where}: cannot read {what} {path}: {e.strerror or e}" + (hint if e.errno == errno.EACCES else "")
+        ) from None
+
+
+def _first_sentence(error: Exception) -> str:
+    """The first sentence of a cryptography error (the rest is a link to its FAQ)."""
+    return str(error).split(". ", 1)[0].rstrip(".") or type(error).__name__
 
 
 def certificate_names(certificate: x509.Certificate) -> tuple[str, ...]:
@@ -150,14 +159,20 @@ def load_certificate(files: CertificateFiles) -> LoadedCertificate:
     try:
         chain = tuple(x509.load_pem_x509_certificates(cert_pem))
     except ValueError:
-        raise TLSSetupError(f"{files.where}.cert: {files.cert} holds no PEM certificate") from None
+        raise TLSSetupError(
+            f"{files.where}.cert: {files.cert} holds no PEM certificate: expected the certificate, then its chain,"
+            " as PEM text (-----BEGIN CERTIFICATE-----), such as a fullchain.pem"
+        ) from None
     key_pem = cert_pem if files.key == files.cert else read_pem_file(files.key, "key", files.where + ".key")
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:
         raise TLSSetupError(f"{files.where}.key: the key in {files.key} is encrypted: mailrelay needs it unencrypted") from None
     except (ValueError, UnsupportedAlgorithm) as e:
-        raise TLSSetupError(f"{files.where}.key: {files.key} holds no usable PEM private key ({e})") from None
+        raise TLSSetupError(
+            f"{files.where}.key: {files.key} holds no usable PEM private key: expected an unencrypted key as PEM text"
+            f" (-----BEGIN PRIVATE KEY-----), such as a privkey.pem ({_first_sentence(e)})"
+        ) from None
     if key.public_key().public_bytes(*_SPKI) != chain[0].public_key().public_bytes(*_SPKI):
         raise TLSSetupError(f"{files.where}.key: the key in {files.key} does not belong to the certificate in {files.cert}")
     names = files.names or certificate_names(chain[0])
@@ -288,7 +303,11 @@ class ServerTLS:
             left = certificate.leaf.not_valid_after_utc - now
             if left < datetime.timedelta(days=14):
                 state = "expired" if left.total_seconds() < 0 else f"expires in {left.days} day(s)"
-                self.log.warn("TLS certificate {what} {state}", what=certificate.describe(), state=state)
+                self.log.warn(
+                    "TLS certificate {what} {state}: renew it, then reload mailrelay (SIGHUP) to serve the new one",
+                    what=certificate.describe(),
+                    state=state,
+                )
 
     def _load(self) -> tuple[list[LoadedCertificate], list[x509.Certificate]]:
         config = self.config
@@ -303,7 +322,10 @@ class ServerTLS:
             try:
                 client_cas = x509.load_pem_x509_certificates(pem)
             except ValueError:
-                raise TLSSetupError(f"tls.client_ca: {config.client_ca} holds no PEM certificate") from None
+                raise TLSSetupError(
+                    f"tls.client_ca: {config.client_ca} holds no PEM certificate: expected the CA certificates"
+                    " that sign client certificates, as PEM text (-----BEGIN CERTIFICATE-----)"
+                ) from None
         return certificates, client_cas
 
     def _build(

@@ -130,4 +130,7 @@ def _load_cas(path: str, where: str) -> list[Any]:
     try:
         return [crypto.X509.from_cryptography(c) for c in x509.load_pem_x509_certificates(pem)]
     except ValueError:
-        raise TLSSetupError(f"{where}: {path} holds no PEM certificate") from None
+        raise TLSSetupError(
+            f"{where}: {path} holds no PEM certificate: expected the CA certificates to trust, as PEM text"
+            " (-----BEGIN CERTIFICATE-----)"
+        ) from None

@@ -95,5 +95,20 @@ def describe_tls_error(error: BaseException | None) -> str:
     if isinstance(error, ALPNRefused):
         return f"TLS: {error}"
     if isinstance(error, SSL.Error):
-        return f"TLS: {ssl_reason(error)}"
+        reason = ssl_reason(error)
+        hint = _TLS_HINTS.get(reason.lower())
+        return f"TLS: {reason} ({hint})" if hint else f"TLS: {reason}"
     return f"{type(error).__name__}: {error}"
+
+
+_TLS_HINTS = {
+    "wrong version number": "the peer did not speak TLS: plaintext on a TLS port, or STARTTLS where implicit TLS is expected",
+    "http request": "the peer sent HTTP, not TLS",
+    "unsupported protocol": "the TLS versions the peer offers are below min_version",
+    "no shared cipher": "no cipher in common: check ciphers, and the certificate's key type",
+    "peer did not return a certificate": 'client_cert = "required" and the client sent none',
+    "tlsv1 alert unknown ca": "the peer does not trust the certificate it was shown: a private CA, or a file without its chain",
+    "sslv3 alert certificate unknown": "the peer refused the certificate it was shown: wrong name, expired, or not trusted",
+}
+"""What a handshake failure's OpenSSL reason usually means, for the administrator
+reading it: shown after the reason."""

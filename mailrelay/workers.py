@@ -49,6 +49,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from .config import Config, ConfigError, load_config
+from .listening import listen_failed
 from .timers import cancel
 from .workerlog import WorkerOutput
 
@@ -248,7 +249,7 @@ class Supervisor(MultiService):
             # Raised synchronously so that a port in use stops the start (every endpoint
             # mailrelay listens on answers at once).
             if result:
-                result[0].raiseException()
+                raise listen_failed(f'listener "{name}"', result[0].value)
             raise RuntimeError(f"listener {name}: its endpoint did not listen at once")
         port: IListeningPort = result[0]
         port.stopReading()  # type: ignore[attr-defined]

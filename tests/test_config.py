@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 from twisted.internet.testing import MemoryReactor
 
-from mailrelay.config import Config, ConfigError, ListenerConfig, MetricsConfig, load_config, parse_config
+from mailrelay.config import (
+    ENDPOINT_EXAMPLES,
+    Config,
+    ConfigError,
+    ListenerConfig,
+    MetricsConfig,
+    load_config,
+    parse_config,
+)
 from mailrelay.router import Route, RouteRequest
 from mailrelay.service import MailrelayService, makeService
 from tests.support.net import closed_port
@@ -513,15 +521,17 @@ def test_python_router_module_fails_to_import(tmp_path: Path, modules: tuple[str
     _, broken = modules
     path = write(tmp_path, python_router_config(f'{{ type = "python", class = "{broken}:Router" }}'))
     assert errors_of(path) == [
-        f"{path}: listener[0].router.class: cannot import module \"{broken}\": RuntimeError('boom at import')"
+        f'{path}: listener[0].router.class: cannot import module "{broken}": importing it raised'
+        f" RuntimeError('boom at import') at {tmp_path / broken}.py:1"
     ]
 
 
 def test_python_router_module_missing(tmp_path: Path) -> None:
     path = write(tmp_path, python_router_config('{ type = "python", class = "no_such_module_xyz:Router" }'))
     assert errors_of(path) == [
-        f'{path}: listener[0].router.class: cannot import module "no_such_module_xyz": '
-        "ModuleNotFoundError(\"No module named 'no_such_module_xyz'\")"
+        f'{path}: listener[0].router.class: cannot import module "no_such_module_xyz": no module "no_such_module_xyz"'
+        " on mailrelay's Python path (install it into the environment mailrelay runs in, or add the folder holding it"
+        " to PYTHONPATH)"
     ]
 
 
@@ -588,7 +598,8 @@ def test_check_python_router_errors(tmp_path: Path, modules: tuple[str, str]) ->
         [
             f'mailrelay.toml: listener[0].router.class: module "{good}" has no "Nope"',
             f'mailrelay.toml: listener[1].router.class: "{good}:NOT_A_CLASS" is not a class',
-            f"mailrelay.toml: listener[2].router.class: cannot import module \"{broken}\": RuntimeError('boom at import')",
+            f'mailrelay.toml: listener[2].router.class: cannot import module "{broken}": importing it raised'
+            f" RuntimeError('boom at import') at {tmp_path / broken}.py:1",
         ],
     )
 
@@ -909,7 +920,13 @@ def test_workers_metrics_and_log_keys() -> None:
 TOP_LEVEL_CASES = [
     ("workers = 0\n", ["workers: must be from 1 to 1024, not 0"]),
     ('workers = "many"\n', ["workers: must be an integer, not a string ('many')"]),
-    ('[metrics]\nlisten = "bogus:9108"\n', ["metrics.listen: bad endpoint \"bogus:9108\": Unknown endpoint type: 'bogus'"]),
+    (
+        '[metrics]\nlisten = "bogus:9108"\n',
+        [
+            "metrics.listen: bad endpoint \"bogus:9108\": Unknown endpoint type: 'bogus'"
+            f" (an endpoint looks like {ENDPOINT_EXAMPLES})"
+        ],
+    ),
     ("[metrics]\n", ["metrics.listen: is required"]),
     ('[metrics]\nlisten = "tcp:9108"\npath = "/m"\n', ["metrics.path: unknown key"]),
     ('[log]\nsessions = "xml"\n', ['log.sessions: must be one of "text", "json", not "xml"']),

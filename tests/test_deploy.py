@@ -379,6 +379,9 @@ def test_twistd_refuses_invalid_config(tmp_path: Path) -> None:
     assert result.returncode != 0, output
     assert "bad.toml: listener[0].colour: unknown key" in output
     assert "Traceback" not in output
+    # The problems alone, not twistd's usage text above them.
+    assert result.stderr.startswith("mailrelay cannot start: invalid configuration, 1 problem:\n"), result.stderr
+    assert "--reactor" not in output
     assert "Server Shut Down" not in output and "starting up" not in output  # never started
 
 

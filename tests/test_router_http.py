@@ -1034,7 +1034,13 @@ class HTTPRouterTests(ProxyTestCase):
             f.write("truncated\n")
         router.reload()
         logged = [line for line in self.logs.lines() if "TLS trust not reloaded, keeping the previous one" in line]
-        self.assertEqual(logged, [f"TLS trust not reloaded, keeping the previous one: router.ca: {ca} holds no PEM certificate"])
+        self.assertEqual(
+            logged,
+            [
+                f"TLS trust not reloaded, keeping the previous one: router.ca: {ca} holds no PEM certificate:"
+                " expected the CA certificates to trust, as PEM text (-----BEGIN CERTIFICATE-----)"
+            ],
+        )
         self.assertEqual(await router.route(IMAP), [Route(host="127.0.0.1", port=143)])
 
         pki.write_ca(trustme.CA(), "auth-ca")  # another CA: the service is no longer trusted

@@ -810,7 +810,7 @@ mode = "splice"
 
 def test_a_missing_map_file_stops_the_start(tmp_path: Path) -> None:
     config = write(tmp_path / "mailrelay.toml", CONFIG_WITH_FILE)
-    assert build_errors(config) == [f"{tmp_path / 'routes.toml'}: no such file"]
+    assert build_errors(config) == [f"{config}: router.file: {tmp_path / 'routes.toml'}: no such file"]
 
 
 def test_errors_in_the_map_file_name_that_file_and_paths_inside_it(tmp_path: Path) -> None:

@@ -245,7 +245,7 @@ def test_a_call_redis_does_not_answer_in_time_falls_back_with_one_warning() -> N
         result(d)
     assert warnings(events) == [
         "redis at 127.0.0.1:6379 db 0 unavailable: no answer within 0.5s; using this process's own login counts"
-        " and route cache until it is back"
+        " and route cache until it is back (check that Redis runs there and that [redis] url names it)"
     ]
     # Degraded: further calls do not wait on Redis at all, and warn no more.
     sent = len(client.sent)

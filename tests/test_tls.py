@@ -358,7 +358,10 @@ class VersionTests(TLSTestCase):
             how = await self.in_thread(refused, port, client, "mail.test")
             self.assertEqual(how, "SSLError: TLSV1_ALERT_PROTOCOL_VERSION")
         lines = await self.session_lines(2)
-        self.assertEqual([(e["outcome"], e["reason"]) for e in lines], [("tls-failed", "TLS: unsupported protocol")] * 2)
+        self.assertEqual(
+            [(e["outcome"], e["reason"]) for e in lines],
+            [("tls-failed", "TLS: unsupported protocol (the TLS versions the peer offers are below min_version)")] * 2,
+        )
 
         tls12 = client_context(self.pki.ca_file)
         tls12.minimum_version = tls12.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -588,7 +591,14 @@ class HandshakeFailureTests(TLSTestCase):
         lines = await self.session_lines(2)
         self.assertEqual(
             [(e["outcome"], e["reason"]) for e in lines],
-            [("tls-failed", "TLS: unexpected message"), ("tls-failed", "TLS: wrong version number")],
+            [
+                ("tls-failed", "TLS: unexpected message"),
+                (
+                    "tls-failed",
+                    "TLS: wrong version number (the peer did not speak TLS: plaintext on a TLS port,"
+                    " or STARTTLS where implicit TLS is expected)",
+                ),
+            ],
         )
         self.assertEqual(router.requests, [])
         await self.assert_still_serving(port)
@@ -819,7 +829,13 @@ class ClientCertificateTests(TLSTestCase):
         how = await self.in_thread(refused, port, client_context(self.pki.ca_file), "mail.test")
         self.assertEqual(how, "SSLError: TLSV13_ALERT_CERTIFICATE_REQUIRED")
         line = await self.last_session()
-        self.assertEqual((line["outcome"], line["reason"]), ("tls-failed", "TLS: peer did not return a certificate"))
+        self.assertEqual(
+            (line["outcome"], line["reason"]),
+            (
+                "tls-failed",
+                'TLS: peer did not return a certificate (client_cert = "required" and the client sent none)',
+            ),
+        )
         self.assertEqual(router.requests, [])
 
     async def test_optional_routes_a_client_without_certificate(self) -> None:

@@ -125,7 +125,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
@@ -146,6 +146,13 @@ __all__ = ["HTTPRouter", "describe_failure", "parse"]
 
 
 # -- TLS to the service --------------------------------------------------------------------
+
+
+class _QuietHTTPFactory(_HTTP11ClientFactory):
+    """The pool's factory without a log line as each connection starts and stops: the
+    administrator reads session lines, not the auth service's connection churn."""
+
+    noisy = False
 
 
 @implementer(IPolicyForHTTPS)
@@ -281,6 +288,7 @@ class HTTPRouter(Service):
         self.reactor = reactor
         self.tls = ClientTLS(ca, where=ca_key) if self.url.scheme == "https" else None
         self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool._factory = _QuietHTTPFactory  # no "Starting factory" lines per connection to the service
         self.pool.maxPersistentPerHost = max_connections
         endpoints = _Endpoints(reactor, timeout, _VerifiedTLS(self.tls) if self.tls is not None else None)
         self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)

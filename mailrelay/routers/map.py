@@ -251,10 +251,18 @@ def parse(table: Table) -> RouterSpec | None:
     if path is None or check_interval is None or conflicts:
         return None
     interval = float(check_interval)
+    named_by = f"{table.errors.source}: {table.key_path('file')}"
 
     def build(reactor: Any = None, verify: Verify | None = None, password_listeners: Iterable[PasswordListener] = ()) -> IRouter:
         reactor = _reactor(reactor)
-        return FileMapRouter(path, interval, reactor, verify or threaded_verify(reactor, *hashing), password_listeners)
+        try:
+            return FileMapRouter(path, interval, reactor, verify or threaded_verify(reactor, *hashing), password_listeners)
+        except ConfigError as e:
+            # A file that is not there: say which key named it (its contents' errors name the file).
+            missing = f"{path}: no such file"
+            if e.errors == [missing] or (len(e.errors) == 1 and e.errors[0].startswith(f"{path}: cannot read:")):
+                raise ConfigError([f"{named_by}: {e.errors[0]}"]) from None
+            raise
 
     description = f"map: rules from {path}, checked every {interval:g}s"
     return RouterSpec("map", description, build, verifies_passwords=True)

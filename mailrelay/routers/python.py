@@ -4,6 +4,7 @@ table's other keys as keyword arguments."""
 from __future__ import annotations
 
 import importlib
+import traceback
 from typing import Any
 
 from ..configtable import ConfigError, Table
@@ -19,7 +20,7 @@ def load_class(spec: str) -> type:
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # an import runs arbitrary code: report whatever it raised
-        raise ValueError(f'cannot import module "{module_name}": {e!r}') from e
+        raise ValueError(f'cannot import module "{module_name}": {_import_failure(module_name, e)}') from e
     target: Any = module
     for part in attribute.split("."):
         target = getattr(target, part, None)
@@ -30,6 +31,21 @@ def load_class(spec: str) -> type:
     if not (IRouter.implementedBy(target) or callable(getattr(target, "route", None))):
         raise ValueError(f'"{spec}" is not a Router: it has no route() method')
     return target
+
+
+def _import_failure(module_name: str, error: Exception) -> str:
+    """Why importing `module_name` failed, in words that say where to look."""
+    missing = error.name if isinstance(error, ModuleNotFoundError) else None
+    if missing is not None and (module_name == missing or module_name.startswith(missing + ".")):
+        return (
+            f'no module "{missing}" on mailrelay\'s Python path (install it into the environment mailrelay runs in,'
+            " or add the folder holding it to PYTHONPATH)"
+        )
+    if isinstance(error, SyntaxError):  # its text names the file and line
+        return f"importing it raised {type(error).__name__}: {error}"
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return f"importing it raised {error!r}{where}"
 
 
 def parse(table: Table) -> RouterSpec | None:

@@ -145,7 +145,8 @@ class SharedStore(Service):
             return
         self._degraded = True
         self.log.warn(
-            "redis at {where} unavailable: {reason}; using this process's own login counts and route cache until it is back",
+            "redis at {where} unavailable: {reason}; using this process's own login counts and route cache until it is back"
+            " (check that Redis runs there and that [redis] url names it)",
             where=self.address.describe(),
             reason=_describe(reason, self.timeout),
         )
