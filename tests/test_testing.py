@@ -217,44 +217,46 @@ def test_the_recording_router_records_and_answers_as_told() -> None:
             resolve(RecordingRouter(error))
 
 
-# -- the README's Python router ------------------------------------------------------------
+# -- the Python router of docs/routers.md -------------------------------------------------
+
+ROUTERS_DOC = "docs/routers.md"
 
 
-def readme_block(heading: str) -> str:
-    """The first ```python block under `heading` in README.md."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split(f"\n{heading}\n", 1)[1]
+def doc_block(heading: str) -> str:
+    """The first ```python block under `heading` in docs/routers.md."""
+    page = (ROOT / ROUTERS_DOC).read_text()
+    section = page.split(f"\n{heading}\n", 1)[1]
     match = re.search(r"```python\n(.*?)```", section, re.S)
     assert match is not None, f"no python block under {heading}"
     return match.group(1)
 
 
-def readme_router() -> Any:
-    """The README's example Router class, run as the README shows it (without the line
-    that builds a service from a file)."""
-    code = "".join(line for line in readme_block("## Routing in Python").splitlines(True) if not line.startswith("service ="))
+def documented_router() -> Any:
+    """The example Router class of docs/routers.md, run as the page shows it (without the
+    line that builds a service from a file)."""
+    code = "".join(line for line in doc_block("## Routing in Python").splitlines(True) if not line.startswith("service ="))
     namespace: dict[str, Any] = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, ROUTERS_DOC, "exec"), namespace)
     return namespace["MyRouter"]
 
 
-def test_the_readme_router_sends_internal_clients_to_two_upstreams_in_order() -> None:
-    routes = resolve(readme_router()(), client=("10.1.2.3", 50000))
+def test_the_documented_router_sends_internal_clients_to_two_upstreams_in_order() -> None:
+    routes = resolve(documented_router()(), client=("10.1.2.3", 50000))
     assert routes == [Route(host="10.0.0.5", port=25), Route(host="10.0.0.6", port=25)]
 
 
-def test_the_readme_router_refuses_everyone_else_after_two_seconds() -> None:
+def test_the_documented_router_refuses_everyone_else_after_two_seconds() -> None:
     with pytest.raises(Reject) as caught:
-        resolve(readme_router()(), client=("192.0.2.99", 50000))
+        resolve(documented_router()(), client=("192.0.2.99", 50000))
     assert (caught.value.message, caught.value.wait) == ("not from here", 2.0)
 
 
-def test_the_readme_testing_section_runs_as_written() -> None:
-    # The block imports the class from the user's package; here it is the README's own.
-    block = readme_block("## Testing your Router")
+def test_the_testing_section_of_docs_routers_md_runs_as_written() -> None:
+    # The block imports the class from the user's package; here it is the page's own.
+    block = doc_block("## Testing your Router")
     code = "".join(line for line in block.splitlines(True) if "import MyRouter" not in line)
-    namespace: dict[str, Any] = {"MyRouter": readme_router()}
-    exec(compile(code, "README.md", "exec"), namespace)
+    namespace: dict[str, Any] = {"MyRouter": documented_router()}
+    exec(compile(code, ROUTERS_DOC, "exec"), namespace)
     tests = [value for name, value in namespace.items() if name.startswith("test_")]
     assert len(tests) == 3
     for test in tests:

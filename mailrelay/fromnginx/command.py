@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Translate; warnings (and with -v every note) on stderr as `file:line: directive:
     what happens to it`. 0 when a configuration was written, 1 otherwise."""
-    from .parser import NginxSyntaxError, parse_file
     from ..version import version
+    from .parser import NginxSyntaxError, parse_file
     from .translate import render, translate
 
     try:
