@@ -493,3 +493,66 @@ class PostfixAttackTests(PostfixTestCase):
         delivered = await self.in_thread(self.postfix.messages, BOB)
         self.assertEqual(len(delivered), self.delivered_before + 1)
         self.assertFalse(any(b"Subject: attack" in m for m in delivered))
+
+
+@pytest.mark.slow
+class AccountGuessingTests(PostfixTestCase):
+    """A map router that checks passwords, in front of Postfix with XCLIENT: an attacker
+    who tries account names learns nothing from the answers. An unknown user is refused
+    with the very reply a known user with a wrong password gets (the map checks the
+    guess against a real hash first, so the time is the same too); the right password
+    still delivers."""
+
+    async def test_an_unknown_account_and_a_wrong_password_look_the_same(self) -> None:
+        config = parse_config(
+            {
+                "router": {
+                    "type": "map",
+                    "rule": [
+                        {
+                            "user": USER,
+                            "password": HASH,
+                            "reject_wait": 0.05,
+                            "route": {"host": "127.0.0.1", "port": self.postfix.port, "login": "xclient"},
+                        }
+                    ],
+                },
+                "listener": [{"listen": "tcp:0", "mode": "tls", "protocol": "smtp"}],
+            }
+        )
+        assert config.router is not None
+        checked: list[str] = []
+
+        def verify(hashed: str, password: str) -> Deferred[bool]:
+            checked.append(password)
+            return sync_verify(hashed, password)
+
+        port = await self.proxy(config.router.build(Clock(), verify=verify), mode="tls")
+
+        def try_login(user: str, password: str) -> Any:
+            with self.smtp_from(port, "tls") as smtp:
+                smtp.user, smtp.password = user, password
+                try:
+                    return smtp.auth("PLAIN", smtp.auth_plain)
+                except smtplib.SMTPAuthenticationError as e:
+                    return e.smtp_code, e.smtp_error
+
+        wrong_password = await self.in_thread(try_login, USER, "guess-1")
+        wrong_line = await self.session_line()
+        unknown_user = await self.in_thread(try_login, "root@example.test", "guess-2")
+        unknown_line = await self.session_line()
+        self.assertEqual(wrong_password, unknown_user)
+        self.assertEqual(wrong_password[0], 535)
+        self.assertEqual(checked, ["guess-1", "guess-2"])  # the unknown user's guess was hashed too
+        self.assertEqual((wrong_line["outcome"], wrong_line["reason"]), (unknown_line["outcome"], unknown_line["reason"]))
+        self.assertNotIn("guess", wrong_line["reason"] + unknown_line["reason"])
+
+        def honest() -> Any:
+            with self.smtp_from(port, "tls") as smtp:
+                smtp.login(USER, PASSWORD)
+                return smtp.sendmail(USER, [BOB], MESSAGE)
+
+        self.assertEqual(await self.in_thread(honest), {})
+        [(trace, message)] = await self.next_delivery()
+        self.assertEqual(message, lf(MESSAGE))
+        self.assertIn(b"(Authenticated sender: alice@example.test)", trace)

@@ -452,6 +452,50 @@ def test_methods_without_a_password_to_check_are_refused_clearly(method: str) ->
     assert ports(router, user="bob@example.org", auth_method=method) == [143]
 
 
+# An attacker guessing account names: an unknown user must be answered as a known user
+# with a wrong password is, in words, in wait, and after a hash check of the same cost.
+
+
+def test_an_unknown_user_s_password_login_is_refused_as_a_wrong_password_after_a_real_check() -> None:
+    checked: list[tuple[str, str]] = []
+
+    def recording_verify(hashed: str, password: str) -> Deferred[bool]:
+        checked.append((hashed, password))
+        return sync_verify(hashed, password)
+
+    router = password_router(BCRYPT_HASH, extra="reject_wait = 3", verify=recording_verify)
+    known = rejection(router, user="alice@example.org", password="guess", auth_method="plain")
+    assert checked == [(BCRYPT_HASH, "guess")]
+    unknown = rejection(router, user="mallory@example.net", password="guess", auth_method="plain")
+    assert (
+        (unknown.message, unknown.wait, unknown.close)
+        == (known.message, known.wait, known.close)
+        == (
+            "invalid credentials",
+            3.0,
+            False,
+        )
+    )
+    assert checked == [(BCRYPT_HASH, "guess")] * 2  # the decoy check ran as a real one would
+    # Alice's own password does not open an account that does not exist.
+    assert rejection(router, user="mallory@example.net", password=PASSWORD, auth_method="login").message == "invalid credentials"
+    # Without a password, and with a method nothing can check: the same words as for alice.
+    for fields in ({"auth_method": "plain"}, {"password": "token", "auth_method": "xoauth2"}):
+        assert (
+            rejection(router, user="mallory@example.net", **fields).message
+            == rejection(router, user="alice@example.org", **fields).message
+        )
+
+
+def test_without_password_rules_an_unknown_user_s_password_login_is_invalid_credentials() -> None:
+    router = router_of('[router]\ntype = "map"\n[[router.rule]]\nuser = "alice"\nroute = { host = "h", port = 1 }\n')
+    refused = rejection(router, user="bob", password="x", auth_method="plain")
+    assert (refused.message, refused.wait) == ("invalid credentials", 2.0)
+    # Sessions without a password (MX, EXTERNAL, splice) are still told there is no route.
+    for method in ("none", "external"):
+        assert rejection(router, user="bob", auth_method=method).message == "no route for this session"
+
+
 def test_the_password_is_never_logged_nor_in_any_error(tmp_path: Path, logs: LogCapture) -> None:
     secret = "Plaintext-Secret-42"
     # A plaintext password in the configuration: refused without being quoted.

@@ -28,7 +28,8 @@ Conditions, each one value or a list of values of which any may match:
 
 A request without a user matches no `user` or `domain` rule. Rules are tried in order
 and the first whose conditions all match answers; with none, `default` answers, and
-without a default the session is refused ("no route for this session"). A rule with no
+without a default the session is refused ("no route for this session"; a password
+login is refused as a wrong password is, see below). A rule with no
 condition is an error: that is what `default` is for. A `reject` answer waits
 `reject_wait` seconds (default 0) and its text, shown to the client, must be one line.
 
@@ -36,6 +37,9 @@ Password check: a rule may carry `password = "<bcrypt or argon2 hash>"`. When it
 first match, the client's password must verify against it (in the reactor's thread pool:
 hashing is slow on purpose) or the session is refused with "invalid credentials" after
 `reject_wait` seconds (default 2). A failed check does not fall through to later rules.
+A password login no rule matches gets that same refusal after a check against the first
+password rule's hash (with its `reject_wait`): an unknown account looks like a wrong
+password, in words and in time.
 Only PLAIN and LOGIN carry a password mailrelay can check; other methods are refused.
 At most `max_hash_checks` checks (default 4) run at once per map router, and at most
 `max_hash_queue` (default 100) wait for their turn; past that a check fails at once with
@@ -73,7 +77,7 @@ from ..configtable import ConfigError, Table
 from ..interfaces import IReloadable
 from ..router import PASSWORDLESS_METHODS, IRouter, Reject, Route, RouteRequest, RouterError
 from ..routerspec import PasswordListener, RouterSpec
-from .map_rules import RouteMap, Signature, file_signature, parse_map, read_map_file
+from .map_rules import RouteMap, Rule, Signature, file_signature, parse_map, read_map_file
 from .passwords import DEFAULT_MAX_HASH_CHECKS, DEFAULT_MAX_HASH_QUEUE, Verify, threaded_verify
 
 CHECKABLE_METHODS = ("plain", "login")
@@ -111,7 +115,15 @@ class MapRouter:
     def route(self, request: RouteRequest) -> list[Route] | Deferred[list[Route]]:
         rule = self.route_map.match(request)
         if rule is None:
-            raise Reject(NO_ROUTE)
+            if request.auth_method in PASSWORDLESS_METHODS:
+                raise Reject(NO_ROUTE)
+            # A password login for a user no rule knows: "no route" at once would tell an
+            # attacker which accounts exist. Refuse it as a wrong password, after a check
+            # against a real hash of the map, which takes as long as one.
+            decoy = self.route_map.decoy
+            if decoy is None:
+                raise Reject(INVALID_CREDENTIALS, wait=DEFAULT_PASSWORD_WAIT)
+            return self._checked_answer(decoy, request, refuse_anyway=True)
         if rule.password is None:
             unchecked = rule.unchecked()
             if unchecked and request.auth_method not in PASSWORDLESS_METHODS:
@@ -122,6 +134,13 @@ class MapRouter:
                     f' login = "{route.login}" route but has no password hash: no one would check the password'
                 )
             return rule.answer()
+        return self._checked_answer(rule, request)
+
+    def _checked_answer(self, rule: Rule, request: RouteRequest, refuse_anyway: bool = False) -> Deferred[list[Route]]:
+        """`rule`'s answer if the request's password verifies against its hash; a
+        `Reject` after its `reject_wait` otherwise, and always with `refuse_anyway` (the
+        check is then only there to take the time a real one takes)."""
+        assert rule.password is not None
         wait = rule.reject_wait if rule.reject_wait is not None else DEFAULT_PASSWORD_WAIT
         if request.auth_method not in CHECKABLE_METHODS + ("none",):
             raise Reject(
@@ -131,7 +150,7 @@ class MapRouter:
             raise Reject(INVALID_CREDENTIALS, wait=wait)
 
         def checked(ok: bool) -> list[Route]:
-            if not ok:
+            if refuse_anyway or not ok:
                 raise Reject(INVALID_CREDENTIALS, wait=wait)
             return rule.answer()
 

@@ -129,6 +129,16 @@ class RouteMap:
     def __len__(self) -> int:
         return len(self.rules)
 
+    @property
+    def decoy(self) -> Rule | None:
+        """The first rule with a password hash (the default's last): a password login no
+        rule matches is checked against it and refused, so that an unknown user is
+        answered as a known user with a wrong password is, in words and in time."""
+        for rule in (*self.rules, self.default):
+            if rule is not None and rule.password is not None:
+                return rule
+        return None
+
     def unchecked_logins(self, listener: str, protocol: str) -> list[UncheckedLogin]:
         """The routes that a password login on `listener` (speaking `protocol`) could get
         with `login = "xclient"` or `"none"` from a rule without a password hash (the
