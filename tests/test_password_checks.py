@@ -438,6 +438,21 @@ class RuntimeGuardTests(SMTPTestCase):
 # -- against Postfix, which believes XCLIENT LOGIN= ----------------------------------
 
 
+async def delivers_as_alice(case: PostfixTestCase, port: int) -> None:
+    """The right password through mailrelay's SMTPS `port`: Postfix delivers, with
+    alice as the authenticated sender."""
+
+    def honest() -> Any:
+        with case.smtp_from(port, "tls") as smtp:
+            smtp.login(USER, PASSWORD)
+            return smtp.sendmail(USER, [BOB], MESSAGE)
+
+    case.assertEqual(await case.in_thread(honest), {})
+    [(trace, message)] = await case.next_delivery()
+    case.assertEqual(message, lf(MESSAGE))
+    case.assertIn(b"(Authenticated sender: alice@example.test)", trace)
+
+
 @pytest.mark.slow
 class PostfixAttackTests(PostfixTestCase):
     def test_the_static_xclient_route_a_wrong_password_would_pass_is_refused_by_check(self) -> None:
@@ -481,15 +496,7 @@ class PostfixAttackTests(PostfixTestCase):
         # The same route from a Router that checks the password delivers; it is the only delivery.
         port = await self.proxy(CheckingRouter(self.postfix.port), mode="tls")
 
-        def honest() -> Any:
-            with self.smtp_from(port, "tls") as smtp:
-                smtp.login(USER, PASSWORD)
-                return smtp.sendmail(USER, [BOB], MESSAGE)
-
-        self.assertEqual(await self.in_thread(honest), {})
-        [(trace, message)] = await self.next_delivery()
-        self.assertEqual(message, lf(MESSAGE))
-        self.assertIn(b"(Authenticated sender: alice@example.test)", trace)
+        await delivers_as_alice(self, port)
         delivered = await self.in_thread(self.postfix.messages, BOB)
         self.assertEqual(len(delivered), self.delivered_before + 1)
         self.assertFalse(any(b"Subject: attack" in m for m in delivered))
@@ -547,12 +554,4 @@ class AccountGuessingTests(PostfixTestCase):
         self.assertEqual((wrong_line["outcome"], wrong_line["reason"]), (unknown_line["outcome"], unknown_line["reason"]))
         self.assertNotIn("guess", wrong_line["reason"] + unknown_line["reason"])
 
-        def honest() -> Any:
-            with self.smtp_from(port, "tls") as smtp:
-                smtp.login(USER, PASSWORD)
-                return smtp.sendmail(USER, [BOB], MESSAGE)
-
-        self.assertEqual(await self.in_thread(honest), {})
-        [(trace, message)] = await self.next_delivery()
-        self.assertEqual(message, lf(MESSAGE))
-        self.assertIn(b"(Authenticated sender: alice@example.test)", trace)
+        await delivers_as_alice(self, port)

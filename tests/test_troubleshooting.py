@@ -20,6 +20,7 @@ import smtplib
 import socket
 import ssl
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,16 +158,13 @@ def test_a_low_port_without_root_is_one_line_with_the_fix() -> None:
     assert high == 'listener "imap" (tcp:1143) cannot listen on port 1143: Permission denied'
 
 
-@pytest.mark.slow
-def test_twistd_with_a_port_in_use_exits_with_one_clear_line(tmp_path: Path) -> None:
+def _start_on_a_taken_port(tmp_path: Path, start: Callable[[int], tuple[list[Any], dict[str, str]]]) -> None:
+    """Run what `start(port)` gives (twistd's command line and environment) with its
+    listener on a port another socket holds: it exits 1 with the documented line and no
+    traceback."""
     taken = _taken_port()
-    port = taken.getsockname()[1]
-    config = tmp_path / "mailrelay.toml"
-    config.write_text(
-        '[router]\ntype = "static"\nhost = "127.0.0.1"\nport = 25\n\n'
-        f'[[listener]]\nname = "relay"\nlisten = "tcp:{port}:interface=127.0.0.1"\nmode = "splice"\n'
-    )
-    process = Process([TWISTD, "-n", "--pidfile=", "mailrelay", "--config", config], tmp_path, child_env())
+    command, env = start(taken.getsockname()[1])
+    process = Process(command, tmp_path, child_env(**env))
     try:
         status = process.wait()
     finally:
@@ -177,24 +175,29 @@ def test_twistd_with_a_port_in_use_exits_with_one_clear_line(tmp_path: Path) -> 
     assert "Traceback" not in output, output
     [line] = [line for line in output.splitlines() if "cannot start" in line]
     assert_documented([line], "Address already in use", 'listener "relay"')
+
+
+@pytest.mark.slow
+def test_twistd_with_a_port_in_use_exits_with_one_clear_line(tmp_path: Path) -> None:
+    config = tmp_path / "mailrelay.toml"
+
+    def start(port: int) -> tuple[list[Any], dict[str, str]]:
+        config.write_text(
+            '[router]\ntype = "static"\nhost = "127.0.0.1"\nport = 25\n\n'
+            f'[[listener]]\nname = "relay"\nlisten = "tcp:{port}:interface=127.0.0.1"\nmode = "splice"\n'
+        )
+        return [TWISTD, "-n", "--pidfile=", "mailrelay", "--config", config], {}
+
+    _start_on_a_taken_port(tmp_path, start)
 
 
 @pytest.mark.slow
 def test_the_shipped_tac_with_a_port_in_use_exits_with_one_clear_line(tmp_path: Path) -> None:
-    taken = _taken_port()
-    port = taken.getsockname()[1]
-    env = child_env(MAILRELAY_LISTEN=f"tcp:{port}:interface=127.0.0.1", MAILRELAY_UPSTREAM="127.0.0.1:25")
-    process = Process([TWISTD, "-ny", ROOT / "mailrelay.tac", "--pidfile="], tmp_path, env)
-    try:
-        status = process.wait()
-    finally:
-        process.kill()
-        taken.close()
-    output = process.output
-    assert status == 1, output
-    assert "Traceback" not in output, output
-    [line] = [line for line in output.splitlines() if "cannot start" in line]
-    assert_documented([line], "Address already in use", 'listener "relay"')
+    def start(port: int) -> tuple[list[Any], dict[str, str]]:
+        env = {"MAILRELAY_LISTEN": f"tcp:{port}:interface=127.0.0.1", "MAILRELAY_UPSTREAM": "127.0.0.1:25"}
+        return [TWISTD, "-ny", ROOT / "mailrelay.tac", "--pidfile="], env
+
+    _start_on_a_taken_port(tmp_path, start)
 
 
 # -- configuration and certificates -------------------------------------------------------

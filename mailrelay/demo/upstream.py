@@ -150,35 +150,23 @@ class _SMTPFactory(smtp.SMTPFactory):
         return server
 
 
-class _IMAPFactory(Factory):
+class _ReaderFactory(Factory):
+    """The IMAP or POP3 server of the demo's maildir, its logins checked by `portal`."""
+
     noisy = False
 
-    def logPrefix(self) -> str:
-        return "demo IMAP server"
-
-    def __init__(self, portal: Portal) -> None:
+    def __init__(self, server: Callable[[], Any], name: str, portal: Portal) -> None:
+        self.server = server
+        self.name = name
         self.portal = portal
 
+    def logPrefix(self) -> str:
+        return f"demo {self.name} server"
+
     def buildProtocol(self, addr: Any) -> Protocol:
-        server = imap4.IMAP4Server()
-        server.portal = self.portal  # type: ignore[assignment]
+        server = self.server()
+        server.portal = self.portal
         server.factory = self
-        return server
-
-
-class _POP3Factory(Factory):
-    noisy = False
-
-    def logPrefix(self) -> str:
-        return "demo POP3 server"
-
-    def __init__(self, portal: Portal) -> None:
-        self.portal = portal
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        server = pop3.POP3()
-        server.portal = self.portal  # type: ignore[assignment]
-        server.factory = self  # type: ignore[assignment]
         return server
 
 
@@ -201,7 +189,11 @@ class DemoUpstream:
     def listen(self) -> UpstreamPorts:
         """Listen on three free ports at once (synchronous: the reactor binds at once)."""
         smtp_portal, read_portal = portals(self.user, self.maildir)
-        factories = (_SMTPFactory(smtp_portal), _IMAPFactory(read_portal), _POP3Factory(read_portal))
+        factories = (
+            _SMTPFactory(smtp_portal),
+            _ReaderFactory(imap4.IMAP4Server, "IMAP", read_portal),
+            _ReaderFactory(pop3.POP3, "POP3", read_portal),
+        )
         for factory in factories:
             self.ports.append(self.reactor.listenTCP(0, factory, interface="127.0.0.1"))
         smtp_port, imap_port, pop3_port = (_port_number(port) for port in self.ports)

@@ -11,12 +11,15 @@ as not translated.
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 import attrs
 
 from .parser import Directive
+from .result import Translation
+from .scope import Scope
 
-__all__ = ["Listen", "ListenError", "parse_listen"]
+__all__ = ["Listen", "ListenError", "inbound_proxy_protocol", "merge_wildcards", "server_listens", "parse_listen"]
 
 IGNORED_PARAMETERS = {
     "rcvbuf": "the socket's receive buffer is the system's default",
@@ -144,3 +147,72 @@ def parse_listen(directive: Directive) -> Listen:
     return Listen(
         f"tcp:{port}:interface={_escape(str(host))}{extra}", port, host, False, False, ssl, proxy_protocol, udp, tuple(dropped)
     )
+
+
+def server_listens(scope: Scope, t: Translation) -> list[tuple[Listen, list[Directive]]]:
+    """Each address to listen on, with the listen directives it comes from (an IPv4 and
+    an IPv6 wildcard on one port become one dual-stack listener)."""
+    found: list[tuple[Listen, list[Directive]]] = []
+    directives = scope.take("listen")
+    for directive in directives:
+        try:
+            listen = parse_listen(directive)
+        except ListenError as e:
+            t.warn(directive, f"{e}: no listener")
+            continue
+        if listen.udp:
+            t.warn(directive, "UDP has no equivalent (mailrelay proxies TCP): no listener")
+            continue
+        if listen.dropped:
+            t.warn(directive, "; ".join(listen.dropped))
+        else:
+            t.mapped(directive, "listen (and mode) of a [[listener]]")
+        found.append((listen, [directive]))
+    return merge_wildcards(found, t)
+
+
+def merge_wildcards(found: list[tuple[Listen, list[Directive]]], t: Translation) -> list[tuple[Listen, list[Directive]]]:
+    """`listen 993` beside `listen [::]:993`: one listener on `::`, which takes IPv4
+    clients too (as ::ffff:a.b.c.d), since two would collide on Linux's dual stack."""
+    merged: list[tuple[Listen, list[Directive]]] = []
+    for listen, sources in found:
+        twin = next(
+            (
+                m
+                for m in merged
+                if m[0].wildcard
+                and listen.wildcard
+                and m[0].port == listen.port
+                and m[0].ipv6 != listen.ipv6
+                and (m[0].ssl, m[0].proxy_protocol) == (listen.ssl, listen.proxy_protocol)
+            ),
+            None,
+        )
+        if twin is None:
+            merged.append((listen, sources))
+            continue
+        v6 = twin[0] if twin[0].ipv6 else listen
+        merged[merged.index(twin)] = (v6, twin[1] + sources)
+        for directive in twin[1] + sources:
+            t.mapped(directive, f'one dual-stack listener "{v6.endpoint}" for the IPv4 and IPv6 wildcards')
+    return merged
+
+
+def inbound_proxy_protocol(entry: dict[str, Any], real_ip_from: list[Directive], listen: Directive, t: Translation) -> None:
+    """`listen ... proxy_protocol` with `set_real_ip_from` (mail and stream alike) ->
+    the listener's `proxy_protocol` and `trusted_proxies`."""
+    entry["proxy_protocol"] = True
+    networks = [d.args[0] for d in real_ip_from if d.args and d.args[0] != "unix:"]
+    for directive in real_ip_from:
+        if directive.args[:1] == ("unix:",):
+            t.warn(directive, "unix: has no equivalent: trusted_proxies lists networks")
+        else:
+            t.mapped(directive, "trusted_proxies")
+    if networks:
+        entry["trusted_proxies"] = networks
+    else:
+        t.warn(
+            listen,
+            "proxy_protocol without set_real_ip_from: nginx reads the header from anyone and keeps the peer's address;"
+            " mailrelay takes the header's address, from trusted_proxies only (default: loopback): list your balancers",
+        )

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .listen import Listen, ListenError, parse_listen
+from .listen import Listen, inbound_proxy_protocol, server_listens
 from .parser import Directive
 from .result import Listener, Translation
-from .scope import Scope, flag, hostname_ok, seconds
+from .scope import Scope, flag, hostname_ok, seconds_of
 from .tlspool import TLSPool
 
 __all__ = ["translate_mail"]
@@ -77,7 +77,7 @@ def translate_mail(mail: Directive, t: Translation, pool: TLSPool) -> None:
 def _server(server: Directive, outer: tuple[Directive, ...], t: Translation, pool: TLSPool) -> None:
     assert server.block is not None
     scope = Scope(outer, server.block)
-    listens = _listens(scope, t)
+    listens = server_listens(scope, t)
     protocol = _protocol(server, scope, listens, t)
     router = _router(server, scope, t)
     if not listens or protocol is None or router is None:
@@ -129,7 +129,7 @@ def _server(server: Directive, outer: tuple[Directive, ...], t: Translation, poo
         entry["protocol"] = protocol
         entry.update(keys)
         if listen.proxy_protocol:
-            _inbound_proxy_protocol(entry, real_ip_from, sources[0], t)
+            inbound_proxy_protocol(entry, real_ip_from, sources[0], t)
         comment = [f"{server.where} server {{ {' '.join(d.text() for d in sources)} }}"]
         t.listeners.append(Listener(comment, {**entry, "router": router}))
     if not any(listen.proxy_protocol for listen, _ in listens):
@@ -159,55 +159,6 @@ def _rest(scope: Scope, t: Translation, protocol: str | None, skipped: bool = Fa
             t.warn(directive, "no equivalent")
         else:
             t.warn(directive, "not a mail directive from-nginx knows: not translated")
-
-
-def _listens(scope: Scope, t: Translation) -> list[tuple[Listen, list[Directive]]]:
-    """Each address to listen on, with the listen directives it comes from (an IPv4 and
-    an IPv6 wildcard on one port become one dual-stack listener)."""
-    found: list[tuple[Listen, list[Directive]]] = []
-    directives = scope.take("listen")
-    for directive in directives:
-        try:
-            listen = parse_listen(directive)
-        except ListenError as e:
-            t.warn(directive, f"{e}: no listener")
-            continue
-        if listen.udp:
-            t.warn(directive, "UDP has no equivalent (mailrelay proxies TCP): no listener")
-            continue
-        if listen.dropped:
-            t.warn(directive, "; ".join(listen.dropped))
-        else:
-            t.mapped(directive, "listen (and mode) of a [[listener]]")
-        found.append((listen, [directive]))
-    return merge_wildcards(found, t)
-
-
-def merge_wildcards(found: list[tuple[Listen, list[Directive]]], t: Translation) -> list[tuple[Listen, list[Directive]]]:
-    """`listen 993` beside `listen [::]:993`: one listener on `::`, which takes IPv4
-    clients too (as ::ffff:a.b.c.d), since two would collide on Linux's dual stack."""
-    merged: list[tuple[Listen, list[Directive]]] = []
-    for listen, sources in found:
-        twin = next(
-            (
-                m
-                for m in merged
-                if m[0].wildcard
-                and listen.wildcard
-                and m[0].port == listen.port
-                and m[0].ipv6 != listen.ipv6
-                and (m[0].ssl, m[0].proxy_protocol) == (listen.ssl, listen.proxy_protocol)
-            ),
-            None,
-        )
-        if twin is None:
-            merged.append((listen, sources))
-            continue
-        v6 = twin[0] if twin[0].ipv6 else listen
-        merged[merged.index(twin)] = (v6, twin[1] + sources)
-        for directive in twin[1] + sources:
-            t.mapped(directive, f'one dual-stack listener "{v6.endpoint}" for the IPv4 and IPv6 wildcards')
-    return merged
 
 
 def _protocol(server: Directive, scope: Scope, listens: list[tuple[Listen, list[Directive]]], t: Translation) -> str | None:
@@ -256,7 +207,7 @@ def _router(server: Directive, scope: Scope, t: Translation) -> dict[str, Any] |
             router["headers"][header.args[0]] = header.args[1]
             t.mapped(header, "the http router's headers (values are never shown by check)")
     if timeout is not None:
-        value = seconds(timeout.args[0]) if timeout.args else None
+        value = seconds_of(timeout)
         if value:
             router["timeout"] = value
             t.mapped(timeout, "the http router's timeout")
@@ -369,7 +320,7 @@ def _starttls(starttls: Directive | None, auth: tuple[str, ...], listen: Directi
 def _timeouts(scope: Scope, keys: dict[str, Any], t: Translation) -> None:
     timeout = scope.last("timeout")
     if timeout is not None:
-        value = seconds(timeout.args[0]) if timeout.args else None
+        value = seconds_of(timeout)
         if value:
             keys["login_timeout"] = value
             keys["handshake_timeout"] = value
@@ -380,7 +331,7 @@ def _timeouts(scope: Scope, keys: dict[str, Any], t: Translation) -> None:
             t.warn(timeout, "not a time: mailrelay's defaults apply")
     proxy_timeout = scope.last("proxy_timeout")
     if proxy_timeout is not None:
-        value = seconds(proxy_timeout.args[0]) if proxy_timeout.args else None
+        value = seconds_of(proxy_timeout)
         if value:
             keys["idle_timeout"] = value
             t.mapped(proxy_timeout, "idle_timeout")
@@ -388,7 +339,7 @@ def _timeouts(scope: Scope, keys: dict[str, Any], t: Translation) -> None:
             t.warn(proxy_timeout, "not a time: mailrelay's default (3600 s) applies")
     handshake = scope.last("ssl_handshake_timeout")
     if handshake is not None:
-        value = seconds(handshake.args[0]) if handshake.args else None
+        value = seconds_of(handshake)
         if value:
             keys["handshake_timeout"] = value
             t.mapped(handshake, "handshake_timeout")
@@ -472,21 +423,3 @@ def _outbound_proxy_protocol(scope: Scope, t: Translation) -> None:
         )
     else:
         t.ignored(directive, "off is the default")
-
-
-def _inbound_proxy_protocol(entry: dict[str, Any], real_ip_from: list[Directive], listen: Directive, t: Translation) -> None:
-    entry["proxy_protocol"] = True
-    networks = [d.args[0] for d in real_ip_from if d.args and d.args[0] != "unix:"]
-    for directive in real_ip_from:
-        if directive.args[:1] == ("unix:",):
-            t.warn(directive, "unix: has no equivalent: trusted_proxies lists networks")
-        else:
-            t.mapped(directive, "trusted_proxies")
-    if networks:
-        entry["trusted_proxies"] = networks
-    else:
-        t.warn(
-            listen,
-            "proxy_protocol without set_real_ip_from: nginx reads the header from anyone and keeps the peer's address;"
-            " mailrelay takes the header's address, from trusted_proxies only (default: loopback): list your balancers",
-        )

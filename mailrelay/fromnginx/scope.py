@@ -70,6 +70,12 @@ def seconds(text: str) -> float | None:
     return total
 
 
+def seconds_of(directive: Directive) -> float | None:
+    """A directive's first argument as an nginx time in seconds; None when it has none
+    or it is not a time."""
+    return seconds(directive.args[0]) if directive.args else None
+
+
 def flag(directive: Directive) -> bool | None:
     """`on` or `off` (None when it is neither)."""
     if len(directive.args) == 1 and directive.args[0] in ("on", "off"):

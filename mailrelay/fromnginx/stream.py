@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .listen import Listen, ListenError, parse_listen
-from .mail import merge_wildcards
+from .listen import inbound_proxy_protocol, server_listens
 from .parser import Directive
 from .result import Listener, Translation
-from .scope import Scope, flag, seconds
+from .scope import Scope, flag, seconds_of
 from .tlspool import TLSPool
 
 __all__ = ["translate_stream"]
@@ -116,7 +115,7 @@ def _server(
 ) -> None:
     assert server.block is not None
     scope = Scope(outer, server.block)
-    listens = _listens(scope, t)
+    listens = server_listens(scope, t)
     routes = _routes(server, scope, upstreams, maps, used, t)
     if not listens or routes is None:
         if not t.noted(server):
@@ -131,7 +130,7 @@ def _server(
     preread_timeout = scope.last("preread_timeout")
     proxy_timeout = scope.last("proxy_timeout")
     if proxy_timeout is not None:
-        value = seconds(proxy_timeout.args[0]) if proxy_timeout.args else None
+        value = seconds_of(proxy_timeout)
         if value:
             keys["idle_timeout"] = value
             t.mapped(proxy_timeout, "idle_timeout")
@@ -139,7 +138,7 @@ def _server(
             t.warn(proxy_timeout, "not a time: mailrelay's default applies")
     connect_timeout = scope.last("proxy_connect_timeout")
     if connect_timeout is not None:
-        value = seconds(connect_timeout.args[0]) if connect_timeout.args else None
+        value = seconds_of(connect_timeout)
         previous = t.upstream.get("connect_timeout")
         if value and previous not in (None, value):
             t.upstream["connect_timeout"] = max(previous, value)
@@ -163,8 +162,8 @@ def _server(
         if listen.ssl:
             terminates = True
             entry["mode"] = "tls"
-            if handshake is not None and handshake.args and seconds(handshake.args[0]):
-                entry["handshake_timeout"] = seconds(handshake.args[0])
+            if handshake is not None and (handshake_seconds := seconds_of(handshake)):
+                entry["handshake_timeout"] = handshake_seconds
                 t.mapped(handshake, "handshake_timeout")
         else:
             entry["mode"] = "splice"
@@ -177,7 +176,7 @@ def _server(
                 entry["preread_sni"] = True
                 t.mapped(preread, "preread_sni")
                 if preread_timeout is not None:
-                    value = seconds(preread_timeout.args[0]) if preread_timeout.args else None
+                    value = seconds_of(preread_timeout)
                     if value:
                         entry["preread_timeout"] = value
                         t.warn(
@@ -185,7 +184,7 @@ def _server(
                             "preread_timeout: a client silent that long is routed without a name (nginx closes it)",
                         )
         if listen.proxy_protocol:
-            _inbound(entry, real_ip_from, sources[0], t)
+            inbound_proxy_protocol(entry, real_ip_from, sources[0], t)
         comment = [f"{server.where} server {{ {' '.join(d.text() for d in sources)} }}"]
         t.listeners.append(Listener(comment, {**entry, "router": {"type": "static", "routes": routes}}))
     if preread is not None and not t.noted(preread):
@@ -208,25 +207,6 @@ def _server(
             t.warn(directive, "no equivalent")
         else:
             t.warn(directive, "not a stream directive from-nginx knows: not translated")
-
-
-def _listens(scope: Scope, t: Translation) -> list[tuple[Listen, list[Directive]]]:
-    found: list[tuple[Listen, list[Directive]]] = []
-    for directive in scope.take("listen"):
-        try:
-            listen = parse_listen(directive)
-        except ListenError as e:
-            t.warn(directive, f"{e}: no listener")
-            continue
-        if listen.udp:
-            t.warn(directive, "UDP has no equivalent (mailrelay proxies TCP): no listener")
-            continue
-        if listen.dropped:
-            t.warn(directive, "; ".join(listen.dropped))
-        else:
-            t.mapped(directive, "listen (and mode) of a [[listener]]")
-        found.append((listen, [directive]))
-    return merge_wildcards(found, t)
 
 
 def _routes(
@@ -407,21 +387,3 @@ def _route_settings(scope: Scope, routes: list[dict[str, Any]], t: Translation) 
             t.mapped(name, "server_name on every route")
     if server_name is not None:
         t.mapped(server_name, "mailrelay sends the name it verifies as SNI always")
-
-
-def _inbound(entry: dict[str, Any], real_ip_from: list[Directive], listen: Directive, t: Translation) -> None:
-    entry["proxy_protocol"] = True
-    networks = [d.args[0] for d in real_ip_from if d.args and d.args[0] != "unix:"]
-    for directive in real_ip_from:
-        if directive.args[:1] == ("unix:",):
-            t.warn(directive, "unix: has no equivalent: trusted_proxies lists networks")
-        else:
-            t.mapped(directive, "trusted_proxies")
-    if networks:
-        entry["trusted_proxies"] = networks
-    else:
-        t.warn(
-            listen,
-            "proxy_protocol without set_real_ip_from: nginx reads the header from anyone; mailrelay only from"
-            " trusted_proxies (default: loopback): list your balancers",
-        )
