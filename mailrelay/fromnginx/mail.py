@@ -329,20 +329,8 @@ def _timeouts(scope: Scope, keys: dict[str, Any], t: Translation) -> None:
             t.mapped(timeout, "login_timeout and handshake_timeout (the silence allowed before the session is proxied)")
         else:
             t.warn(timeout, "not a time: mailrelay's defaults apply")
-    proxy_timeout = scope.last("proxy_timeout")
-    if proxy_timeout is not None:
-        value = seconds_of(proxy_timeout)
-        if value:
-            keys["idle_timeout"] = value
-            t.mapped(proxy_timeout, "idle_timeout")
-        else:
-            t.warn(proxy_timeout, "not a time: mailrelay's default (3600 s) applies")
-    handshake = scope.last("ssl_handshake_timeout")
-    if handshake is not None:
-        value = seconds_of(handshake)
-        if value:
-            keys["handshake_timeout"] = value
-            t.mapped(handshake, "handshake_timeout")
+    t.map_time(scope.last("proxy_timeout"), keys, "idle_timeout")
+    t.map_time(scope.last("ssl_handshake_timeout"), keys, "handshake_timeout")
 
 
 def _smtp_login(scope: Scope, protocol: str, t: Translation) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from .parser import Directive
+from .scope import seconds_of
 
 __all__ = ["KINDS", "Listener", "Note", "Translation"]
 
@@ -72,6 +73,18 @@ class Translation:
 
     def ignored(self, directive: Directive, message: str) -> None:
         self.note(directive, "ignored", message)
+
+    def map_time(self, directive: Directive | None, keys: dict[str, Any], key: str) -> None:
+        """A time directive (`proxy_timeout 10m`) into `keys[key]` in seconds, or a
+        warning that it is not a time (mailrelay's default then applies)."""
+        if directive is None:
+            return
+        value = seconds_of(directive)
+        if value:
+            keys[key] = value
+            self.mapped(directive, key)
+        else:
+            self.warn(directive, f"not a time: mailrelay's default {key} applies")
 
     def warnings(self) -> list[Note]:
         return [n for n in self.sorted_notes() if n.kind == "warning"]

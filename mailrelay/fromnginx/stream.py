@@ -128,14 +128,7 @@ def _server(
     keys: dict[str, Any] = {}
     preread = scope.last("ssl_preread")
     preread_timeout = scope.last("preread_timeout")
-    proxy_timeout = scope.last("proxy_timeout")
-    if proxy_timeout is not None:
-        value = seconds_of(proxy_timeout)
-        if value:
-            keys["idle_timeout"] = value
-            t.mapped(proxy_timeout, "idle_timeout")
-        else:
-            t.warn(proxy_timeout, "not a time: mailrelay's default applies")
+    t.map_time(scope.last("proxy_timeout"), keys, "idle_timeout")
     connect_timeout = scope.last("proxy_connect_timeout")
     if connect_timeout is not None:
         value = seconds_of(connect_timeout)
