@@ -20,7 +20,7 @@ class Options(usage.Options):
         "without --config, a self-contained demo runs on 127.0.0.1 (docs/demo.md)."
     )
     optParameters = [
-        ["config", "c", None, "TOML configuration file (see README.md)."],
+        ["config", "c", None, "TOML configuration file (every key: docs/configuration.md)."],
         [
             "port-offset",
             None,
@@ -36,6 +36,10 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self["config"] is None:
+            parent = getattr(self, "parent", None)
+            if parent is not None and not parent.get("nodaemon", True):
+                # A daemon has no terminal to print the demo's commands on.
+                raise usage.UsageError("the demo (no --config) runs in the foreground: twistd -n mailrelay")
             if self["port-offset"] is not None:
                 try:
                     self.port_offset = port_offset(self["port-offset"])

@@ -17,8 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
+from twisted.python import usage
+from twisted.scripts.twistd import ServerOptions
 
 from mailrelay.__main__ import check
 from mailrelay.demo.maildir import Maildir
@@ -316,3 +319,12 @@ class DemoServiceTests(ProxyTestCase):
         self.assertTrue((folder / "mailrelay.toml").exists())
         await self.demo.stopService()
         self.assertFalse(folder.exists())
+
+
+def test_twistd_refuses_to_daemonize_the_demo() -> None:
+    """Without -n the printed commands would go nowhere: twistd refuses before forking."""
+    with pytest.raises(usage.UsageError, match=r"runs in the foreground: twistd -n mailrelay"):
+        ServerOptions().parseOptions(["mailrelay"])
+    foreground = ServerOptions()
+    foreground.parseOptions(["-n", "mailrelay", "--port-offset", "20000"])
+    assert foreground.subOptions.config is None and foreground.subOptions.port_offset == 20000
