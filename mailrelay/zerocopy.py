@@ -165,10 +165,14 @@ class _Pipe:
         os.close(self.write_fd)
 
 
+PIPES_KEPT = 8
+"""Empty pipes a process keeps for its next splices (two descriptors each)."""
+
+
 class PipePool:
     """Empty pipes for the process's zero-copy splices; at most `keep` wait unused."""
 
-    def __init__(self, size: int = PIPE_SIZE, keep: int = 8) -> None:
+    def __init__(self, size: int = PIPE_SIZE, keep: int = PIPES_KEPT) -> None:
         self.size = size
         self.keep = keep
         self._idle: list[_Pipe] = []
