@@ -399,6 +399,15 @@ def test_a_map_router_gives_a_trusting_route_to_a_password_login_only_after_chec
     assert ask(router, auth_method="none", rcpt_to="RCPT TO:<bob@example.org>")[0].host == "10.0.0.6"
 
 
+def auth_plain(smtp: smtplib.SMTP, user: str, password: str) -> Any:
+    """One AUTH PLAIN: the success reply, or the refusal's (code, text)."""
+    smtp.user, smtp.password = user, password
+    try:
+        return smtp.auth("PLAIN", smtp.auth_plain)
+    except smtplib.SMTPAuthenticationError as e:
+        return e.smtp_code, e.smtp_error
+
+
 class RuntimeGuardTests(SMTPTestCase):
     """Through a real listener, with smtplib and the scripted upstream."""
 
@@ -408,11 +417,7 @@ class RuntimeGuardTests(SMTPTestCase):
 
         def client() -> Any:
             with self.smtp(port, "tls") as smtp:
-                smtp.user, smtp.password = USER, PASSWORD
-                try:
-                    return smtp.auth("PLAIN", smtp.auth_plain)
-                except smtplib.SMTPAuthenticationError as e:
-                    return e.smtp_code, e.smtp_error
+                return auth_plain(smtp, USER, PASSWORD)
 
         return await self.in_thread(client), await self.session_line()
 
@@ -538,11 +543,7 @@ class AccountGuessingTests(PostfixTestCase):
 
         def try_login(user: str, password: str) -> Any:
             with self.smtp_from(port, "tls") as smtp:
-                smtp.user, smtp.password = user, password
-                try:
-                    return smtp.auth("PLAIN", smtp.auth_plain)
-                except smtplib.SMTPAuthenticationError as e:
-                    return e.smtp_code, e.smtp_error
+                return auth_plain(smtp, user, password)
 
         wrong_password = await self.in_thread(try_login, USER, "guess-1")
         wrong_line = await self.session_line()

@@ -151,14 +151,10 @@ def _rest(scope: Scope, t: Translation, protocol: str | None, skipped: bool = Fa
             continue
         if skipped:
             t.ignored(directive, "its server is not translated (see the warning on it)")
-        elif directive.name in WARNED:
-            t.warn(directive, WARNED[directive.name])
         elif directive.name in IGNORED:
             t.ignored(directive, IGNORED[directive.name])
-        elif directive.name.startswith("ssl_"):
-            t.warn(directive, "no equivalent")
         else:
-            t.warn(directive, "not a mail directive from-nginx knows: not translated")
+            t.unknown(directive, WARNED, "mail")
 
 
 def _protocol(server: Directive, scope: Scope, listens: list[tuple[Listen, list[Directive]]], t: Translation) -> str | None:

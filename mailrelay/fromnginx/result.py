@@ -86,6 +86,16 @@ class Translation:
         else:
             self.warn(directive, f"not a time: mailrelay's default {key} applies")
 
+    def unknown(self, directive: Directive, warned: dict[str, str], block: str) -> None:
+        """A directive no mapping took: its known warning, "no equivalent" for an
+        `ssl_*` one, or that from-nginx does not know it (in a `block` {})."""
+        if directive.name in warned:
+            self.warn(directive, warned[directive.name])
+        elif directive.name.startswith("ssl_"):
+            self.warn(directive, "no equivalent")
+        else:
+            self.warn(directive, f"not a {block} directive from-nginx knows: not translated")
+
     def warnings(self) -> list[Note]:
         return [n for n in self.sorted_notes() if n.kind == "warning"]
 

@@ -194,12 +194,7 @@ def _server(
     else:
         pool.take_unused(scope, t)
     for directive in scope.rest():
-        if directive.name in WARNED:
-            t.warn(directive, WARNED[directive.name])
-        elif directive.name.startswith("ssl_"):
-            t.warn(directive, "no equivalent")
-        else:
-            t.warn(directive, "not a stream directive from-nginx knows: not translated")
+        t.unknown(directive, WARNED, "stream")
 
 
 def _routes(
