@@ -766,6 +766,19 @@ class HTTPRouterTests(ProxyTestCase):
             self.assertEqual(seen.headers, [("Host", b"127.0.0.1"), *expected, *wire(*EXTRA)], name)
         self.assertEqual(len(service.requests), len(CASES))
 
+    async def test_asking_the_service_logs_no_connection_churn(self) -> None:
+        """Twisted's HTTP client logs "Starting factory" and "Stopping factory" for each
+        connection to the service; an administrator reading session lines must not wade
+        through two such lines per login (the pool's factory is a quiet subclass of a
+        private Twisted class: this also fails if Twisted renames it)."""
+        service = self.service(ok("127.0.0.1", 143))  # HTTP/1.0: a new connection per request
+        router = self.router(service.url)
+        for _ in range(3):
+            await router.route(IMAP)
+        self.assertEqual(len(service.requests), 3)
+        churn = [line for line in self.logs.lines() if "Starting factory" in line or "Stopping factory" in line]
+        self.assertEqual(churn, [])
+
     async def test_with_cache_ttl_the_service_is_asked_once_for_many_logins(self) -> None:
         def password_check(seen: Seen) -> Reply:
             if seen.get("Auth-Pass") == "right":
