@@ -23,7 +23,7 @@ from twisted.internet.address import IPv4Address
 from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
 
-from mailrelay.__main__ import check
+from mailrelay.__main__ import check, main
 from mailrelay.demo.maildir import Maildir
 from mailrelay.demo.service import DEMO_USER, DemoService
 from mailrelay.demo.setup import LISTENERS, demo_ports
@@ -328,3 +328,25 @@ def test_twistd_refuses_to_daemonize_the_demo() -> None:
     foreground = ServerOptions()
     foreground.parseOptions(["-n", "mailrelay", "--port-offset", "20000"])
     assert foreground.subOptions.config is None and foreground.subOptions.port_offset == 20000
+
+
+@pytest.mark.parametrize(
+    ("argument", "reason"),
+    [
+        ("ten", "'ten' is not a whole number"),
+        ("-1", "-1 puts listeners outside 1-65535: choose from 0 to 64540"),
+        ("64541", "64541 puts listeners outside 1-65535: choose from 0 to 64540"),
+    ],
+)
+def test_a_port_offset_that_cannot_be_used_is_refused_with_the_range(argument: str, reason: str) -> None:
+    with pytest.raises(usage.UsageError) as refused:
+        ServerOptions().parseOptions(["-n", "mailrelay", "--port-offset", argument])
+    assert str(refused.value).startswith(f"--port-offset: {reason}")
+    with pytest.raises(SystemExit) as exit:
+        main(["demo", "--port-offset", argument])
+    assert exit.value.code == 2  # argparse's usage error, with the same reason on stderr
+
+
+def test_the_port_offset_is_for_the_demo_only(tmp_path: Path) -> None:
+    with pytest.raises(usage.UsageError, match="--port-offset is for the demo, which runs without --config"):
+        ServerOptions().parseOptions(["-n", "mailrelay", "--config", str(tmp_path / "x.toml"), "--port-offset", "1"])
