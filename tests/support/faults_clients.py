@@ -19,7 +19,7 @@ from tests.support.smtp import raw_reply
 
 @attrs.frozen
 class Dialect:
-    """What a client of one front-end says, and hears (the README's tables)."""
+    """What a client of one front-end says, and hears (the tables of docs/smtp.md and docs/imap-pop3.md)."""
 
     protocol: str
     login: bytes
